@@ -1,0 +1,165 @@
+"""Atomic artifact I/O: every artifact is a torch file plus a JSON metadata sidecar.
+
+A write goes to a temporary file in the destination folder and is renamed into place, so a crash never
+leaves a half-written artifact and never destroys the previous one. The sidecar (``<name>.meta.json``)
+records the artifact kind, shapes, the operative config, hashes of the inputs and the code version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sslkd import __version__
+from sslkd.errors import SslkdError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".meta.json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources."""
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        return f"{__version__}+git.{commit}"
+    except (OSError, subprocess.SubprocessError):
+        digest = hashlib.sha256()
+        for source in sorted(PACKAGE_DIR.rglob("*.py")):
+            digest.update(source.read_bytes())
+        return f"{__version__}+src.{digest.hexdigest()[:12]}"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {key: _describe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return [_describe(item) for item in value]
+    return None
+
+
+def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str, Path] | None,
+             extra: dict[str, Any] | None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "kind": kind,
+        "code_version": code_version(),
+        "shapes": shapes,
+        "inputs": {name: {"path": str(p), "sha256": file_sha256(Path(p))} for name, p in (inputs or {}).items()},
+        "operative_config": config,
+        **(extra or {}),
+        "sha256": file_sha256(path),
+    }
+    write_json_atomic(sidecar_path(path), metadata)
+    return metadata
+
+
+def save_artifact(
+    path: Path,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    config: str = "",
+    inputs: dict[str, Path] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``payload`` (tensors and plain values) with ``torch.save`` and its sidecar, both atomically.
+
+    The sidecar is written after the artifact; a reader trusts an artifact only with its sidecar.
+    """
+    path = Path(path)
+    shapes = {key: desc for key, value in payload.items() if (desc := _describe(value)) is not None}
+    atomic_write(path, lambda tmp: torch.save({"kind": kind, **payload}, tmp))
+    return _sidecar(path, kind, shapes, config, inputs, extra)
+
+
+def save_json_artifact(
+    path: Path,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    config: str = "",
+    inputs: dict[str, Path] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Like :func:`save_artifact` for results meant to be read by people and tools: JSON, plus sidecar."""
+    path = Path(path)
+    write_json_atomic(path, {"kind": kind, **payload})
+    return _sidecar(path, kind, {}, config, inputs, extra)
+
+
+def load_json_artifact(path: Path, kind: str, *, produced_by: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SslkdError(f"missing {kind} result {path}: run `sslkd {produced_by}` (or `dvc repro`) first")
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SslkdError(f"cannot read {path}: {error}") from None
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        raise SslkdError(f"{path} is not a {kind!r} result")
+    return payload
+
+
+def load_artifact(path: Path, kind: str, *, produced_by: str) -> dict[str, Any]:
+    """Load an artifact written by :func:`save_artifact`, checking that it exists and is of ``kind``.
+
+    ``produced_by`` names the stage that makes it, for the error message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SslkdError(f"missing {kind} artifact {path}: run `sslkd {produced_by}` (or `dvc repro`) first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a corrupt file
+        raise SslkdError(f"cannot read {path}: corrupt or not a torch file ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise SslkdError(f"{path} holds a {found!r} artifact, expected {kind!r}")
+    return payload

@@ -1,0 +1,144 @@
+"""Configuration: gin binds every hyperparameter; params.yaml supplies the values DVC tracks and sweeps.
+
+The library has no gin imports: its config dataclasses are registered here, dynamically, under short
+fully qualified names (``sslkd.<name>``). A stage's root configurable has the stage's name, and each
+params.yaml section of that name becomes gin bindings of it (``distill: {seeds: [0]}`` ->
+``sslkd.distill.seeds = [0]``), applied after the setting's gin file; no gin file binds a key that
+params.yaml supplies (tests/test_config_consistency.py). Parsing is strict: an unknown configurable, an
+unknown parameter or an unbound one is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import gin
+import yaml
+
+from sslkd.errors import SslkdError
+
+STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "report")
+
+
+def configurables() -> dict[str, type]:
+    """Every registered name -> config class. Stage roots are named after their stage."""
+    from sslkd.augmentations import AugmentConfig
+    from sslkd.datasets import DataConfig
+    from sslkd.distill import DistillConfig
+    from sslkd.evaluation import PretrainConfig, ProbeConfig
+    from sslkd.experts import ExpertsConfig
+    from sslkd.models import ConvNetConfig, ResNetConfig
+    from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
+    from sslkd.teacher import SSLConfig, TeacherConfig
+
+    return {
+        "data": DataConfig,
+        "teacher": TeacherConfig,
+        "represent": RepresentConfig,
+        "experts": ExpertsConfig,
+        "init": InitConfig,
+        "distill": DistillConfig,
+        "evaluate": EvaluateConfig,
+        "report": ReportConfig,
+        "convnet": ConvNetConfig,
+        "resnet": ResNetConfig,
+        "augment": AugmentConfig,
+        "ssl": SSLConfig,
+        "pretrain": PretrainConfig,
+        "probe": ProbeConfig,
+    }
+
+
+_registered: dict[str, Any] = {}
+
+
+def register() -> dict[str, Any]:
+    """Register the config classes with gin once; returns name -> configurable callable."""
+    if not _registered:
+        for name, cls in configurables().items():
+            _registered[name] = gin.external_configurable(cls, name=name, module="sslkd")
+    return _registered
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """params.yaml: ``setting`` picks gin/settings/<setting>.gin; stage sections give extra bindings."""
+
+    setting: str
+    sections: dict[str, dict[str, Any]]
+
+    def bindings(self) -> list[str]:
+        return [f"sslkd.{section}.{key} = {value!r}" for section, items in self.sections.items() for key, value in items.items()]
+
+
+def read_params(path: Path) -> Params:
+    if not path.is_file():
+        raise SslkdError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SslkdError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("setting"), str):
+        raise SslkdError(f"{path} must be a mapping with a string 'setting' (the gin/settings/<name>.gin to use)")
+    sections = {key: value for key, value in raw.items() if key != "setting"}
+    for section, items in sections.items():
+        if section not in STAGES:
+            raise SslkdError(f"{path}: unknown section {section!r}; sections are stage names: {', '.join(STAGES)}")
+        if not isinstance(items, dict):
+            raise SslkdError(f"{path}: section {section!r} must map parameter names to values")
+    return Params(raw["setting"], sections)
+
+
+def setting_file(config_dir: Path, setting: str) -> Path:
+    path = config_dir / "settings" / f"{setting}.gin"
+    if not path.is_file():
+        available = sorted(p.stem for p in (config_dir / "settings").glob("*.gin"))
+        raise SslkdError(f"unknown setting {setting!r}: no {path}; available: {', '.join(available) or 'none'}")
+    return path
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return re.sub(r"\s*In file .*$", "", text)[:400]
+
+
+def parse(config_dir: Path, setting: str, gin_files: list[Path], bindings: list[str]) -> None:
+    """Clear gin, register the configurables, parse the setting file, extra files and bindings strictly."""
+    gin.clear_config()
+    register()
+    gin.add_config_file_search_path(str(config_dir))
+    files = [str(setting_file(config_dir, setting))] + [str(p) for p in gin_files]
+    for path in gin_files:
+        if not Path(path).is_file():
+            raise SslkdError(f"gin file not found: {path}")
+    logging.disable(logging.ERROR)  # gin logs every include path it tries before the search path
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, skip_unknown=False, finalize_config=False)
+    except (ValueError, SyntaxError, KeyError, IOError) as error:
+        raise SslkdError(f"config error: {_one_line(error)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def build(name: str) -> Any:
+    """Instantiate configurable ``name`` from the parsed bindings; an unbound parameter is an error."""
+    try:
+        return register()[name]()
+    except TypeError as error:
+        match = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*?)(?:\n|$)", str(error))
+        missing = match.group(1) if match else _one_line(error)
+        raise SslkdError(f"config error: sslkd.{name} needs a binding for {missing}") from None
+    except SslkdError as error:  # gin appends "In call to configurable ..." lines
+        raise SslkdError(f"config error in sslkd.{name}: {str(error).splitlines()[0]}") from None
+
+
+def operative_config() -> str:
+    return gin.operative_config_str()
+
+
+def parameter_names(name: str) -> list[str]:
+    return [field.name for field in dataclasses.fields(configurables()[name])]

@@ -1,0 +1,255 @@
+"""Datasets behind one interface: uint8 images [N, C, H, W] in dataset order, labels for evaluation only.
+
+Sources: ``digits`` (scikit-learn's bundled UCI digits, the embedded default), ``cifar10``/``cifar100``
+(torchvision), ``tinyimagenet`` (the CS231n archive, val folder relabelled from its annotations) and
+``npz`` (any file with ``x`` uint8 NHWC and ``y`` int64). Sets without a test split get a seeded,
+class-balanced held-out part of the training set.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sslkd.errors import SslkdError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet", "npz")
+TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, and how they are split.
+
+    dataset: one of DATASETS; root: folder (torchvision sets) or .npz file (npz);
+    test_path: an .npz test file for ``npz`` ("" for none); holdout_fraction: share of each class held
+    out as test when there is no test split; train_subset: keep a seeded class-balanced subset of
+    this many training images (0 keeps all); image_size: resize to this side (0 keeps it);
+    download: let torchvision download a missing set; split_seed: seeds the hold-out and the subset.
+    """
+
+    dataset: str
+    root: str
+    test_path: str
+    holdout_fraction: float
+    train_subset: int
+    image_size: int
+    download: bool
+    split_seed: int
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise SslkdError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise SslkdError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        if self.train_subset < 0 or self.image_size < 0:
+            raise SslkdError("train_subset and image_size must be >= 0 (0 means keep)")
+
+
+@dataclass
+class ImageDataset:
+    """train_images / test_images: uint8 [N, C, H, W]; train_labels / test_labels: int64 [N]."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+
+
+def class_balanced_split(
+    labels: torch.Tensor, fraction: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (kept, held_out), holding out round(fraction · n_c) of each class c.
+
+    labels: int64 [N]. Both index sets come back sorted, so dataset order is kept.
+    """
+    held_out = []
+    for label in torch.unique(labels, sorted=True):
+        members = torch.nonzero(labels == label).flatten()
+        count = int(round(fraction * len(members)))
+        held_out.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    held = torch.sort(torch.cat(held_out)).values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
+
+
+def class_balanced_subset(labels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of a seeded subset of ``size`` examples with (nearly) equal counts per class."""
+    if size > len(labels):
+        raise SslkdError(f"train_subset={size} exceeds the {len(labels)} training images")
+    kept, _ = class_balanced_split(labels, 1.0 - size / len(labels), generator)
+    return kept
+
+
+def _from_nhwc(array: np.ndarray, what: str) -> torch.Tensor:
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise SslkdError(f"{what}: expected uint8 images [N, H, W, C], got {array.dtype} {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def _labels(array: np.ndarray, count: int, what: str) -> torch.Tensor:
+    if array.ndim != 1 or len(array) != count or not np.issubdtype(array.dtype, np.integer):
+        raise SslkdError(f"{what}: expected {count} integer labels, got {array.dtype} {array.shape}")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def load_digits_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """scikit-learn's 1,797 8×8 digits (values 0–16) as uint8 [N, 1, 8, 8] scaled to 0–255."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    return images, torch.from_numpy(bunch.target.astype(np.int64)), [str(n) for n in bunch.target_names]
+
+
+def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    if not path.is_file():
+        raise SslkdError(f"npz dataset not found: {path} (set sslkd.data.root to a .npz with x uint8 NHWC, y int64)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive or "y" not in archive:
+                raise SslkdError(f"{path} lacks the arrays 'x' (uint8 NHWC) and 'y' (int64); it has {archive.files}")
+            images = _from_nhwc(archive["x"], str(path))
+            labels = _labels(archive["y"], len(images), str(path))
+            names = [str(n) for n in archive["class_names"]] if "class_names" in archive else []
+    except (OSError, ValueError) as error:
+        raise SslkdError(f"cannot read {path}: {error}") from None
+    return images, labels, names or [str(c) for c in range(int(labels.max()) + 1)]
+
+
+def _torchvision_cifar(name: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+    from torchvision import datasets
+
+    dataset_class = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    parts = []
+    for train in (True, False):
+        try:
+            data = dataset_class(str(root), train=train, download=download)
+        except Exception as error:  # RuntimeError when absent, URLError/OSError when the download fails
+            raise SslkdError(
+                f"{name} not found under {root} ({dataset_class.base_folder}/) and "
+                f"{'its download failed: ' + str(error).splitlines()[0] if download else 'download is off'}; "
+                f"set sslkd.data.root to a folder that holds it, or sslkd.data.download = True when online"
+            ) from None
+        parts += [_from_nhwc(np.asarray(data.data), name), torch.tensor(data.targets, dtype=torch.int64)]
+    return (*parts, list(data.classes))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _tinyimagenet(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+    """Train images from ``train/<wnid>/images``; val labels from ``val/val_annotations.txt``."""
+    base = root / "tiny-imagenet-200"
+    if not base.is_dir() and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(TINYIMAGENET_URL, download_root=str(root))
+        except Exception as error:
+            raise SslkdError(f"tinyimagenet download failed ({TINYIMAGENET_URL}): {error}") from None
+    if not (base / "train").is_dir() or not (base / "val" / "val_annotations.txt").is_file():
+        raise SslkdError(
+            f"tinyimagenet not found under {base} (needs train/ and val/val_annotations.txt); "
+            f"unzip {TINYIMAGENET_URL} into {root} or set sslkd.data.download = True when online"
+        )
+    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    index_of = {wnid: i for i, wnid in enumerate(wnids)}
+    train_images, train_labels = [], []
+    for wnid in wnids:
+        for path in sorted((base / "train" / wnid / "images").glob("*.JPEG")):
+            train_images.append(_read_rgb(path))
+            train_labels.append(index_of[wnid])
+    test_images, test_labels = [], []
+    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
+        if not line.strip():
+            continue
+        filename, wnid = line.split("\t")[:2]
+        if wnid not in index_of:
+            raise SslkdError(f"val annotation names class {wnid!r} that has no train folder")
+        test_images.append(_read_rgb(base / "val" / "images" / filename))
+        test_labels.append(index_of[wnid])
+    return (
+        _from_nhwc(np.stack(train_images), "tinyimagenet train"), torch.tensor(train_labels),
+        _from_nhwc(np.stack(test_images), "tinyimagenet val"), torch.tensor(test_labels), wnids,
+    )
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> uint8 [N, C, size, size] (bilinear, antialiased)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_dataset(config: DataConfig) -> ImageDataset:
+    """Read the configured source, split off a held-out test set if it has none, subset and resize."""
+    generator = torch.Generator().manual_seed(config.split_seed)
+    root = Path(config.root).expanduser()
+    test: tuple[torch.Tensor, torch.Tensor] | None = None
+    if config.dataset == "digits":
+        images, labels, names = load_digits_images()
+    elif config.dataset == "npz":
+        images, labels, names = read_npz(root)
+        if config.test_path:
+            test_images, test_labels, _ = read_npz(Path(config.test_path).expanduser())
+            if test_images.shape[1:] != images.shape[1:]:
+                raise SslkdError(f"test images {tuple(test_images.shape[1:])} differ from train {tuple(images.shape[1:])}")
+            test = (test_images, test_labels)
+    elif config.dataset in ("cifar10", "cifar100"):
+        images, labels, test_images, test_labels, names = _torchvision_cifar(config.dataset, root, config.download)
+        test = (test_images, test_labels)
+    else:
+        images, labels, test_images, test_labels, names = _tinyimagenet(root, config.download)
+        test = (test_images, test_labels)
+    if test is None:
+        kept, held_out = class_balanced_split(labels, config.holdout_fraction, generator)
+        test = (images[held_out], labels[held_out])
+        images, labels = images[kept], labels[kept]
+    if config.train_subset:
+        subset = class_balanced_subset(labels, config.train_subset, generator)
+        images, labels = images[subset], labels[subset]
+    if config.image_size:
+        images, test = resize(images, config.image_size), (resize(test[0], config.image_size), test[1])
+    log.info("%s: %d train, %d test images of shape %s", config.dataset, len(images), len(test[0]), tuple(images.shape[1:]))
+    return ImageDataset(images, labels, test[0], test[1], names)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel standardisation with the training statistics: mean, std [C] on the [0, 1] scale."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> "Normalisation":
+        """Statistics of uint8 images [N, C, H, W]."""
+        scaled = images.double() / 255.0
+        return cls(scaled.mean(dim=(0, 2, 3)).float(), scaled.std(dim=(0, 2, 3)).float())
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] in [0, 1] -> standardised float32."""
+        return (pixels - self.mean.view(1, -1, 1, 1).to(pixels)) / self.std.view(1, -1, 1, 1).to(pixels)
+
+    def invert(self, images: torch.Tensor) -> torch.Tensor:
+        """Standardised [N, C, H, W] -> [0, 1] pixel scale."""
+        return images * self.std.view(1, -1, 1, 1).to(images) + self.mean.view(1, -1, 1, 1).to(images)
+
+    def from_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] -> standardised float32, the one tensor training loops index into."""
+        return self.apply(images.float() / 255.0)

@@ -1,0 +1,208 @@
+"""Trajectory matching (MTT, Cazenavette et al. 2022) on KD trajectories: learn synthetic images,
+their target representations and the inner learning rate so that a few SGD steps on the synthetic set
+move a student as far along an expert trajectory as ``expert_epochs`` epochs on the real data did.
+
+The inner learning rate α is kept positive by projection: after every optimiser step it is clamped
+to ``lr_min`` (> 0), i.e. projected SGD on [lr_min, ∞), which leaves the paper's update unchanged
+whenever α stays above the floor. A non-finite matching loss stops the run with an error instead of
+writing NaNs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from sslkd.errors import SslkdError
+from sslkd.losses import kd_mse_loss, trajectory_matching_loss
+from sslkd.models import ConvNet, ParameterLayout
+
+log = logging.getLogger(__name__)
+
+UNROLLS = ("full",)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Trajectory-matching hyperparameters (METHOD.md's table names in brackets).
+
+    iterations: outer steps; syn_steps [syn_steps]: unrolled inner SGD steps N; expert_epochs: the
+    target is the snapshot this many epochs after the start; max_start_epoch: start epochs are drawn from
+    {0, …, max_start_epoch − 1}; batch_syn: synthetic minibatch per inner step; lr_images / momentum_images,
+    lr_representations / momentum_representations, lr_lr / momentum_lr: the three SGD optimisers;
+    lr_init: initial inner lr α; lr_min: floor that keeps α positive; learn_representations: False freezes
+    the targets at their initial (teacher) values; unroll: how gradients flow through the inner steps;
+    seeds: one synthetic set per seed.
+    """
+
+    iterations: int
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    batch_syn: int
+    lr_images: float
+    momentum_images: float
+    lr_representations: float
+    momentum_representations: float
+    lr_lr: float
+    momentum_lr: float
+    lr_init: float
+    lr_min: float
+    learn_representations: bool
+    unroll: str
+    seeds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.unroll not in UNROLLS:
+            raise SslkdError(f"unknown unroll {self.unroll!r}; choose one of {', '.join(UNROLLS)}")
+        if min(self.iterations, self.syn_steps, self.expert_epochs, self.max_start_epoch, self.batch_syn) < 1:
+            raise SslkdError("iterations, syn_steps, expert_epochs, max_start_epoch and batch_syn must be >= 1")
+        if not 0 < self.lr_min <= self.lr_init:
+            raise SslkdError(f"need 0 < lr_min <= lr_init, got lr_min={self.lr_min}, lr_init={self.lr_init}")
+        if not self.seeds:
+            raise SslkdError("distill.seeds must name at least one seed")
+
+    @property
+    def epochs_needed(self) -> int:
+        """The last expert epoch distillation reads."""
+        return self.max_start_epoch - 1 + self.expert_epochs
+
+
+@dataclass
+class DistillResult:
+    """images [M, C, H, W], representations [M, D], lr: the learned α; per-iteration history."""
+
+    images: torch.Tensor
+    representations: torch.Tensor
+    lr: float
+    matching_losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+
+
+class MinibatchSampler:
+    """Minibatches of indices into [0, size): successive chunks of seeded permutations (each example
+    once per pass), as the upstream MTT code samples the synthetic set."""
+
+    def __init__(self, size: int, batch: int, generator: torch.Generator) -> None:
+        self.size, self.batch, self.generator = size, min(batch, size), generator
+        self.pending = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        if len(self.pending) < self.batch:
+            self.pending = torch.cat([self.pending, torch.randperm(self.size, generator=self.generator)])
+        batch, self.pending = self.pending[: self.batch], self.pending[self.batch:]
+        return batch
+
+
+def unroll_sgd(
+    student: ConvNet,
+    layout: ParameterLayout,
+    start: torch.Tensor,
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    batches: list[torch.Tensor],
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """Plain SGD θ_{k+1} = θ_k − α ∇ MSE(f(X_b; θ_k), Y_b) over the given minibatches, functionally.
+
+    start: θ₀ [P]; images X [M, C, H, W]; representations Y [M, D]; lr α: scalar tensor;
+    batches: one index tensor per step. With create_graph the result is differentiable w.r.t.
+    X, Y, α (the full unroll); returns θ_N [P].
+    """
+    parameters = start if start.requires_grad else start.detach().requires_grad_(True)
+    for batch in batches:
+        outputs = functional_call(student, layout.unflatten(parameters), (images[batch],))
+        loss = kd_mse_loss(outputs, representations[batch])
+        (gradient,) = torch.autograd.grad(loss, parameters, create_graph=create_graph)
+        parameters = parameters - lr * gradient
+        if not create_graph:
+            parameters = parameters.detach().requires_grad_(True)
+    return parameters
+
+
+def sample_segment(
+    trajectory: torch.Tensor, config: DistillConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ₀, θ*) = (snapshot t, snapshot t + expert_epochs), t uniform in {0, …, max_start_epoch − 1}.
+
+    trajectory: [S, P] with S > epochs_needed.
+    """
+    start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
+    return trajectory[start_epoch].float(), trajectory[start_epoch + config.expert_epochs].float()
+
+
+def expert_order(num_experts: int, iterations: int, generator: torch.Generator) -> list[int]:
+    """Which expert each iteration matches: every expert once per pass, passes in seeded random order."""
+    order: list[int] = []
+    while len(order) < iterations:
+        order += torch.randperm(num_experts, generator=generator).tolist()
+    return order[:iterations]
+
+
+def distill(
+    student: ConvNet,
+    layout: ParameterLayout,
+    trajectories: torch.Tensor,
+    init_images: torch.Tensor,
+    init_representations: torch.Tensor,
+    config: DistillConfig,
+    generator: torch.Generator,
+    on_iteration: Callable[[int, float, float], None] | None = None,
+) -> DistillResult:
+    """Learn a synthetic set by matching expert trajectories.
+
+    trajectories: [K, S, P] flat expert snapshots (S > config.epochs_needed); init_images [M, C, H, W];
+    init_representations [M, D]. ``on_iteration(iteration, matching_loss, lr)`` is called after each step.
+    """
+    if trajectories.shape[1] <= config.epochs_needed:
+        raise SslkdError(
+            f"experts store {trajectories.shape[1] - 1} epochs; distillation reads up to epoch "
+            f"{config.epochs_needed} (max_start_epoch - 1 + expert_epochs): train experts longer"
+        )
+    if trajectories.shape[2] != layout.numel:
+        raise SslkdError(f"trajectories hold {trajectories.shape[2]} parameters, the student has {layout.numel}")
+    images = init_images.detach().clone().requires_grad_(True)
+    representations = init_representations.detach().clone().requires_grad_(config.learn_representations)
+    lr = torch.tensor(config.lr_init).requires_grad_(True)
+    optimisers = [
+        torch.optim.SGD([images], lr=config.lr_images, momentum=config.momentum_images),
+        torch.optim.SGD([lr], lr=config.lr_lr, momentum=config.momentum_lr),
+    ]
+    if config.learn_representations:
+        optimisers.append(
+            torch.optim.SGD([representations], lr=config.lr_representations, momentum=config.momentum_representations)
+        )
+    sampler = MinibatchSampler(len(images), config.batch_syn, generator)
+    result = DistillResult(images, representations, config.lr_init)
+    progress = tqdm(expert_order(len(trajectories), config.iterations, generator), desc="distill", leave=False, disable=None)
+    for iteration, expert in enumerate(progress):
+        start, target = sample_segment(trajectories[expert], config, generator)
+        batches = [sampler.next() for _ in range(config.syn_steps)]
+        end = unroll_sgd(student, layout, start, images, representations, lr, batches)
+        loss = trajectory_matching_loss(end, start, target)
+        if not torch.isfinite(loss):
+            raise SslkdError(
+                f"matching loss became {loss.item()} at iteration {iteration}: lower distill.lr_images or lr_lr"
+            )
+        for optimiser in optimisers:
+            optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimiser in optimisers:
+            optimiser.step()
+        with torch.no_grad():
+            lr.clamp_(min=config.lr_min)
+        result.matching_losses.append(loss.item())
+        result.learning_rates.append(lr.item())
+        progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr.item():.4f}")
+        if on_iteration is not None:
+            on_iteration(iteration, loss.item(), lr.item())
+    result.images = images.detach()
+    result.representations = representations.detach()
+    result.lr = lr.item()
+    return result

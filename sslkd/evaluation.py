@@ -1,0 +1,151 @@
+"""The evaluation protocol: KD pre-training of a fresh ConvNet on a pre-training set, then a linear probe
+on the frozen trunk features with a fraction of the labels.
+
+The probe standardises features (statistics of the labelled subset) and fits an L2-regularised
+multinomial logistic regression to convergence (scikit-learn, L-BFGS with line search). The upstream
+probe (full-batch L-BFGS, lr 1, no line search, raw features) returns chance for a random encoder;
+this one does not (tests/test_evaluation.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sslkd.errors import SslkdError
+from sslkd.losses import kd_mse_loss
+from sslkd.models import ConvNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """KD pre-training on a set: SGD with momentum and weight decay, constant lr, ``epochs`` passes.
+
+    lr is used for every set except MKDT's, which pre-trains with its learned α.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise SslkdError("pretraining needs epochs >= 0, batch_size >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """label_fractions: fractions of the labelled training split given to the probe (at least one label
+    per class); inverse_regularisation: C of the logistic regression; max_iter: L-BFGS iterations."""
+
+    label_fractions: tuple[float, ...]
+    inverse_regularisation: float
+    max_iter: int
+
+    def __post_init__(self) -> None:
+        if not self.label_fractions or not all(0 < f <= 1 for f in self.label_fractions):
+            raise SslkdError(f"label_fractions must be non-empty and in (0, 1], got {self.label_fractions}")
+
+
+def pretrain_kd(
+    student: ConvNet,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lr: float,
+    config: PretrainConfig,
+    generator: torch.Generator,
+) -> list[float]:
+    """Train ``student`` to regress targets [N, D] from images [N, C, H, W]; returns the loss per epoch."""
+    optimiser = torch.optim.SGD(student.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    student.train()
+    losses = []
+    for _ in tqdm(range(config.epochs), desc="pre-train", leave=False, disable=None):
+        order = torch.randperm(len(images), generator=generator)
+        total = 0.0
+        for start in range(0, len(images), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            loss = kd_mse_loss(student(images[batch]), targets[batch])
+            if not torch.isfinite(loss):
+                raise SslkdError(f"pre-training loss became {loss.item()} (lr {lr}): the set or lr is broken")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+        losses.append(total / len(images))
+    return losses
+
+
+@torch.no_grad()
+def trunk_features(student: ConvNet, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Frozen trunk features (head dropped): images [N, C, H, W] -> [N, F]."""
+    student.eval()
+    return torch.cat([student.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def labelled_subset(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a seeded, stratified fraction of the labels [N] (max(1, round(fraction · n_c)) per class)."""
+    chosen = []
+    for label in torch.unique(labels, sorted=True):
+        members = torch.nonzero(labels == label).flatten()
+        count = max(1, int(round(fraction * len(members))))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    config: ProbeConfig,
+) -> float:
+    """Top-1 accuracy (percent) on the test features of a logistic regression fitted on the train features.
+
+    train_features [n, F] / train_labels [n]; test_features [T, F] / test_labels [T].
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_features.numpy())
+    classifier = LogisticRegression(C=config.inverse_regularisation, max_iter=config.max_iter)
+    classifier.fit(scaler.transform(train_features.numpy()), train_labels.numpy())
+    predictions = classifier.predict(scaler.transform(test_features.numpy()))
+    return float(100.0 * np.mean(predictions == test_labels.numpy()))
+
+
+def probe_at_fractions(
+    student: ConvNet,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    config: ProbeConfig,
+    seed_generator: "callable",
+) -> dict[str, float]:
+    """Probe accuracy at every configured label fraction: {"0.05": accuracy, ...}.
+
+    ``seed_generator(fraction_index)`` returns the generator that picks the labelled subset, so every
+    method sees the same labels at a given seed.
+    """
+    train_features = trunk_features(student, train_images)
+    test_features = trunk_features(student, test_images)
+    accuracies = {}
+    for index, fraction in enumerate(config.label_fractions):
+        subset = labelled_subset(train_labels, fraction, seed_generator(index))
+        accuracies[fraction_key(fraction)] = linear_probe_accuracy(
+            train_features[subset], train_labels[subset], test_features, test_labels, config
+        )
+    return accuracies
+
+
+def fraction_key(fraction: float) -> str:
+    """The summary key of a label fraction: 0.05 -> "0.05", 0.1 -> "0.1"."""
+    return repr(float(fraction))

@@ -1,0 +1,105 @@
+"""Expert trajectories: students trained from fresh inits to regress teacher representations (KD), or
+with an SSL loss for the "MTT with SSL" baseline, with the flat parameters saved after every epoch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+import torch
+from tqdm.auto import tqdm
+
+from sslkd.augmentations import two_views
+from sslkd.datasets import Normalisation
+from sslkd.errors import SslkdError
+from sslkd.losses import kd_mse_loss
+from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, seeded_module
+from sslkd.seeding import derive_seed
+from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
+
+log = logging.getLogger(__name__)
+
+EXPERT_OBJECTIVES = ("kd",) + SSL_OBJECTIVES
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """K expert trajectories of ``epochs`` epochs (SGD with momentum and weight decay, constant lr).
+
+    objective: kd (MKDT) or an SSL objective (barlow_twins, simclr: the "MTT with SSL" baseline, whose
+    augmentations and loss settings come from ``ssl``); epochs: epochs trained and stored (distillation reads
+    at most max_start_epoch + expert_epochs); seed: expert k's init and data order derive from (seed, k).
+    """
+
+    student: ConvNetConfig
+    objective: str
+    num_experts: int
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    ssl: SSLConfig
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.objective not in EXPERT_OBJECTIVES:
+            raise SslkdError(f"unknown expert objective {self.objective!r}; choose one of {', '.join(EXPERT_OBJECTIVES)}")
+        if self.num_experts < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise SslkdError("experts need num_experts, epochs, batch_size >= 1 and lr > 0")
+
+
+def build_student(config: ConvNetConfig, image_shape: tuple[int, ...], out_dim: int, seed: int) -> ConvNet:
+    """A ConvNet for images of shape (C, H, W) with a D = ``out_dim`` head, initialised from ``seed``."""
+    channels, height, width = image_shape
+    if height != width:
+        raise SslkdError(f"square images expected, got {height}×{width}")
+    return seeded_module(lambda: ConvNet(config, channels, height, out_dim), seed)
+
+
+def expert_seed(seed: int, index: int) -> int:
+    return derive_seed(seed, index)
+
+
+def train_expert(
+    student: ConvNet,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    config: ExpertsConfig,
+    generator: torch.Generator,
+    normalisation: Normalisation | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Train ``student`` for config.epochs epochs; returns (snapshots [epochs + 1, P], mean loss per epoch).
+
+    images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd). SSL objectives
+    augment in pixel space (``normalisation`` maps back and forth) and use the student's output as the
+    projection.
+    """
+    if config.objective != "kd" and normalisation is None:
+        raise ValueError("SSL experts need the normalisation to augment images")
+    layout = ParameterLayout.of(student)
+    optimiser = torch.optim.SGD(
+        student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    snapshots = [layout.flatten(student)]
+    epoch_losses = []
+    for _ in range(config.epochs):
+        order = torch.randperm(len(images), generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, len(images), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            if config.objective == "kd":
+                loss = kd_mse_loss(student(images[batch]), targets[batch])
+            elif len(batch) < 2:
+                continue
+            else:
+                view1, view2 = two_views(normalisation.invert(images[batch]), config.ssl.augment, generator)
+                loss = ssl_loss(config.ssl, student(normalisation.apply(view1)), student(normalisation.apply(view2)))
+            if not torch.isfinite(loss):
+                raise SslkdError(f"expert loss became {loss.item()}: lower experts.lr")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total, count = total + loss.item(), count + 1
+        snapshots.append(layout.flatten(student))
+        epoch_losses.append(total / max(count, 1))
+    return torch.stack(snapshots), epoch_losses

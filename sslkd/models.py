@@ -1,0 +1,158 @@
+"""Networks: the ConvNet student/expert and the CIFAR-stem ResNet-18 teacher, plus flat-parameter layouts.
+
+The student has no BatchNorm: instance norm (GroupNorm with one group per channel) keeps no running
+statistics, so a network is a pure function of its parameters and unrolls functionally.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from sslkd.errors import SslkdError
+
+
+@dataclass(frozen=True)
+class ConvNetConfig:
+    """The MKDT student ("ConvNet"): depth × [conv3x3 → instance norm → ReLU → avgpool2], linear head.
+
+    width: channels of every block (128 in the paper); depth: 3 (4 for 64×64 images). The head's output
+    size is not configured: it is D, the size of the teacher representations the student regresses.
+    """
+
+    width: int
+    depth: int
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 1:
+            raise SslkdError(f"ConvNet width and depth must be positive, got {self}")
+
+
+class ConvNet(nn.Module):
+    """images [B, C, H, W] -> representations [B, out_dim]; :meth:`features` gives the trunk output."""
+
+    def __init__(self, config: ConvNetConfig, in_channels: int, image_size: int, out_dim: int) -> None:
+        super().__init__()
+        if image_size % (2**config.depth):
+            raise SslkdError(f"image size {image_size} is not divisible by 2**depth = {2**config.depth}")
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(config.depth):
+            blocks += [
+                nn.Conv2d(channels, config.width, kernel_size=3, padding=1),
+                nn.GroupNorm(config.width, config.width, affine=True),
+                nn.ReLU(inplace=False),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+            ]
+            channels = config.width
+        self.trunk = nn.Sequential(*blocks, nn.Flatten())
+        self.feature_dim = config.width * (image_size // 2**config.depth) ** 2
+        self.head = nn.Linear(self.feature_dim, out_dim)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W] -> trunk features [B, feature_dim] (the head dropped, as for probing)."""
+        return self.trunk(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """CIFAR-stem ResNet-18 (3×3 stride-1 stem, no max-pool). width 64 is the standard network (D = 512)."""
+
+    width: int
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise SslkdError(f"ResNet width must be positive, got {self.width}")
+
+    @property
+    def representation_dim(self) -> int:
+        return 8 * self.width
+
+
+class ResNet18(nn.Module):
+    """images [B, C, H, W] -> global-average-pooled trunk output [B, 8·width].
+
+    Built from torchvision's BasicBlock with torchvision's attribute names (conv1, bn1, layer1–4), so
+    the usual CIFAR ResNet-18 checkpoints import by name; no classifier head.
+    """
+
+    def __init__(self, config: ResNetConfig, in_channels: int) -> None:
+        super().__init__()
+        width = config.width
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        channels = width
+        for stage, planes in enumerate([width, 2 * width, 4 * width, 8 * width], start=1):
+            stride = 1 if stage == 1 else 2
+            downsample = None
+            if stride != 1 or channels != planes:
+                downsample = nn.Sequential(
+                    nn.Conv2d(channels, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                )
+            setattr(self, f"layer{stage}", nn.Sequential(
+                BasicBlock(channels, planes, stride, downsample), BasicBlock(planes, planes)
+            ))
+            channels = planes
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.representation_dim = channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(images)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def seeded_module(build, seed: int) -> nn.Module:
+    """Build a module with its parameters initialised from ``seed``, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Names and shapes of a module's parameters, in the order of its flat parameter vector [P]."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "ParameterLayout":
+        named = list(module.named_parameters())
+        return cls(tuple(name for name, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    def flatten(self, module: nn.Module) -> torch.Tensor:
+        """The module's parameters as one detached vector [P]."""
+        return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """flat [P] -> {name: view of the given shape}, differentiable, for ``torch.func.functional_call``."""
+        if flat.shape != (self.numel,):
+            raise SslkdError(f"parameter vector has shape {tuple(flat.shape)}, the layout needs ({self.numel},)")
+        views = torch.split(flat, [math.prod(shape) for shape in self.shapes])
+        return {name: view.view(shape) for name, view, shape in zip(self.names, views, self.shapes)}
+
+    def load_into(self, module: nn.Module, flat: torch.Tensor) -> None:
+        """Copy a flat vector [P] into the module's parameters in place."""
+        with torch.no_grad():
+            for parameter, value in zip(module.parameters(), self.unflatten(flat).values()):
+                parameter.copy_(value)
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
+
+    @classmethod
+    def from_json(cls, payload: dict) -> "ParameterLayout":
+        return cls(tuple(payload["names"]), tuple(tuple(s) for s in payload["shapes"]))

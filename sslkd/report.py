@@ -1,0 +1,57 @@
+"""Aggregation of evaluation runs: per-method mean ± std, paired differences, the Markdown table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+Runs = list[dict[str, Any]]
+
+
+def _stats(values: list[float]) -> dict[str, float | int]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(runs_by_method: dict[str, Runs]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """{method: {label_fraction: {"mean", "std" (sample std over runs), "n"}}} from each method's runs."""
+    summary = {}
+    for method, runs in runs_by_method.items():
+        fractions = sorted({key for run in runs for key in run["accuracy"]}, key=float)
+        summary[method] = {key: _stats([run["accuracy"][key] for run in runs]) for key in fractions}
+    return summary
+
+
+def paired_differences(runs_by_method: dict[str, Runs], method: str, baseline: str) -> dict[str, dict]:
+    """method − baseline accuracy per label fraction, each ``method`` run paired with the ``baseline`` run
+    of the same evaluation seed (same encoder init, same labels); mean, std and n of the differences."""
+    baseline_by_seed = {run["eval_seed"]: run["accuracy"] for run in runs_by_method[baseline]}
+    differences: dict[str, list[float]] = {}
+    for run in runs_by_method[method]:
+        paired = baseline_by_seed.get(run["eval_seed"])
+        if paired is None:
+            continue
+        for key, value in run["accuracy"].items():
+            if key in paired:
+                differences.setdefault(key, []).append(value - paired[key])
+    return {key: _stats(values) for key, values in sorted(differences.items(), key=lambda item: float(item[0]))}
+
+
+def markdown_table(summary: dict, paired: dict[str, dict]) -> str:
+    """The summary as a Markdown table (accuracy %, mean ± std (n)), then the paired differences."""
+    fractions = sorted({key for rows in summary.values() for key in rows}, key=float)
+    header = "| pre-training set | " + " | ".join(f"{float(f) * 100:g}% labels" for f in fractions) + " |"
+    lines = [header, "|---|" + "---|" * len(fractions)]
+    for method, rows in summary.items():
+        cells = [f"{rows[f]['mean']:.1f} ± {rows[f]['std']:.1f} ({rows[f]['n']})" if f in rows else "–" for f in fractions]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", "Paired differences (same evaluation seed: same encoder init, same labels), points:", "",
+                  header.replace("pre-training set", "difference"), "|---|" + "---|" * len(fractions)]
+        for name, rows in paired.items():
+            cells = [f"{rows[f]['mean']:+.1f} ± {rows[f]['std']:.1f} ({rows[f]['n']})" if f in rows else "–" for f in fractions]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

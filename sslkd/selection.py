@@ -1,0 +1,54 @@
+"""Which real images start the synthetic set: the highest-KD-loss examples under the epoch-1 experts
+(MKDT's initialisation), or a seeded random subset."""
+
+from __future__ import annotations
+
+import torch
+
+from sslkd.errors import SslkdError
+from sslkd.losses import per_example_kd_loss
+from sslkd.models import ConvNet, ParameterLayout
+
+INIT_METHODS = ("high_loss", "random")
+
+
+@torch.no_grad()
+def mean_expert_kd_loss(
+    student: ConvNet,
+    layout: ParameterLayout,
+    expert_parameters: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Per-example KD loss averaged over experts, in dataset order.
+
+    expert_parameters: [K, P] (e.g. every expert's epoch-1 snapshot); images: [N, C, H, W];
+    targets: [N, D]. Returns [N]; entry i belongs to image i (no shuffling anywhere).
+    """
+    total = torch.zeros(len(images), dtype=torch.float64)
+    for parameters in expert_parameters:
+        layout.load_into(student, parameters)
+        for start in range(0, len(images), batch_size):
+            stop = start + batch_size
+            total[start:stop] += per_example_kd_loss(student(images[start:stop]), targets[start:stop]).double()
+    return (total / len(expert_parameters)).float()
+
+
+def high_loss_indices(losses: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of the ``size`` largest losses [N], returned in dataset order.
+
+    Ties go to the earlier index (stable sort), so the set for a smaller size is a subset of the set
+    for a larger one.
+    """
+    if not 0 < size <= len(losses):
+        raise SslkdError(f"synthetic set size {size} must lie in 1..{len(losses)} (the training images)")
+    ranked = torch.sort(losses, descending=True, stable=True).indices
+    return torch.sort(ranked[:size]).values
+
+
+def random_indices(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct indices out of ``count``, drawn with ``generator``, in dataset order."""
+    if not 0 < size <= count:
+        raise SslkdError(f"subset size {size} must lie in 1..{count} (the training images)")
+    return torch.sort(torch.randperm(count, generator=generator)[:size]).values

@@ -1,0 +1,59 @@
+"""Root configs of the stages whose settings are not a library config of their own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sslkd.errors import SslkdError
+from sslkd.evaluation import PretrainConfig, ProbeConfig
+from sslkd.models import ConvNetConfig
+from sslkd.selection import INIT_METHODS
+
+METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt")
+
+
+@dataclass(frozen=True)
+class RepresentConfig:
+    """batch_size: images per forward pass of the teacher."""
+
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """size: M, the synthetic set's size; method: high_loss | random; seed: for ``random``."""
+
+    size: int
+    method: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.method not in INIT_METHODS:
+            raise SslkdError(f"unknown init method {self.method!r}; choose one of {', '.join(INIT_METHODS)}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """encoder: the network pre-trained on each set; seeds: evaluation seeds (pre-training init, random
+    subset, labelled subset); methods come from the command line."""
+
+    encoder: ConvNetConfig
+    pretrain: PretrainConfig
+    probe: ProbeConfig
+    seeds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise SslkdError("evaluate.seeds must name at least one seed")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """methods: rows of the summary, in this order (those evaluated)."""
+
+    methods: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise SslkdError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,1 @@
+"""Thin stage entry points: parse config, load inputs, call library functions, write artifacts."""

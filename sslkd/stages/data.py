@@ -1,0 +1,35 @@
+"""``sslkd data``: read the configured dataset, split and normalise it, write artifacts/data/dataset.pt."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sslkd import config
+from sslkd.artifacts import save_artifact
+from sslkd.datasets import Normalisation, load_dataset
+from sslkd.workspace import Workspace
+
+
+def main(workspace: Workspace) -> None:
+    data_config = config.build("data")
+    dataset = load_dataset(data_config)
+    normalisation = Normalisation.of(dataset.train_images)
+    save_artifact(
+        workspace.dataset,
+        "dataset",
+        {
+            "train_images": dataset.train_images,
+            "train_labels": dataset.train_labels,
+            "test_images": dataset.test_images,
+            "test_labels": dataset.test_labels,
+            "mean": normalisation.mean,
+            "std": normalisation.std,
+            "class_names": dataset.class_names,
+        },
+        config=config.operative_config(),
+        extra={
+            "data": dataclasses.asdict(data_config),
+            "normalisation": {"space": "per-channel standardised, [0,1] pixels",
+                              "mean": normalisation.mean.tolist(), "std": normalisation.std.tolist()},
+        },
+    )

@@ -1,0 +1,50 @@
+"""``sslkd distill``: one synthetic set per seed -> artifacts/distill/synthetic_seed<seed>.pt."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from sslkd import config
+from sslkd.artifacts import load_artifact, save_artifact
+from sslkd.distill import distill
+from sslkd.seeding import generator
+from sslkd.stages.inputs import expert_trajectories, representations, training_data
+from sslkd.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def main(workspace: Workspace) -> None:
+    distill_config = config.build("distill")
+    data = training_data(workspace)
+    targets = representations(workspace, data)
+    experts = expert_trajectories(workspace, data, targets.shape[1], epochs=distill_config.epochs_needed)
+    indices = load_artifact(workspace.init_indices, "init", produced_by="init")["indices"]
+    for seed in distill_config.seeds:
+        result = distill(
+            experts.student, experts.layout, experts.snapshots, data.images[indices], targets[indices],
+            distill_config, generator(seed),
+        )
+        log.info("seed %d: matching loss %.4f -> %.4f, lr %.4f", seed, result.matching_losses[0],
+                 result.matching_losses[-1], result.lr)
+        save_artifact(
+            workspace.synthetic(seed),
+            "synthetic",
+            {
+                "images": result.images,
+                "representations": result.representations,
+                "lr": result.lr,
+                "init_indices": indices,
+                "matching_losses": torch.tensor(result.matching_losses),
+                "learning_rates": torch.tensor(result.learning_rates),
+            },
+            config=config.operative_config(),
+            inputs={"trajectories": workspace.trajectories, "init": workspace.init_indices,
+                    "representations": workspace.representations},
+            extra={"seed": seed, "lr": result.lr, "distill": dataclasses.asdict(distill_config),
+                   "normalisation": "images in the dataset's standardised space (artifacts/data)",
+                   "matching_loss_first": result.matching_losses[0], "matching_loss_last": result.matching_losses[-1]},
+        )

@@ -1,0 +1,38 @@
+"""``sslkd init``: the real images that start the synthetic set -> artifacts/init/indices.pt.
+
+Both the high-loss and a random subset of size M are written: ``method`` picks which one starts
+distillation, and the evaluation's high-loss and random baselines read them.
+"""
+
+from __future__ import annotations
+
+from sslkd import config
+from sslkd.artifacts import save_artifact
+from sslkd.seeding import generator
+from sslkd.selection import high_loss_indices, mean_expert_kd_loss, random_indices
+from sslkd.stages.inputs import expert_trajectories, representations, training_data
+from sslkd.workspace import Workspace
+
+
+def main(workspace: Workspace) -> None:
+    init_config = config.build("init")
+    data = training_data(workspace)
+    targets = representations(workspace, data)
+    experts = expert_trajectories(workspace, data, targets.shape[1], epochs=1)
+    losses = mean_expert_kd_loss(experts.student, experts.layout, experts.snapshots[:, 1], data.images, targets)
+    high_loss = high_loss_indices(losses, init_config.size)
+    random = random_indices(len(data.images), init_config.size, generator(init_config.seed))
+    save_artifact(
+        workspace.init_indices,
+        "init",
+        {
+            "indices": high_loss if init_config.method == "high_loss" else random,
+            "high_loss_indices": high_loss,
+            "random_indices": random,
+            "kd_losses": losses,
+            "method": init_config.method,
+        },
+        config=config.operative_config(),
+        inputs={"representations": workspace.representations, "trajectories": workspace.trajectories},
+        extra={"size": init_config.size, "method": init_config.method},
+    )

@@ -1,0 +1,87 @@
+"""Loading the artifacts stages hand to each other, with the checks that make bad inputs fail clearly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sslkd.artifacts import load_artifact
+from sslkd.datasets import Normalisation
+from sslkd.errors import SslkdError
+from sslkd.experts import build_student
+from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout
+from sslkd.workspace import Workspace
+
+
+@dataclass
+class TrainingData:
+    """images: the normalised training images [N, C, H, W] float32, built once; labels for evaluation."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    normalisation: Normalisation
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+
+def training_data(workspace: Workspace) -> TrainingData:
+    payload = load_artifact(workspace.dataset, "dataset", produced_by="data")
+    normalisation = Normalisation(payload["mean"], payload["std"])
+    return TrainingData(
+        normalisation.from_uint8(payload["train_images"]),
+        payload["train_labels"],
+        normalisation.from_uint8(payload["test_images"]),
+        payload["test_labels"],
+        normalisation,
+    )
+
+
+def representations(workspace: Workspace, data: TrainingData) -> torch.Tensor:
+    """Teacher representations [N, D], checked against the training images."""
+    reps = load_artifact(workspace.representations, "representations", produced_by="represent")["representations"]
+    if reps.ndim != 2 or len(reps) != len(data.images):
+        raise SslkdError(
+            f"{workspace.representations} has shape {tuple(reps.shape)}, expected [{len(data.images)}, D]: "
+            "rerun `sslkd represent` for the current dataset"
+        )
+    return reps.float()
+
+
+@dataclass
+class ExpertTrajectories:
+    """snapshots: [K, S, P] flat student parameters; the student the layout belongs to."""
+
+    snapshots: torch.Tensor
+    layout: ParameterLayout
+    student_config: ConvNetConfig
+    student: ConvNet
+    objective: str
+
+
+def expert_trajectories(workspace: Workspace, data: TrainingData, out_dim: int, epochs: int | None = None) -> ExpertTrajectories:
+    """Load the experts, reading only snapshots 0..``epochs`` (memory-mapped), and refuse trajectories
+    whose architecture, image shape or output size differ from what they will be used with."""
+    payload = load_artifact(workspace.trajectories, "trajectories", produced_by="experts")
+    config = ConvNetConfig(**payload["student"])
+    if tuple(payload["image_shape"]) != data.image_shape or payload["out_dim"] != out_dim:
+        raise SslkdError(
+            f"{workspace.trajectories} was trained on images {tuple(payload['image_shape'])} → D={payload['out_dim']}, "
+            f"but the data are {data.image_shape} → D={out_dim}: rerun `sslkd experts`"
+        )
+    layout = ParameterLayout.from_json(payload["layout"])
+    student = build_student(config, data.image_shape, out_dim, seed=0)
+    if ParameterLayout.of(student) != layout:
+        raise SslkdError(f"{workspace.trajectories}: parameter layout does not match a ConvNet {config}")
+    snapshots = payload["snapshots"]
+    if epochs is not None:
+        if snapshots.shape[1] <= epochs:
+            raise SslkdError(
+                f"experts store epochs 0..{snapshots.shape[1] - 1}, epoch {epochs} is needed: raise experts.epochs"
+            )
+        snapshots = snapshots[:, : epochs + 1]
+    return ExpertTrajectories(snapshots, layout, config, student, payload["objective"])

@@ -1,0 +1,54 @@
+"""``sslkd report``: results/summary.json, results/summary.md, results/paired_differences.json and a plot
+of accuracy against label fraction, from every method's evaluation."""
+
+from __future__ import annotations
+
+import logging
+
+from sslkd import config
+from sslkd.artifacts import atomic_write, load_json_artifact, write_json_atomic, write_text_atomic
+from sslkd.report import markdown_table, paired_differences, summarise
+from sslkd.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def plot_accuracy(summary: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method, rows in summary.items():
+        fractions = sorted(rows, key=float)
+        axis.errorbar([float(f) * 100 for f in fractions], [rows[f]["mean"] for f in fractions],
+                      yerr=[rows[f]["std"] for f in fractions], marker="o", capsize=3, label=method)
+    axis.set_xscale("log")
+    axis.set_xlabel("labelled training images (%)")
+    axis.set_ylabel("linear-probe top-1 accuracy (%)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    plt.close(figure)
+
+
+def main(workspace: Workspace) -> None:
+    report_config = config.build("report")
+    runs = {
+        method: load_json_artifact(workspace.evaluation(method), "evaluation", produced_by=f"evaluate --method {method}")["runs"]
+        for method in report_config.methods
+    }
+    summary = summarise(runs)
+    paired = {
+        f"mkdt - {baseline}": paired_differences(runs, "mkdt", baseline)
+        for baseline in ("random", "high_loss", "no_pretrain") if "mkdt" in runs and baseline in runs
+    }
+    results = workspace.results
+    write_json_atomic(results / "summary.json", summary)
+    write_json_atomic(results / "paired_differences.json", paired)
+    table = markdown_table(summary, paired)
+    write_text_atomic(results / "summary.md", "# sslkd results: linear-probe accuracy (%)\n\n" + table)
+    plot_accuracy(summary, results / "accuracy_vs_labels.png")
+    log.info("summary:\n%s", table)

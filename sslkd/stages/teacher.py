@@ -1,0 +1,50 @@
+"""``sslkd teacher``: train the SSL teacher (or import a checkpoint), write artifacts/teacher/encoder.pt."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from sslkd import config
+from sslkd.artifacts import save_artifact
+from sslkd.models import ResNet18, seeded_module
+from sslkd.seeding import derive_seed, generator
+from sslkd.stages.inputs import training_data
+from sslkd.teacher import import_encoder_state, projector, train_ssl
+from sslkd.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+def main(workspace: Workspace) -> None:
+    teacher_config = config.build("teacher")
+    data = training_data(workspace)
+    channels = data.image_shape[0]
+    encoder = seeded_module(lambda: ResNet18(teacher_config.encoder, channels), derive_seed(teacher_config.seed, 0))
+    inputs = {"dataset": workspace.dataset}
+    if teacher_config.checkpoint:
+        checkpoint = Path(teacher_config.checkpoint).expanduser()
+        import_encoder_state(encoder, checkpoint)
+        inputs["checkpoint"] = checkpoint
+        losses: list[float] = []
+        log.info("imported teacher from %s", checkpoint)
+    else:
+        head = seeded_module(
+            lambda: projector(encoder.representation_dim, teacher_config.ssl.projector_dim),
+            derive_seed(teacher_config.seed, 1),
+        )
+        pixels = data.normalisation.invert(data.images)
+        losses = train_ssl(encoder, head, pixels, data.normalisation.apply, teacher_config.ssl,
+                           generator(teacher_config.seed, 2))
+    save_artifact(
+        workspace.teacher,
+        "teacher",
+        {"state_dict": encoder.state_dict(), "epoch_losses": torch.tensor(losses),
+         "encoder": dataclasses.asdict(teacher_config.encoder), "in_channels": channels},
+        config=config.operative_config(),
+        inputs=inputs,
+        extra={"representation_dim": encoder.representation_dim, "epoch_losses": losses},
+    )

@@ -1,0 +1,160 @@
+"""The SSL teacher: Barlow Twins (or SimCLR) training of a CIFAR-stem ResNet-18, checkpoint import,
+and the target representations it yields."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sslkd.augmentations import AugmentConfig, two_views
+from sslkd.errors import SslkdError
+from sslkd.losses import barlow_twins_loss, simclr_loss
+from sslkd.models import ResNet18, ResNetConfig
+
+log = logging.getLogger(__name__)
+
+SSL_OBJECTIVES = ("barlow_twins", "simclr")
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """An SSL objective and its optimisation: AdamW with a cosine schedule over ``epochs``.
+
+    objective: barlow_twins | simclr; projector_dim: width of the 3-layer projector;
+    off_diagonal_weight: Barlow Twins λ; temperature: SimCLR τ.
+    """
+
+    objective: str
+    projector_dim: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    off_diagonal_weight: float
+    temperature: float
+    augment: AugmentConfig
+
+    def __post_init__(self) -> None:
+        if self.objective not in SSL_OBJECTIVES:
+            raise SslkdError(f"unknown SSL objective {self.objective!r}; choose one of {', '.join(SSL_OBJECTIVES)}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise SslkdError("SSL training needs epochs >= 1 and batch_size >= 2")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """encoder: the ResNet-18; ssl: how it is trained; checkpoint: import this encoder instead ("" trains);
+    seed: initialisation, data order and augmentations."""
+
+    encoder: ResNetConfig
+    ssl: SSLConfig
+    checkpoint: str
+    seed: int
+
+
+def projector(in_dim: int, out_dim: int) -> nn.Module:
+    """Barlow Twins' projector: two Linear–BatchNorm–ReLU layers and a final Linear."""
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True),
+        nn.Linear(out_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True),
+        nn.Linear(out_dim, out_dim, bias=False),
+    )
+
+
+def ssl_loss(config: SSLConfig, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """The configured SSL loss of two projected views z1, z2: [B, P]."""
+    if config.objective == "barlow_twins":
+        return barlow_twins_loss(z1, z2, config.off_diagonal_weight)
+    return simclr_loss(z1, z2, config.temperature)
+
+
+def train_ssl(
+    encoder: nn.Module,
+    head: nn.Module,
+    images: torch.Tensor,
+    normalise: Callable[[torch.Tensor], torch.Tensor],
+    config: SSLConfig,
+    generator: torch.Generator,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train ``head(encoder(view))`` with the SSL objective; returns the mean loss of each epoch.
+
+    images: [N, C, H, W] in [0, 1] (augmented, then normalised by ``normalise``). Batches smaller than
+    2 are dropped (the losses need a batch).
+    """
+    parameters = list(encoder.parameters()) + list(head.parameters())
+    optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(images) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs * steps_per_epoch)
+    encoder.train()
+    head.train()
+    epoch_losses = []
+    for epoch in tqdm(range(config.epochs), desc="teacher epochs", leave=False, disable=None):
+        order = torch.randperm(len(images), generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
+            batch = images[order[start:start + config.batch_size]]
+            view1, view2 = two_views(batch, config.augment, generator)
+            loss = ssl_loss(config, head(encoder(normalise(view1))), head(encoder(normalise(view2))))
+            if not torch.isfinite(loss):
+                raise SslkdError(f"SSL loss became {loss.item()} at epoch {epoch}: lower ssl.lr")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total, count = total + loss.item(), count + 1
+        epoch_losses.append(total / count)
+        log.info("teacher epoch %d: %s loss %.4f", epoch + 1, config.objective, epoch_losses[-1])
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epoch_losses[-1])
+    return epoch_losses
+
+
+_IGNORED_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+
+
+def import_encoder_state(encoder: ResNet18, checkpoint: Path) -> None:
+    """Load an external ResNet-18 checkpoint (torchvision names; a ``state_dict``/``model`` entry, common
+    wrapper prefixes and classifier/projector keys are handled); a mismatch is an error, never partial."""
+    if not checkpoint.is_file():
+        raise SslkdError(f"teacher checkpoint not found: {checkpoint}")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SslkdError(f"cannot read teacher checkpoint {checkpoint}: {type(error).__name__}") from None
+    for key in ("state_dict", "model", "encoder"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise SslkdError(f"{checkpoint} holds no state dict")
+    cleaned = {}
+    for name, value in state.items():
+        for prefix in _IGNORED_PREFIXES:
+            name = name.removeprefix(prefix)
+        if not name.startswith(("fc.", "projector.", "head.")):
+            cleaned[name] = value
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(cleaned))
+    unexpected = sorted(set(cleaned) - set(expected))
+    wrong = [n for n in expected if n in cleaned and tuple(cleaned[n].shape) != tuple(expected[n].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+            if names
+        )
+        raise SslkdError(f"{checkpoint} does not fit a ResNet-18 of width {encoder.conv1.out_channels}: {detail}")
+    encoder.load_state_dict(cleaned)
+
+
+@torch.no_grad()
+def representations(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Teacher representations in eval mode, no augmentation: images [N, C, H, W] (normalised) -> [N, D]."""
+    encoder.eval()
+    return torch.cat([encoder(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])

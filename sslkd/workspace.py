@@ -1,0 +1,45 @@
+"""Where each stage's artifacts live, relative to the workspace (the repository root for ``dvc repro``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "artifacts" / "data" / "dataset.pt"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "artifacts" / "teacher" / "encoder.pt"
+
+    @property
+    def representations(self) -> Path:
+        return self.root / "artifacts" / "represent" / "representations.pt"
+
+    @property
+    def trajectories(self) -> Path:
+        return self.root / "artifacts" / "experts" / "trajectories.pt"
+
+    @property
+    def init_indices(self) -> Path:
+        return self.root / "artifacts" / "init" / "indices.pt"
+
+    @property
+    def distill_dir(self) -> Path:
+        return self.root / "artifacts" / "distill"
+
+    def synthetic(self, seed: int) -> Path:
+        return self.distill_dir / f"synthetic_seed{seed}.pt"
+
+    def evaluation(self, method: str) -> Path:
+        return self.root / "artifacts" / "evaluate" / f"{method}.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"

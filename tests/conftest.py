@@ -1,0 +1,32 @@
+"""Shared fixtures: small deterministic problems for the library functions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_problem():
+    return make_tiny_problem()
+
+
+def make_tiny_problem():
+    """A width-4 ConvNet on 8x8 RGB images regressing 6-d targets: (student, layout, images, targets)."""
+    from sslkd.experts import build_student
+    from sslkd.models import ConvNetConfig, ParameterLayout
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(12, 3, 8, 8, generator=generator)
+    targets = torch.randn(12, 6, generator=generator)
+    student = build_student(ConvNetConfig(width=4, depth=2), (3, 8, 8), 6, seed=1)
+    return student, ParameterLayout.of(student), images, targets

@@ -1,0 +1,94 @@
+"""Bad input through the real entry point: one line on stderr, exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from sslkd.cli import main
+
+from conftest import REPO
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A workspace with the repo's gin files, the toy setting and default params."""
+    shutil.copytree(REPO / "gin", tmp_path / "gin")
+    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", tmp_path / "gin" / "settings" / "tiny.gin")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("setting: digits", "setting: tiny"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_unknown_setting(workspace, capsys):
+    code, err = run(capsys, "data", "--setting", "nope")
+    assert code == 2 and len(err) == 1 and "unknown setting 'nope'" in err[0]
+
+
+def test_misspelled_binding(workspace, capsys):
+    code, err = run(capsys, "data", "--bind", "sslkd.data.holdout = 0.2")
+    assert code == 2 and err[-1].startswith("sslkd data: error: config error")
+
+
+def test_invalid_value(workspace, capsys):
+    code, err = run(capsys, "data", "--bind", "sslkd.data.holdout_fraction = 2.0")
+    assert code == 2 and "holdout_fraction must lie in (0, 1)" in err[-1]
+
+
+def test_missing_input_artifact_names_the_stage_to_run(workspace, capsys):
+    code, err = run(capsys, "teacher")
+    assert code == 2 and "missing dataset artifact" in err[-1] and "sslkd data" in err[-1]
+
+
+def test_corrupt_artifact_is_refused_and_kept(workspace, capsys):
+    assert main(["data"]) == 0
+    path = workspace / "artifacts" / "data" / "dataset.pt"
+    path.write_bytes(b"garbage")
+    code, err = run(capsys, "teacher")
+    assert code == 2 and "corrupt" in err[-1]
+    assert path.read_bytes() == b"garbage"
+    assert not (workspace / "artifacts" / "teacher").exists()
+
+
+def test_unknown_method(workspace, capsys):
+    code, err = run(capsys, "evaluate", "--method", "krr_st")
+    assert code == 2 and "unknown method 'krr_st'" in err[-1]
+
+
+@pytest.fixture
+def trained_experts(workspace):
+    for stage in ("data", "teacher", "represent", "experts"):
+        assert main([stage]) == 0
+    return workspace
+
+
+def test_trajectories_for_other_images_are_refused(trained_experts, capsys):
+    before = (trained_experts / "artifacts" / "experts" / "trajectories.pt").read_bytes()
+    assert main(["data", "--bind", "sslkd.data.image_size = 16"]) == 0
+    assert main(["represent", "--bind", "sslkd.data.image_size = 16"]) == 0
+    code, err = run(capsys, "init")
+    assert code == 2 and "rerun `sslkd experts`" in err[-1]
+    assert (trained_experts / "artifacts" / "experts" / "trajectories.pt").read_bytes() == before
+
+
+def test_trajectories_of_another_architecture_are_refused(trained_experts, capsys):
+    path = trained_experts / "artifacts" / "experts" / "trajectories.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["student"]["width"] = 16  # claims an architecture whose layout differs from the stored one
+    torch.save(payload, path)
+    code, err = run(capsys, "init")
+    assert code == 2 and "parameter layout does not match" in err[-1]
+
+
+def test_distill_asks_for_longer_experts(trained_experts, capsys):
+    assert main(["init"]) == 0
+    code, err = run(capsys, "distill", "--bind", "sslkd.distill.max_start_epoch = 5")
+    assert code == 2 and "raise experts.epochs" in err[-1]
+    assert not list((trained_experts / "artifacts").glob("distill/*.pt"))

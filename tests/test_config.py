@@ -1,0 +1,103 @@
+"""Strict configuration, and params.yaml, dvc.yaml and the gin files kept from drifting apart."""
+
+from __future__ import annotations
+
+import re
+
+import gin
+import pytest
+import yaml
+
+from sslkd import config
+from sslkd.errors import SslkdError
+
+from conftest import REPO
+
+GIN = REPO / "gin"
+SETTINGS = sorted(p.stem for p in (GIN / "settings").glob("*.gin"))
+ROOTS = [stage for stage in config.STAGES]
+
+
+def test_the_required_settings_exist():
+    assert {"digits", "cifar10_cpu", "cifar10_2pct", "cifar10_5pct", "cifar100_2pct", "cifar100_5pct",
+            "tinyimagenet_2pct", "tinyimagenet_5pct"} <= set(SETTINGS)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_setting_binds_every_stage_root(setting):
+    params = config.read_params(REPO / "params.yaml")
+    config.parse(GIN, setting, [], params.bindings())
+    for root in ROOTS:
+        config.build(root)
+
+
+def test_a_misspelled_binding_is_an_error():
+    with pytest.raises(SslkdError, match="config error"):
+        config.parse(GIN, "digits", [], ["sslkd.distill.lr_imgs = 3.0"])
+
+
+def test_an_unknown_configurable_is_an_error():
+    with pytest.raises(SslkdError, match="config error"):
+        config.parse(GIN, "digits", [], ["sslkd.distil.iterations = 3"])
+
+
+def test_an_unbound_parameter_is_named():
+    config.parse(GIN, "digits", [], [])  # no params.yaml: the seeds are unbound
+    with pytest.raises(SslkdError, match=r"sslkd.distill needs a binding for 'seeds'"):
+        config.build("distill")
+
+
+def test_an_unknown_setting_lists_the_available_ones():
+    with pytest.raises(SslkdError, match="unknown setting 'digitz'.*available: .*digits"):
+        config.parse(GIN, "digitz", [], [])
+
+
+def gin_bound_keys() -> set[str]:
+    """Every `sslkd.<name>.<param>` bound anywhere under gin/."""
+    keys = set()
+    for path in GIN.rglob("*.gin"):
+        for line in path.read_text().splitlines():
+            match = re.match(r"\s*(sslkd\.\w+\.\w+)\s*=", line)
+            if match:
+                keys.add(match.group(1))
+    return keys
+
+
+def test_params_yaml_values_have_one_source_of_truth():
+    params = config.read_params(REPO / "params.yaml")
+    assert (GIN / "settings" / f"{params.setting}.gin").is_file()
+    bound = gin_bound_keys()
+    for section, values in params.sections.items():
+        names = config.parameter_names(section)
+        for key in values:
+            assert key in names, f"params.yaml {section}.{key} is not a parameter of sslkd.{section}"
+            assert f"sslkd.{section}.{key}" not in bound, f"sslkd.{section}.{key} is bound in gin and params.yaml"
+
+
+def test_every_gin_binding_names_a_real_parameter():
+    for key in gin_bound_keys():
+        _, name, parameter = key.split(".")
+        assert parameter in config.parameter_names(name), f"{key} is not a parameter"
+
+
+def test_dvc_stages_match_the_cli_and_track_their_params():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    params = config.read_params(REPO / "params.yaml")
+    assert set(dvc) == set(config.STAGES)
+    for stage, spec in dvc.items():
+        body = spec.get("do", spec)
+        assert body["cmd"].split()[:2] == ["sslkd", stage]
+        assert "setting" in body["params"]
+        assert {"sslkd", "gin"} <= set(body["deps"])
+        if stage in params.sections:
+            assert stage in body["params"], f"dvc stage {stage} does not track params.yaml section {stage}"
+    from sslkd.stage_configs import METHODS
+
+    assert set(dvc["evaluate"]["foreach"]) == set(METHODS)
+
+
+def test_params_sections_must_be_stage_names(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("setting: digits\ndistil:\n  seeds: [0]\n")
+    with pytest.raises(SslkdError, match="unknown section 'distil'"):
+        config.read_params(path)

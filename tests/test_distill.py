@@ -1,0 +1,133 @@
+"""The functional unroll, trajectory matching and its reproducibility."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from sslkd.distill import DistillConfig, MinibatchSampler, distill, expert_order, unroll_sgd
+from sslkd.errors import SslkdError
+from sslkd.losses import kd_mse_loss
+from conftest import make_tiny_problem
+
+
+def config(**overrides) -> DistillConfig:
+    values = dict(
+        iterations=4, syn_steps=3, expert_epochs=1, max_start_epoch=2, batch_syn=4, lr_images=10.0,
+        momentum_images=0.5, lr_representations=1.0, momentum_representations=0.5, lr_lr=1e-4,
+        momentum_lr=0.5, lr_init=0.05, lr_min=1e-4, learn_representations=True, unroll="full", seeds=(0,),
+    )
+    return DistillConfig(**{**values, **overrides})
+
+
+@settings(deadline=None, max_examples=15)
+@given(st.integers(1, 5), st.floats(0.001, 0.2), st.integers(0, 1000))
+def test_functional_unroll_equals_torch_sgd_steps(steps, lr, seed):
+    student, layout, images, targets = make_tiny_problem()
+    sampler = MinibatchSampler(len(images), 5, torch.Generator().manual_seed(seed))
+    batches = [sampler.next() for _ in range(steps)]
+    start = layout.flatten(student)
+    unrolled = unroll_sgd(student, layout, start, images, targets, torch.tensor(lr), batches, create_graph=False)
+
+    optimiser = torch.optim.SGD(student.parameters(), lr=lr)
+    for batch in batches:
+        optimiser.zero_grad()
+        kd_mse_loss(student(images[batch]), targets[batch]).backward()
+        optimiser.step()
+    torch.testing.assert_close(unrolled.detach(), layout.flatten(student), rtol=1e-5, atol=1e-6)
+
+
+def test_unroll_is_differentiable_in_images_representations_and_lr(tiny_problem):
+    student, layout, images, targets = tiny_problem
+    images = images.clone().requires_grad_(True)
+    targets = targets.clone().requires_grad_(True)
+    lr = torch.tensor(0.1, requires_grad=True)
+    batches = [torch.arange(4), torch.arange(4, 8)]
+    end = unroll_sgd(student, layout, layout.flatten(student), images, targets, lr, batches)
+    end.pow(2).sum().backward()
+    for tensor in (images, targets, lr):
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+
+
+def test_minibatches_cover_every_example_once_per_pass():
+    sampler = MinibatchSampler(10, 4, torch.Generator().manual_seed(0))
+    seen = torch.cat([sampler.next() for _ in range(5)])  # 20 indices = two passes
+    assert sorted(seen[:8].tolist() + seen[8:10].tolist()) == list(range(10)) or len(set(seen.tolist())) == 10
+    assert torch.bincount(seen, minlength=10).tolist() == [2] * 10
+
+
+def test_expert_order_cycles_through_all_experts():
+    order = expert_order(5, 12, torch.Generator().manual_seed(3))
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+
+
+def fake_trajectories(student, layout, images, targets, experts=3, epochs=3) -> torch.Tensor:
+    """Real (tiny) expert trajectories: full-batch SGD epochs from different inits."""
+    from sslkd.experts import build_student
+    from sslkd.models import ConvNetConfig
+
+    trajectories = []
+    for expert in range(experts):
+        model = build_student(ConvNetConfig(width=4, depth=2), (3, 8, 8), 6, seed=10 + expert)
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+        snapshots = [layout.flatten(model)]
+        for _ in range(epochs):
+            optimiser.zero_grad()
+            kd_mse_loss(model(images), targets).backward()
+            optimiser.step()
+            snapshots.append(layout.flatten(model))
+        trajectories.append(torch.stack(snapshots))
+    return torch.stack(trajectories)
+
+
+def test_distillation_is_bit_identical_for_the_same_seed_and_differs_for_another(tiny_problem):
+    student, layout, images, targets = tiny_problem
+    trajectories = fake_trajectories(student, layout, images, targets)
+    runs = [distill(student, layout, trajectories, images[:6], targets[:6], config(), torch.Generator().manual_seed(s))
+            for s in (7, 7, 8)]
+    assert torch.equal(runs[0].images, runs[1].images)
+    assert torch.equal(runs[0].representations, runs[1].representations)
+    assert runs[0].lr == runs[1].lr and runs[0].matching_losses == runs[1].matching_losses
+    assert not torch.equal(runs[0].images, runs[2].images)
+    assert not torch.equal(runs[0].images, images[:6])  # the images were learned
+
+
+def test_learned_lr_is_projected_onto_the_positive_floor(tiny_problem):
+    """An expert that moved *up* the synthetic loss makes the matching gradient push α below zero;
+    the projection must hold it at lr_min."""
+    student, layout, images, targets = tiny_problem
+    start = layout.flatten(student).requires_grad_(True)
+    from torch.func import functional_call
+
+    loss = kd_mse_loss(functional_call(student, layout.unflatten(start), (images[:6],)), targets[:6])
+    (ascent,) = torch.autograd.grad(loss, start)
+    trajectories = torch.stack([start.detach(), start.detach() + 0.01 * ascent / ascent.norm()]).unsqueeze(0)
+    result = distill(student, layout, trajectories, images[:6], targets[:6],
+                     config(lr_lr=10.0, lr_images=0.0, iterations=5, max_start_epoch=1, expert_epochs=1),
+                     torch.Generator().manual_seed(0))
+    assert min(result.learning_rates) == pytest.approx(1e-4)
+    assert all(lr >= torch.tensor(1e-4).item() for lr in result.learning_rates)  # float32 floor
+
+
+def test_frozen_representations_are_not_learned(tiny_problem):
+    student, layout, images, targets = tiny_problem
+    trajectories = fake_trajectories(student, layout, images, targets)
+    result = distill(student, layout, trajectories, images[:6], targets[:6],
+                     config(learn_representations=False), torch.Generator().manual_seed(0))
+    assert torch.equal(result.representations, targets[:6])
+
+
+def test_too_short_trajectories_are_refused(tiny_problem):
+    student, layout, images, targets = tiny_problem
+    trajectories = fake_trajectories(student, layout, images, targets, epochs=2)
+    with pytest.raises(SslkdError, match="train experts longer"):
+        distill(student, layout, trajectories, images[:6], targets[:6], config(max_start_epoch=2, expert_epochs=2),
+                torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("field, value", [("unroll", "tesla"), ("lr_min", 0.0), ("iterations", 0), ("seeds", ())])
+def test_invalid_distill_config_is_refused(field, value):
+    with pytest.raises(SslkdError):
+        config(**{field: value})

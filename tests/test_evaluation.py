@@ -1,0 +1,53 @@
+"""The linear probe must not collapse to chance on a random encoder, and must rank a trained one higher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslkd.datasets import Normalisation, class_balanced_split, load_digits_images
+from sslkd.evaluation import ProbeConfig, labelled_subset, linear_probe_accuracy, trunk_features
+from sslkd.experts import build_student
+from sslkd.models import ConvNetConfig
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    images, labels, _ = load_digits_images()
+    normalisation = Normalisation.of(images)
+    train, test = class_balanced_split(labels, 0.3, torch.Generator().manual_seed(0))
+    x = normalisation.from_uint8(images)
+    return x[train], labels[train], x[test], labels[test]
+
+
+def probe(encoder, digits_split, fraction=0.05, seed=0) -> float:
+    train_x, train_y, test_x, test_y = digits_split
+    subset = labelled_subset(train_y, fraction, torch.Generator().manual_seed(seed))
+    return linear_probe_accuracy(trunk_features(encoder, train_x[subset]), train_y[subset],
+                                 trunk_features(encoder, test_x), test_y, ProbeConfig((fraction,), 1.0, 1000))
+
+
+def test_random_encoder_is_clearly_above_chance_and_a_trained_one_above_that(digits_split):
+    train_x, train_y, _, _ = digits_split
+    random_encoder = build_student(ConvNetConfig(width=16, depth=3), (1, 8, 8), 10, seed=0)
+    random_accuracy = probe(random_encoder, digits_split)
+
+    trained = build_student(ConvNetConfig(width=16, depth=3), (1, 8, 8), 10, seed=0)
+    optimiser = torch.optim.SGD(trained.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(15):  # supervised training on the training split: a genuinely better encoder
+        for batch in torch.randperm(len(train_x), generator=generator).split(64):
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(trained(train_x[batch]), train_y[batch]).backward()
+            optimiser.step()
+    trained_accuracy = probe(trained, digits_split)
+    assert random_accuracy > 10.0 + 25.0, f"random encoder probe {random_accuracy:.1f}% is near chance (10%)"
+    assert trained_accuracy > random_accuracy + 3.0, f"trained {trained_accuracy:.1f}% vs random {random_accuracy:.1f}%"
+
+
+def test_labelled_subset_is_stratified_seeded_and_shared():
+    labels = torch.arange(10).repeat_interleave(50)
+    first = labelled_subset(labels, 0.1, torch.Generator().manual_seed(4))
+    assert torch.bincount(labels[first]).tolist() == [5] * 10
+    assert torch.equal(first, labelled_subset(labels, 0.1, torch.Generator().manual_seed(4)))
+    assert torch.bincount(labels[labelled_subset(labels, 0.001, torch.Generator())]).tolist() == [1] * 10

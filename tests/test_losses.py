@@ -1,0 +1,107 @@
+"""Properties of the KD, Barlow Twins, SimCLR and trajectory-matching losses."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from sslkd.losses import barlow_twins_loss, kd_mse_loss, per_example_kd_loss, simclr_loss, trajectory_matching_loss
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+def randn(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@given(seeds, st.integers(1, 16), st.integers(1, 16))
+def test_kd_loss_is_non_negative_and_zero_exactly_at_the_target(seed, batch, dim):
+    student, teacher = randn(seed, batch, dim), randn(seed + 1, batch, dim)
+    assert kd_mse_loss(student, teacher) >= 0
+    assert kd_mse_loss(teacher, teacher) == 0
+    assert kd_mse_loss(student, teacher) > 0
+
+
+@given(seeds, st.floats(0.01, 100.0))
+def test_kd_loss_scales_quadratically_and_ignores_joint_translation(seed, scale):
+    student, teacher, shift = randn(seed, 5, 7), randn(seed + 1, 5, 7), randn(seed + 2, 1, 7)
+    base = kd_mse_loss(student, teacher)
+    assert torch.isclose(kd_mse_loss(scale * student, scale * teacher), scale**2 * base, rtol=1e-9)
+    assert torch.isclose(kd_mse_loss(student + shift, teacher + shift), base, rtol=1e-9)
+
+
+@given(seeds)
+def test_per_example_kd_loss_averages_to_the_batch_loss(seed):
+    student, teacher = randn(seed, 9, 4), randn(seed + 1, 9, 4)
+    assert torch.isclose(per_example_kd_loss(student, teacher).mean(), kd_mse_loss(student, teacher))
+
+
+def test_kd_loss_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kd_mse_loss(torch.zeros(3, 4), torch.zeros(3, 5))
+
+
+def decorrelated_views(seed: int, batch: int, dim: int) -> torch.Tensor:
+    """[batch, dim] with zero-mean, unit-variance (biased), mutually uncorrelated columns."""
+    centred = randn(seed, batch, dim)
+    centred = centred - centred.mean(dim=0)
+    q, _ = torch.linalg.qr(centred)
+    return q * math.sqrt(batch)
+
+
+@given(seeds, st.integers(2, 6))
+def test_barlow_twins_is_zero_for_identical_decorrelated_views(seed, dim):
+    z = decorrelated_views(seed, 32, dim)
+    assert barlow_twins_loss(z, z.clone(), eps=0.0) < 1e-12
+
+
+@given(seeds)
+def test_barlow_twins_is_positive_for_unrelated_views(seed):
+    assert barlow_twins_loss(randn(seed, 64, 8), randn(seed + 1, 64, 8)) > 1.0
+
+
+@given(seeds, st.integers(2, 8))
+def test_barlow_twins_is_invariant_to_positive_affine_maps_per_dimension(seed, dim):
+    z1, z2 = randn(seed, 40, dim), randn(seed, 40, dim) + 0.3 * randn(seed + 1, 40, dim)
+    scale = randn(seed + 2, dim).abs() + 0.1
+    shift = randn(seed + 3, dim)
+    base = barlow_twins_loss(z1, z2, eps=0.0)
+    moved = barlow_twins_loss(z1 * scale + shift, z2 * scale + shift, eps=0.0)
+    assert torch.isclose(base, moved, rtol=1e-8)
+
+
+@given(seeds)
+def test_barlow_twins_changes_when_one_dimension_flips_sign(seed):
+    """A negative scale is not an invariance: the loss must notice (the property test above can fail)."""
+    z1 = randn(seed, 40, 4)
+    z2 = z1 + 0.1 * randn(seed + 1, 40, 4)
+    flipped = z2.clone()
+    flipped[:, 0] *= -1
+    assert barlow_twins_loss(z1, flipped) > barlow_twins_loss(z1, z2) + 1.0
+
+
+@given(seeds)
+def test_simclr_prefers_matching_views(seed):
+    z = randn(seed, 16, 8)
+    assert simclr_loss(z, z + 0.01 * randn(seed + 1, 16, 8)) < simclr_loss(z, randn(seed + 2, 16, 8))
+    assert torch.isclose(simclr_loss(z, randn(seed + 3, 16, 8)), simclr_loss(z, randn(seed + 3, 16, 8)))
+
+
+@given(seeds, st.integers(1, 50))
+def test_matching_loss_is_one_without_a_step_and_zero_at_the_target(seed, size):
+    start, target = randn(seed, size), randn(seed + 1, size)
+    assert torch.isclose(trajectory_matching_loss(start, start, target), torch.tensor(1.0, dtype=torch.float64))
+    assert trajectory_matching_loss(target, start, target) == 0
+    assert trajectory_matching_loss(randn(seed + 2, size), start, target) >= 0
+
+
+@given(seeds, st.floats(1e-3, 1e3), st.floats(-10, 10))
+def test_matching_loss_is_invariant_to_joint_scaling_and_translation(seed, scale, shift):
+    end, start, target = randn(seed, 20), randn(seed + 1, 20), randn(seed + 2, 20)
+    base = trajectory_matching_loss(end, start, target)
+    moved = trajectory_matching_loss(scale * end + shift, scale * start + shift, scale * target + shift)
+    assert torch.isclose(base, moved, rtol=1e-7)

@@ -1,0 +1,72 @@
+"""Smoke test: the real `dvc repro` on the toy setting in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def sh(cwd: Path, *command: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    for name in ("sslkd", "gin", ".dvc", ".dvcignore", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy(source, root / name)
+    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("setting: digits", "setting: tiny"))
+    sh(root, "git", "init", "-q")
+    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study")
+    return root, sh(root, "dvc", "repro")
+
+
+def test_repro_runs_every_stage_and_writes_the_summary(repro):
+    root, output = repro
+    assert {"data", "teacher", "represent", "experts", "init", "distill", "report"} <= ran(output)
+    summary = json.loads((root / "results" / "summary.json").read_text())
+    assert set(summary) == {"mkdt", "random", "high_loss", "no_pretrain", "full_data"}
+    for rows in summary.values():
+        assert set(rows) == {"0.05", "0.5"}
+        for cell in rows.values():
+            assert set(cell) == {"mean", "std", "n"} and cell["n"] == 3 and 0 <= cell["mean"] <= 100
+    assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 1
+    sidecar = json.loads((root / "artifacts" / "distill" / "synthetic_seed0.pt.meta.json").read_text())
+    assert {"operative_config", "inputs", "shapes", "code_version", "sha256"} <= set(sidecar)
+    assert sidecar["shapes"]["images"]["shape"] == [20, 1, 8, 8]
+
+
+def test_second_repro_runs_nothing(repro):
+    root, _ = repro
+    assert ran(sh(root, "dvc", "repro")) == set()
+
+
+def test_a_distill_value_reruns_only_distill_and_what_follows(repro):
+    root, _ = repro
+    output = sh(root, "dvc", "exp", "run", "-S", "+distill.lr_images=50.0")
+    assert ran(output) == {"distill", "evaluate@mkdt", "report"}

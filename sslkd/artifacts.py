@@ -85,6 +85,13 @@ def _describe(value: Any) -> Any:
     return None
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a file object, the zip records are named "archive/…" rather than after the (random)
+    # temporary file name, so the same payload gives the same bytes.
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str, Path] | None,
              extra: dict[str, Any] | None) -> dict[str, Any]:
     metadata: dict[str, Any] = {
@@ -115,7 +122,7 @@ def save_artifact(
     """
     path = Path(path)
     shapes = {key: desc for key, value in payload.items() if (desc := _describe(value)) is not None}
-    atomic_write(path, lambda tmp: torch.save({"kind": kind, **payload}, tmp))
+    atomic_write(path, lambda tmp: _torch_save({"kind": kind, **payload}, tmp))
     return _sidecar(path, kind, shapes, config, inputs, extra)
 
 

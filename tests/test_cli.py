@@ -92,3 +92,15 @@ def test_distill_asks_for_longer_experts(trained_experts, capsys):
     code, err = run(capsys, "distill", "--bind", "sslkd.distill.max_start_epoch = 5")
     assert code == 2 and "raise experts.epochs" in err[-1]
     assert not list((trained_experts / "artifacts").glob("distill/*.pt"))
+
+
+def test_the_same_config_gives_a_bit_identical_distilled_set(trained_experts):
+    assert main(["init"]) == 0
+    path = trained_experts / "artifacts" / "distill" / "synthetic_seed0.pt"
+    assert main(["distill"]) == 0
+    first = path.read_bytes()
+    assert main(["distill"]) == 0
+    assert path.read_bytes() == first
+    assert main(["distill", "--bind", "sslkd.distill.seeds = [1]"]) == 0
+    other = torch.load(trained_experts / "artifacts" / "distill" / "synthetic_seed1.pt", weights_only=True)
+    assert not torch.equal(other["images"], torch.load(path, weights_only=True)["images"])

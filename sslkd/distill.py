@@ -5,7 +5,8 @@ move a student as far along an expert trajectory as ``expert_epochs`` epochs on 
 The inner learning rate α is kept positive by projection: after every optimiser step it is clamped
 to ``lr_min`` (> 0), i.e. projected SGD on [lr_min, ∞), which leaves the paper's update unchanged
 whenever α stays above the floor. A non-finite matching loss stops the run with an error instead of
-writing NaNs.
+writing NaNs. How the gradients reach X, Y and α through the inner steps (the exact constant-memory
+adjoint, or the full autograd unroll) is sslkd/unroll.py's business.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from sslkd.errors import SslkdError
-from sslkd.losses import kd_mse_loss, trajectory_matching_loss
+from sslkd.kd_steps import KDSteps
 from sslkd.models import ConvNet, ParameterLayout
+from sslkd.unroll import UNROLLS, match_trajectory
 
 log = logging.getLogger(__name__)
-
-UNROLLS = ("full",)
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,10 @@ class DistillConfig:
     {0, …, max_start_epoch − 1}; batch_syn: synthetic minibatch per inner step; lr_images / momentum_images,
     lr_representations / momentum_representations, lr_lr / momentum_lr: the three SGD optimisers;
     lr_init: initial inner lr α; lr_min: floor that keeps α positive; learn_representations: False freezes
-    the targets at their initial (teacher) values; unroll: how gradients flow through the inner steps;
-    seeds: one synthetic set per seed.
+    the targets at their initial (teacher) values; unroll: how gradients reach X, Y, α through the inner
+    steps (``adjoint``: exact, memory independent of syn_steps; ``full``: the autograd reference, see
+    sslkd/unroll.py); compile: torch.compile the adjoint's inner step and gradient-of-gradient once per
+    run (the full unroll is always eager); seeds: one synthetic set per seed.
     """
 
     iterations: int
@@ -55,6 +56,7 @@ class DistillConfig:
     lr_min: float
     learn_representations: bool
     unroll: str
+    compile: bool
     seeds: tuple[int, ...]
 
     def __post_init__(self) -> None:
@@ -99,39 +101,12 @@ class MinibatchSampler:
         return batch
 
 
-def unroll_sgd(
-    student: ConvNet,
-    layout: ParameterLayout,
-    start: torch.Tensor,
-    images: torch.Tensor,
-    representations: torch.Tensor,
-    lr: torch.Tensor,
-    batches: list[torch.Tensor],
-    create_graph: bool = True,
-) -> torch.Tensor:
-    """Plain SGD θ_{k+1} = θ_k − α ∇ MSE(f(X_b; θ_k), Y_b) over the given minibatches, functionally.
-
-    start: θ₀ [P]; images X [M, C, H, W]; representations Y [M, D]; lr α: scalar tensor;
-    batches: one index tensor per step. With create_graph the result is differentiable w.r.t.
-    X, Y, α (the full unroll); returns θ_N [P].
-    """
-    parameters = start if start.requires_grad else start.detach().requires_grad_(True)
-    for batch in batches:
-        outputs = functional_call(student, layout.unflatten(parameters), (images[batch],))
-        loss = kd_mse_loss(outputs, representations[batch])
-        (gradient,) = torch.autograd.grad(loss, parameters, create_graph=create_graph)
-        parameters = parameters - lr * gradient
-        if not create_graph:
-            parameters = parameters.detach().requires_grad_(True)
-    return parameters
-
-
 def sample_segment(
     trajectory: torch.Tensor, config: DistillConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(θ₀, θ*) = (snapshot t, snapshot t + expert_epochs), t uniform in {0, …, max_start_epoch − 1}.
 
-    trajectory: [S, P] with S > epochs_needed.
+    trajectory: [S, P] with S > epochs_needed (may be memory-mapped: only these two rows are read).
     """
     start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
     return trajectory[start_epoch].float(), trajectory[start_epoch + config.expert_epochs].float()
@@ -169,7 +144,7 @@ def distill(
         raise SslkdError(f"trajectories hold {trajectories.shape[2]} parameters, the student has {layout.numel}")
     images = init_images.detach().clone().requires_grad_(True)
     representations = init_representations.detach().clone().requires_grad_(config.learn_representations)
-    lr = torch.tensor(config.lr_init).requires_grad_(True)
+    lr = torch.tensor(config.lr_init, device=images.device).requires_grad_(True)
     optimisers = [
         torch.optim.SGD([images], lr=config.lr_images, momentum=config.momentum_images),
         torch.optim.SGD([lr], lr=config.lr_lr, momentum=config.momentum_lr),
@@ -178,21 +153,20 @@ def distill(
         optimisers.append(
             torch.optim.SGD([representations], lr=config.lr_representations, momentum=config.momentum_representations)
         )
+    steps = KDSteps(student, layout, compile=config.compile)
     sampler = MinibatchSampler(len(images), config.batch_syn, generator)
     result = DistillResult(images, representations, config.lr_init)
     progress = tqdm(expert_order(len(trajectories), config.iterations, generator), desc="distill", leave=False, disable=None)
     for iteration, expert in enumerate(progress):
-        start, target = sample_segment(trajectories[expert], config, generator)
-        batches = [sampler.next() for _ in range(config.syn_steps)]
-        end = unroll_sgd(student, layout, start, images, representations, lr, batches)
-        loss = trajectory_matching_loss(end, start, target)
+        start, target = (theta.to(images.device) for theta in sample_segment(trajectories[expert], config, generator))
+        batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]
+        for optimiser in optimisers:
+            optimiser.zero_grad(set_to_none=True)
+        loss = match_trajectory(config.unroll, steps, start, target, images, representations, lr, batches)
         if not torch.isfinite(loss):
             raise SslkdError(
                 f"matching loss became {loss.item()} at iteration {iteration}: lower distill.lr_images or lr_lr"
             )
-        for optimiser in optimisers:
-            optimiser.zero_grad(set_to_none=True)
-        loss.backward()
         for optimiser in optimisers:
             optimiser.step()
         with torch.no_grad():

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sslkd.errors import SslkdError
-from sslkd.losses import kd_mse_loss
-from sslkd.models import ConvNet
+from sslkd.kd_steps import KDSteps, train_kd
+from sslkd.models import ConvNet, ParameterLayout
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     """KD pre-training on a set: SGD with momentum and weight decay, constant lr, ``epochs`` passes.
 
-    lr is used for every set except MKDT's, which pre-trains with its learned α.
+    lr is used for every set except MKDT's, which pre-trains with its learned α; compile: torch.compile
+    the training step once per stage.
     """
 
     epochs: int
@@ -35,6 +36,7 @@ class PretrainConfig:
     lr: float
     momentum: float
     weight_decay: float
+    compile: bool
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -62,24 +64,20 @@ def pretrain_kd(
     lr: float,
     config: PretrainConfig,
     generator: torch.Generator,
+    steps: KDSteps | None = None,
 ) -> list[float]:
-    """Train ``student`` to regress targets [N, D] from images [N, C, H, W]; returns the loss per epoch."""
-    optimiser = torch.optim.SGD(student.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    student.train()
-    losses = []
-    for _ in tqdm(range(config.epochs), desc="pre-train", leave=False, disable=None):
-        order = torch.randperm(len(images), generator=generator)
-        total = 0.0
-        for start in range(0, len(images), config.batch_size):
-            batch = order[start:start + config.batch_size]
-            loss = kd_mse_loss(student(images[batch]), targets[batch])
-            if not torch.isfinite(loss):
-                raise SslkdError(f"pre-training loss became {loss.item()} (lr {lr}): the set or lr is broken")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(batch)
-        losses.append(total / len(images))
+    """Train ``student`` in place to regress targets [N, D] from images [N, C, H, W]; returns the loss
+    per epoch. Pass one :class:`KDSteps` to every run of a stage so that it compiles once (default:
+    built here with config.compile)."""
+    layout = ParameterLayout.of(student)
+    steps = steps or KDSteps(student, layout, compile=config.compile)
+    parameters, losses = layout.flatten(student), []
+    epochs = train_kd(steps, parameters, images, targets, lr=lr, momentum=config.momentum,
+                      weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs,
+                      generator=generator)
+    for parameters, loss in tqdm(epochs, total=config.epochs, desc="pre-train", leave=False, disable=None):
+        losses.append(loss)
+    layout.load_into(student, parameters)
     return losses
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from sslkd.augmentations import two_views
 from sslkd.datasets import Normalisation
 from sslkd.errors import SslkdError
-from sslkd.losses import kd_mse_loss
+from sslkd.kd_steps import KDSteps, train_kd
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, seeded_module
 from sslkd.seeding import derive_seed
 from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
@@ -27,7 +27,8 @@ class ExpertsConfig:
 
     objective: kd (MKDT) or an SSL objective (barlow_twins, simclr: the "MTT with SSL" baseline, whose
     augmentations and loss settings come from ``ssl``); epochs: epochs trained and stored (distillation reads
-    at most max_start_epoch + expert_epochs); seed: expert k's init and data order derive from (seed, k).
+    at most max_start_epoch + expert_epochs); compile: torch.compile the KD training step once per stage
+    (SSL experts train eagerly); seed: expert k's init and data order derive from (seed, k).
     """
 
     student: ConvNetConfig
@@ -39,6 +40,7 @@ class ExpertsConfig:
     weight_decay: float
     batch_size: int
     ssl: SSLConfig
+    compile: bool
     seed: int
 
     def __post_init__(self) -> None:
@@ -67,15 +69,39 @@ def train_expert(
     config: ExpertsConfig,
     generator: torch.Generator,
     normalisation: Normalisation | None = None,
+    steps: KDSteps | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train ``student`` for config.epochs epochs; returns (snapshots [epochs + 1, P], mean loss per epoch).
 
-    images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd). SSL objectives
-    augment in pixel space (``normalisation`` maps back and forth) and use the student's output as the
-    projection.
+    images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd). KD experts train
+    with ``steps`` (pass one :class:`KDSteps` to every expert of a stage so that it compiles once;
+    default: built here with config.compile). SSL objectives augment in pixel space (``normalisation``
+    maps back and forth) and use the student's output as the projection.
     """
-    if config.objective != "kd" and normalisation is None:
+    if config.objective == "kd":
+        return _train_kd_expert(student, images, targets, config, generator, steps)
+    if normalisation is None:
         raise ValueError("SSL experts need the normalisation to augment images")
+    return _train_ssl_expert(student, images, config, generator, normalisation)
+
+
+def _train_kd_expert(student: ConvNet, images: torch.Tensor, targets: torch.Tensor, config: ExpertsConfig,
+                     generator: torch.Generator, steps: KDSteps | None) -> tuple[torch.Tensor, list[float]]:
+    layout = ParameterLayout.of(student)
+    steps = steps or KDSteps(student, layout, compile=config.compile)
+    snapshots, epoch_losses = [layout.flatten(student)], []
+    for parameters, loss in train_kd(
+        steps, snapshots[0], images, targets, lr=config.lr, momentum=config.momentum,
+        weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs, generator=generator,
+    ):
+        snapshots.append(parameters)
+        epoch_losses.append(loss)
+    layout.load_into(student, snapshots[-1])
+    return torch.stack(snapshots), epoch_losses
+
+
+def _train_ssl_expert(student: ConvNet, images: torch.Tensor, config: ExpertsConfig, generator: torch.Generator,
+                      normalisation: Normalisation) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
     optimiser = torch.optim.SGD(
         student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -87,13 +113,10 @@ def train_expert(
         total, count = 0.0, 0
         for start in range(0, len(images), config.batch_size):
             batch = order[start:start + config.batch_size]
-            if config.objective == "kd":
-                loss = kd_mse_loss(student(images[batch]), targets[batch])
-            elif len(batch) < 2:
+            if len(batch) < 2:  # the SSL losses standardise over the batch
                 continue
-            else:
-                view1, view2 = two_views(normalisation.invert(images[batch]), config.ssl.augment, generator)
-                loss = ssl_loss(config.ssl, student(normalisation.apply(view1)), student(normalisation.apply(view2)))
+            view1, view2 = two_views(normalisation.invert(images[batch]), config.ssl.augment, generator)
+            loss = ssl_loss(config.ssl, student(normalisation.apply(view1)), student(normalisation.apply(view2)))
             if not torch.isfinite(loss):
                 raise SslkdError(f"expert loss became {loss.item()}: lower experts.lr")
             optimiser.zero_grad(set_to_none=True)

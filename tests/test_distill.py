@@ -7,9 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from sslkd.distill import DistillConfig, MinibatchSampler, distill, expert_order, unroll_sgd
+from sslkd.distill import DistillConfig, MinibatchSampler, distill, expert_order
 from sslkd.errors import SslkdError
+from sslkd.kd_steps import KDSteps
 from sslkd.losses import kd_mse_loss
+from sslkd.unroll import unroll_sgd
 from conftest import make_tiny_problem
 
 
@@ -17,7 +19,8 @@ def config(**overrides) -> DistillConfig:
     values = dict(
         iterations=4, syn_steps=3, expert_epochs=1, max_start_epoch=2, batch_syn=4, lr_images=10.0,
         momentum_images=0.5, lr_representations=1.0, momentum_representations=0.5, lr_lr=1e-4,
-        momentum_lr=0.5, lr_init=0.05, lr_min=1e-4, learn_representations=True, unroll="full", seeds=(0,),
+        momentum_lr=0.5, lr_init=0.05, lr_min=1e-4, learn_representations=True, unroll="adjoint", compile=False,
+        seeds=(0,),
     )
     return DistillConfig(**{**values, **overrides})
 
@@ -29,7 +32,8 @@ def test_functional_unroll_equals_torch_sgd_steps(steps, lr, seed):
     sampler = MinibatchSampler(len(images), 5, torch.Generator().manual_seed(seed))
     batches = [sampler.next() for _ in range(steps)]
     start = layout.flatten(student)
-    unrolled = unroll_sgd(student, layout, start, images, targets, torch.tensor(lr), batches, create_graph=False)
+    steps = KDSteps(student, layout, compile=False)
+    unrolled = unroll_sgd(steps, start, images, targets, torch.tensor(lr), batches, create_graph=False)
 
     optimiser = torch.optim.SGD(student.parameters(), lr=lr)
     for batch in batches:
@@ -45,7 +49,7 @@ def test_unroll_is_differentiable_in_images_representations_and_lr(tiny_problem)
     targets = targets.clone().requires_grad_(True)
     lr = torch.tensor(0.1, requires_grad=True)
     batches = [torch.arange(4), torch.arange(4, 8)]
-    end = unroll_sgd(student, layout, layout.flatten(student), images, targets, lr, batches)
+    end = unroll_sgd(KDSteps(student, layout, compile=False), layout.flatten(student), images, targets, lr, batches)
     end.pow(2).sum().backward()
     for tensor in (images, targets, lr):
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
@@ -82,10 +86,12 @@ def fake_trajectories(student, layout, images, targets, experts=3, epochs=3) -> 
     return torch.stack(trajectories)
 
 
-def test_distillation_is_bit_identical_for_the_same_seed_and_differs_for_another(tiny_problem):
+@pytest.mark.parametrize("unroll", ["adjoint", "full"])
+def test_distillation_is_bit_identical_for_the_same_seed_and_differs_for_another(tiny_problem, unroll):
     student, layout, images, targets = tiny_problem
     trajectories = fake_trajectories(student, layout, images, targets)
-    runs = [distill(student, layout, trajectories, images[:6], targets[:6], config(), torch.Generator().manual_seed(s))
+    runs = [distill(student, layout, trajectories, images[:6], targets[:6], config(unroll=unroll),
+                    torch.Generator().manual_seed(s))
             for s in (7, 7, 8)]
     assert torch.equal(runs[0].images, runs[1].images)
     assert torch.equal(runs[0].representations, runs[1].representations)

@@ -19,6 +19,8 @@ from sslkd.artifacts import load_artifact, save_json_artifact
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd, probe_at_fractions
 from sslkd.experts import build_student
+from sslkd.kd_steps import KDSteps
+from sslkd.models import ParameterLayout
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stage_configs import METHODS
@@ -69,6 +71,7 @@ def main(workspace: Workspace, method: str) -> None:
     data = training_data(workspace)
     targets = representations(workspace, data)
     runs = []
+    steps = None  # one KDSteps for every pre-training run: the step compiles once per stage
     for eval_seed in evaluate_config.seeds:
         sets, inputs = pretraining_sets(method, workspace, data.images, targets, evaluate_config.pretrain.lr, eval_seed)
         for pretraining_set in sets:
@@ -76,8 +79,9 @@ def main(workspace: Workspace, method: str) -> None:
                                     derive_seed(eval_seed, 0))
             losses: list[float] = []
             if pretraining_set is not None:
+                steps = steps or KDSteps(student, ParameterLayout.of(student), compile=evaluate_config.pretrain.compile)
                 losses = pretrain_kd(student, pretraining_set.images, pretraining_set.targets, pretraining_set.lr,
-                                     evaluate_config.pretrain, generator(eval_seed, 1))
+                                     evaluate_config.pretrain, generator(eval_seed, 1), steps)
             accuracy = probe_at_fractions(
                 student, data.images, data.labels, data.test_images, data.test_labels, evaluate_config.probe,
                 lambda fraction_index: generator(eval_seed, 2, fraction_index),

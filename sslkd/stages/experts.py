@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from sslkd import config
 from sslkd.artifacts import save_artifact
 from sslkd.experts import build_student, expert_seed, train_expert
+from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.seeding import generator
 from sslkd.stages.inputs import representations, training_data
@@ -24,12 +25,14 @@ def main(workspace: Workspace) -> None:
     data = training_data(workspace)
     targets = representations(workspace, data)
     trajectories, losses = [], []
+    steps = None  # one KDSteps for all experts: the step compiles once per stage
     for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None):
         student = build_student(experts_config.student, data.image_shape, targets.shape[1],
                                 expert_seed(experts_config.seed, index))
+        steps = steps or KDSteps(student, ParameterLayout.of(student), compile=experts_config.compile)
         snapshots, epoch_losses = train_expert(
             student, data.images, targets, experts_config, generator(experts_config.seed, index, 1),
-            data.normalisation,
+            data.normalisation, steps,
         )
         trajectories.append(snapshots)
         losses.append(epoch_losses)

@@ -1,0 +1,158 @@
+"""The KD steps on a flat parameter vector θ [P] that the inner loops run thousands of times — a
+training step (SGD with momentum and weight decay), a plain inner SGD step and the gradient-of-gradient
+of trajectory matching's adjoint — eager, or compiled once per stage with ``torch.compile``, and the KD
+training loop of experts and pre-training built on them.
+
+Every step is a pure function of tensors (θ, momentum buffer, minibatch, lr), so one compiled graph
+serves every expert, pre-training run and distillation iteration of a stage. The eager steps use
+``torch.autograd`` (faster than ``torch.func`` in eager mode); the compiled ones trace the same math
+written with ``torch.func.grad`` / ``vjp``, which dynamo turns into one fused forward + backward (and
+double-backward) graph. Compiled and eager results agree to float rounding, not bit for bit; each is
+deterministic on CPU for a given machine and thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch.func import functional_call, grad, grad_and_value, vjp
+
+from sslkd.errors import SslkdError
+from sslkd.losses import kd_mse_loss
+from sslkd.models import ConvNet, ParameterLayout
+
+log = logging.getLogger(__name__)
+
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def kd_loss_of_parameters(student: ConvNet, layout: ParameterLayout) -> Loss:
+    """ℓ(θ, X, Y) = MSE(f(X; θ), Y) for flat θ [P], images X [B, C, H, W], targets Y [B, D] -> scalar."""
+
+    def loss(parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return kd_mse_loss(functional_call(student, layout.unflatten(parameters), (images,)), targets)
+
+    return loss
+
+
+def momentum_update(
+    parameters: torch.Tensor, velocity: torch.Tensor, gradient: torch.Tensor,
+    lr: torch.Tensor, momentum: float, weight_decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.optim.SGD's update (dampening 0, no Nesterov; a zero buffer is its first step):
+    v ← m·v + (g + wd·θ), θ ← θ − lr·v. All of θ, v, g: [P]; lr: scalar tensor."""
+    velocity = velocity * momentum + torch.add(gradient, parameters, alpha=weight_decay)
+    return parameters - lr * velocity, velocity
+
+
+class KDSteps:
+    """The steps of a student architecture, eager or compiled (``compile``). The student module only
+    supplies the architecture: its own parameters are never read.
+
+    Compiled steps are specialised to the shapes of their first call (one compile per step kind);
+    a minibatch of another size — the short last batch of an epoch — runs the eager step.
+    """
+
+    def __init__(self, student: ConvNet, layout: ParameterLayout, compile: bool) -> None:
+        self.student, self.layout, self.compiled = student, layout, compile
+        self.loss = kd_loss_of_parameters(student, layout)
+        self._compiled: dict[str, Callable] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        if compile:
+            loss = self.loss
+            gradient = grad(loss)
+
+            def train_step(parameters, velocity, images, targets, lr, momentum, weight_decay):
+                g, value = grad_and_value(loss)(parameters, images, targets)
+                return *momentum_update(parameters, velocity, g, lr, momentum, weight_decay), value
+
+            def sgd_step(parameters, images, targets, lr):
+                return parameters - lr * gradient(parameters, images, targets)
+
+            def gradient_of_gradient(parameters, images, targets, cotangent):
+                g, pullback = vjp(gradient, parameters, images, targets)
+                return (g, *pullback(cotangent))
+
+            self._compiled = {
+                name: torch.compile(step, dynamic=False)
+                for name, step in (("train", train_step), ("sgd", sgd_step), ("gog", gradient_of_gradient))
+            }
+
+    def _use_compiled(self, kind: str, images: torch.Tensor) -> bool:
+        if kind not in self._compiled:
+            return False
+        return self._shapes.setdefault(kind, images.shape) == images.shape
+
+    def train_step(
+        self, parameters: torch.Tensor, velocity: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
+        lr: torch.Tensor, momentum: float, weight_decay: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One SGD-with-momentum step on the KD loss: θ, v [P], images [B, C, H, W], targets [B, D], lr
+        scalar tensor -> (θ', v', loss before the step), all without autograd history."""
+        if self._use_compiled("train", images):
+            return tuple(t.detach() for t in self._compiled["train"](
+                parameters, velocity, images, targets, lr, momentum, weight_decay))
+        parameters = parameters.detach().requires_grad_(True)
+        value = self.loss(parameters, images, targets)
+        (gradient,) = torch.autograd.grad(value, parameters)
+        with torch.no_grad():
+            return *momentum_update(parameters, velocity, gradient, lr, momentum, weight_decay), value.detach()
+
+    def sgd_step(self, parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
+                 lr: torch.Tensor) -> torch.Tensor:
+        """θ − α ∇ℓ(θ; X_b, Y_b) without a graph: θ [P], images [B, C, H, W], targets [B, D], lr scalar."""
+        if self._use_compiled("sgd", images):
+            return self._compiled["sgd"](parameters, images, targets, lr).detach()
+        parameters = parameters.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(self.loss(parameters, images, targets), parameters)
+        return (parameters - lr * gradient).detach()
+
+    def gradient_of_gradient(
+        self, parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, cotangent: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """g = ∇_θ ℓ(θ; X_b, Y_b) and the gradient of ⟨λ, g⟩ w.r.t. (θ, X_b, Y_b), from one double backward.
+
+        parameters θ, cotangent λ: [P]; images [B, C, H, W]; targets [B, D]. Returns (g [P], H λ [P],
+        ∂⟨λ, g⟩/∂X_b [B, C, H, W], ∂⟨λ, g⟩/∂Y_b [B, D]).
+        """
+        if self._use_compiled("gog", images):
+            return tuple(t.detach() for t in self._compiled["gog"](parameters, images, targets, cotangent))
+        parameters, images, targets = (t.detach().requires_grad_(True) for t in (parameters, images, targets))
+        (gradient,) = torch.autograd.grad(self.loss(parameters, images, targets), parameters, create_graph=True)
+        hvp, d_images, d_targets = torch.autograd.grad(gradient, (parameters, images, targets), cotangent)
+        return gradient.detach(), hvp, d_images, d_targets
+
+
+def train_kd(
+    steps: KDSteps,
+    parameters: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    batch_size: int,
+    epochs: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, float]]:
+    """KD training with SGD (momentum, weight decay, constant lr) from θ [P] on images [N, C, H, W] and
+    targets [N, D], one seeded permutation per epoch. Yields (θ after the epoch [P], the epoch's mean
+    per-example loss) for each epoch; a non-finite loss stops with an error."""
+    velocity = torch.zeros_like(parameters)
+    lr_tensor = torch.tensor(lr, dtype=parameters.dtype, device=parameters.device)
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=generator).to(images.device)
+        total = parameters.new_zeros(())
+        for start in range(0, len(images), batch_size):
+            batch = order[start:start + batch_size]
+            parameters, velocity, loss = steps.train_step(
+                parameters, velocity, images[batch], targets[batch], lr_tensor, momentum, weight_decay)
+            total += loss * len(batch)
+        mean_loss = total.item() / len(images)
+        if not math.isfinite(mean_loss):
+            raise SslkdError(f"KD training loss became {mean_loss} in epoch {epoch} (lr {lr}): lower the lr")
+        yield parameters, mean_loss

@@ -1,0 +1,103 @@
+"""Gradients of the trajectory-matching loss L = ‖θ_N − θ*‖² / ‖θ₀ − θ*‖² through N inner SGD steps
+θ_{k+1} = θ_k − α g_k, g_k = ∇_θ ℓ(θ_k; X_b, Y_b), w.r.t. the synthetic images X, representations Y and α.
+
+* ``full`` (the reference): autograd keeps the graph of all N steps; memory grows with N × batch.
+* ``adjoint`` (exact, constant memory): the N steps run without a graph, keeping only θ_0..θ_{N-1}
+  [N, P]; then, from λ_N = ∂L/∂θ_N, for k = N−1..0 one gradient-of-gradient at θ_k gives
+  ∂L/∂α += −⟨λ_{k+1}, g_k⟩, ∂L/∂(X_b, Y_b) += −α ∂⟨λ_{k+1}, g_k⟩/∂(X_b, Y_b) and
+  λ_k = λ_{k+1} − α H_k λ_{k+1} (H_k λ = ∂⟨λ, g_k⟩/∂θ_k). This is the chain rule of the full unroll
+  reordered, so the gradients are the same (tests/test_unroll.py); TESLA's published variant drops the
+  cross-step terms H_k and is not exact.
+
+Both accumulate into ``.grad`` of the tensors that require it, as ``loss.backward()`` would, and return
+the loss, so the outer optimisers do not care which unroll ran.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sslkd.kd_steps import KDSteps
+from sslkd.losses import trajectory_matching_loss
+
+UNROLLS = ("full", "adjoint")
+
+
+def unroll_sgd(
+    steps: KDSteps,
+    start: torch.Tensor,
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    batches: list[torch.Tensor],
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """Plain SGD θ_{k+1} = θ_k − α ∇ MSE(f(X_b; θ_k), Y_b) over the given minibatches, functionally.
+
+    start: θ₀ [P]; images X [M, C, H, W]; representations Y [M, D]; lr α: scalar tensor;
+    batches: one index tensor per step. With create_graph the result is differentiable w.r.t.
+    X, Y, α (the full unroll); returns θ_N [P].
+    """
+    parameters = start if start.requires_grad else start.detach().requires_grad_(True)
+    for batch in batches:
+        loss = steps.loss(parameters, images[batch], representations[batch])
+        (gradient,) = torch.autograd.grad(loss, parameters, create_graph=create_graph)
+        parameters = parameters - lr * gradient
+        if not create_graph:
+            parameters = parameters.detach().requires_grad_(True)
+    return parameters
+
+
+def _accumulate(tensor: torch.Tensor, gradient: torch.Tensor) -> None:
+    if tensor.requires_grad:
+        tensor.grad = gradient if tensor.grad is None else tensor.grad + gradient
+
+
+def full_matching(
+    steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
+    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor],
+) -> torch.Tensor:
+    """The matching loss through the full unroll; backpropagates into X, Y, α. Shapes: see module doc."""
+    loss = trajectory_matching_loss(unroll_sgd(steps, start, images, representations, lr, batches), start, target)
+    loss.backward()
+    return loss.detach()
+
+
+def adjoint_matching(
+    steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
+    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor],
+) -> torch.Tensor:
+    """The matching loss and its exact gradients by the adjoint recursion (module doc), accumulated into
+    ``.grad`` of images X [M, C, H, W], representations Y [M, D] and lr α (scalar) where they require it.
+
+    start θ₀, target θ* [P] (constants); batches: one index tensor per inner step.
+    """
+    alpha, data, targets = lr.detach(), images.detach(), representations.detach()
+    snapshots = [start.detach()]  # θ_0..θ_{N-1}: all the forward pass keeps
+    for batch in batches[:-1]:
+        snapshots.append(steps.sgd_step(snapshots[-1], data[batch], targets[batch], alpha))
+    end = steps.sgd_step(snapshots[-1], data[batches[-1]], targets[batches[-1]], alpha).requires_grad_(True)
+    loss = trajectory_matching_loss(end, start.detach(), target.detach())
+    (adjoint,) = torch.autograd.grad(loss, end)
+    grad_images, grad_targets = torch.zeros_like(data), torch.zeros_like(targets)
+    grad_lr = torch.zeros_like(alpha)
+    for parameters, batch in zip(reversed(snapshots), reversed(batches)):
+        gradient, hvp, d_images, d_targets = steps.gradient_of_gradient(
+            parameters, data[batch], targets[batch], adjoint)
+        grad_lr -= torch.dot(adjoint, gradient)
+        grad_images.index_add_(0, batch, d_images)  # × −α at the end: α is the same in every step
+        grad_targets.index_add_(0, batch, d_targets)
+        adjoint = adjoint - alpha * hvp
+    _accumulate(images, -alpha * grad_images)
+    _accumulate(representations, -alpha * grad_targets)
+    _accumulate(lr, grad_lr)
+    return loss.detach()
+
+
+def match_trajectory(
+    unroll: str, steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
+    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor],
+) -> torch.Tensor:
+    """The matching loss of one segment with gradients accumulated into X, Y, α by the chosen unroll."""
+    match = {"full": full_matching, "adjoint": adjoint_matching}[unroll]
+    return match(steps, start, target, images, representations, lr, batches)

@@ -1,0 +1,110 @@
+"""The exact adjoint unroll against the full autograd unroll, and the KD steps (eager and compiled)."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from sslkd.experts import build_student
+from sslkd.kd_steps import KDSteps, train_kd
+from sslkd.losses import kd_mse_loss
+from sslkd.models import ConvNetConfig, ParameterLayout
+from sslkd.unroll import match_trajectory
+
+
+def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):
+    """A width-3 ConvNet on 8×8 images; expert start θ₀ and end θ* near its init."""
+    generator = torch.Generator().manual_seed(seed)
+    student = build_student(ConvNetConfig(width=3, depth=2), (2, 8, 8), dim, seed=seed).to(dtype)
+    layout = ParameterLayout.of(student)
+    start = layout.flatten(student)
+    target = start + 0.05 * torch.randn(start.shape, generator=generator, dtype=dtype)
+    images = torch.randn(size, 2, 8, 8, generator=generator, dtype=dtype)
+    targets = torch.randn(size, dim, generator=generator, dtype=dtype)
+    return student, layout, start, target, images, targets, generator
+
+
+def matching_gradients(unroll, steps, start, target, images, targets, lr, batches, learn_targets=True):
+    images = images.clone().requires_grad_(True)
+    targets = targets.clone().requires_grad_(learn_targets)
+    lr = lr.clone().requires_grad_(True)
+    loss = match_trajectory(unroll, steps, start, target, images, targets, lr, batches)
+    return loss, images.grad, targets.grad, lr.grad
+
+
+@settings(deadline=None, max_examples=20)
+@given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 6),
+       lr=st.floats(0.01, 1.0), learn_targets=st.booleans())
+def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, lr, learn_targets):
+    student, layout, start, target, images, targets, generator = random_problem(seed, size, 5, torch.float64)
+    steps = KDSteps(student, layout, compile=False)
+    # drawn with replacement: a batch may repeat an example, which must accumulate
+    batches = [torch.randint(size, (batch,), generator=generator) for _ in range(syn_steps)]
+    lr = torch.tensor(lr, dtype=torch.float64)
+    full = matching_gradients("full", steps, start, target, images, targets, lr, batches, learn_targets)
+    adjoint = matching_gradients("adjoint", steps, start, target, images, targets, lr, batches, learn_targets)
+    torch.testing.assert_close(adjoint[0], full[0], rtol=1e-12, atol=0)
+    for name, got, want in zip(("images", "representations", "lr"), adjoint[1:], full[1:]):
+        if name == "representations" and not learn_targets:
+            assert got is None and want is None
+            continue
+        assert want.abs().max() > 0, f"{name}: the full unroll gave a zero gradient"
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item(), msg=name)
+
+
+def test_adjoint_adds_to_existing_gradients_as_backward_does():
+    student, layout, start, target, images, targets, _ = random_problem(0, 6, 4, torch.float64)
+    steps = KDSteps(student, layout, compile=False)
+    batches = [torch.arange(3), torch.arange(3, 6)]
+    images = images.clone().requires_grad_(True)
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        match_trajectory("adjoint", steps, start, target, images, targets, lr, batches)
+    once = matching_gradients("adjoint", steps, start, target, images.detach(), targets, lr.detach(), batches)
+    torch.testing.assert_close(images.grad, 2 * once[1])
+    torch.testing.assert_close(lr.grad, 2 * once[3])
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=st.integers(0, 1000), size=st.integers(3, 20), batch=st.integers(1, 8), epochs=st.integers(1, 3))
+def test_kd_training_equals_torch_sgd_with_momentum_and_weight_decay(seed, size, batch, epochs):
+    student, layout, start, _, images, targets, _ = random_problem(seed, size, 4, torch.float64)
+    steps = KDSteps(student, layout, compile=False)
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, batch_size=batch, epochs=epochs)
+    trained = list(train_kd(steps, start, images, targets, generator=torch.Generator().manual_seed(seed), **hyper))
+
+    optimiser = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    for parameters, _ in trained:
+        order = torch.randperm(size, generator=generator)
+        for first in range(0, size, batch):
+            optimiser.zero_grad()
+            kd_mse_loss(student(images[order[first:first + batch]]), targets[order[first:first + batch]]).backward()
+            optimiser.step()
+        torch.testing.assert_close(parameters, layout.flatten(student), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_steps_agree_with_eager_and_fall_back_for_other_batch_sizes():
+    """Compiles three tiny graphs (about a minute on 2 cores)."""
+    student, layout, start, target, images, targets, generator = random_problem(1, 12, 5, torch.float32)
+    eager, compiled = KDSteps(student, layout, compile=False), KDSteps(student, layout, compile=True)
+    lr = torch.tensor(0.2)
+    velocity = torch.randn(start.shape, generator=generator)
+    cotangent = torch.randn(start.shape, generator=generator)
+    for batch in (torch.arange(8), torch.arange(8, 12)):  # the second size runs the eager fallback
+        for got, want in zip(compiled.train_step(start, velocity, images[batch], targets[batch], lr, 0.9, 1e-4),
+                             eager.train_step(start, velocity, images[batch], targets[batch], lr, 0.9, 1e-4)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled.sgd_step(start, images[batch], targets[batch], lr),
+                                   eager.sgd_step(start, images[batch], targets[batch], lr), rtol=1e-4, atol=1e-6)
+        for got, want in zip(compiled.gradient_of_gradient(start, images[batch], targets[batch], cotangent),
+                             eager.gradient_of_gradient(start, images[batch], targets[batch], cotangent)):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    batches = [torch.arange(8), torch.arange(4, 12)]
+    full = matching_gradients("full", eager, start, target, images, targets, lr, batches)
+    adjoint = matching_gradients("adjoint", compiled, start, target, images, targets, lr, batches)
+    for got, want in zip(adjoint, full):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -67,12 +69,15 @@ def train_expert(
     config: ExpertsConfig,
     generator: torch.Generator,
     normalisation: Normalisation | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train ``student`` for config.epochs epochs; returns (snapshots [epochs + 1, P], mean loss per epoch).
 
     images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd). SSL objectives
     augment in pixel space (``normalisation`` maps back and forth) and use the student's output as the
-    projection.
+    projection. After each epoch ``on_checkpoint`` gets the training state (student, optimiser with its
+    momentum, generator, snapshots so far); passing it back as ``resume`` continues bit-identically.
     """
     if config.objective != "kd" and normalisation is None:
         raise ValueError("SSL experts need the normalisation to augment images")
@@ -81,8 +86,13 @@ def train_expert(
         student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     snapshots = [layout.flatten(student)]
-    epoch_losses = []
-    for _ in range(config.epochs):
+    epoch_losses: list[float] = []
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        optimiser.load_state_dict(resume["optimiser"])
+        generator.set_state(resume["generator"])
+        snapshots, epoch_losses = list(resume["snapshots"]), list(resume["epoch_losses"])
+    for _ in range(len(epoch_losses), config.epochs):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for start in range(0, len(images), config.batch_size):
@@ -102,4 +112,10 @@ def train_expert(
             total, count = total + loss.item(), count + 1
         snapshots.append(layout.flatten(student))
         epoch_losses.append(total / max(count, 1))
+        if on_checkpoint is not None:
+            on_checkpoint({
+                "student": student.state_dict(), "optimiser": optimiser.state_dict(),
+                "generator": generator.get_state(), "snapshots": torch.stack(snapshots),
+                "epoch_losses": list(epoch_losses),
+            })
     return torch.stack(snapshots), epoch_losses

@@ -6,8 +6,8 @@
 #
 # Everything lives under DIR (config, state, spool, logs, pid files, munge socket) and the daemons listen
 # on free ports, so it never touches a system-wide SLURM or munge. Tuned for tests: a requeued job may
-# start again after 10 s (cred_expire; 120 s by default) and pending jobs are tried every 2 s. Clients (sinfo, sbatch, submitit)
-# need SLURM_CONF=DIR/slurm.conf in their environment. Install first:
+# start again after 10 s (cred_expire; 120 s by default) and pending jobs are tried every 2 s.
+# Clients (sinfo, sbatch, submitit) need SLURM_CONF=DIR/slurm.conf in their environment. Install first:
 #   apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
 set -euo pipefail
 
@@ -101,7 +101,14 @@ EOF
 stop() {
     [[ -d $dir ]] || return 0
     if [[ -f $dir/slurm.conf && -s $dir/slurmctld.pid ]]; then
-        SLURM_CONF=$dir/slurm.conf timeout 10 scontrol shutdown >/dev/null 2>&1 || true
+        export SLURM_CONF=$dir/slurm.conf
+        # jobs first (a job's processes outlive slurmd), then the daemons
+        timeout 10 scancel --full --user="$(id -un)" >/dev/null 2>&1 || true
+        for _ in $(seq 30); do
+            [[ -z $(timeout 5 squeue --noheader --states=PENDING,RUNNING,COMPLETING 2>/dev/null) ]] && break
+            sleep 0.5
+        done
+        timeout 10 scontrol shutdown >/dev/null 2>&1 || true
     fi
     stop_pid_file "$dir/slurmd.pid"
     stop_pid_file "$dir/slurmctld.pid"

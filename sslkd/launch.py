@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import math
 import os
@@ -36,9 +37,10 @@ from sslkd.workspace import Workspace
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0           # how often results are looked for
-SQUEUE_EVERY_S = 5.0   # how often SLURM is asked which jobs ended
+SQUEUE_EVERY_S = 5.0   # how often the scheduler is asked for the jobs' states
 RESULT_GRACE_S = 30.0  # how long a job that ran to its end may take to show its result (slow shared file systems)
-ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+# SLURM's final job states, and EXITED for a local job whose process is gone
+ENDED_STATES = {"EXITED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
 
 
@@ -57,8 +59,14 @@ def snapshot_code(destination: Path) -> Path:
 
 
 def make_executor(launcher: str, folder: Path, resources: SlurmConfig, code: Path, stage: str) -> submitit.Executor:
-    """A submitit executor whose jobs import sslkd from the snapshot ``code``."""
-    setup = [f"export PYTHONPATH={shlex.quote(str(code.resolve()))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    """A submitit executor whose jobs import sslkd from the snapshot ``code``.
+
+    The job's Python starts in ``code`` (``python -m`` puts its working directory first on sys.path, which
+    in a repository checkout would be the work tree's sslkd); the job then changes to the submission's
+    working directory (StageJob).
+    """
+    snapshot = shlex.quote(str(code.resolve()))
+    setup = [f"cd {snapshot}", f"export PYTHONPATH={snapshot}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if launcher == "local":
         executor = submitit.LocalExecutor(folder, max_num_timeout=resources.max_timeouts)
         executor.update_parameters(timeout_min=resources.time_min, signal_delay_s=resources.signal_delay_s,
@@ -119,16 +127,17 @@ def submit_expert_array(launcher: str, executor: submitit.Executor, request: Sta
     chunks = [tuple(missing[start:start + per_job]) for start in range(0, len(missing), per_job)]
     with refused_submissions("experts"), executor.batch():
         jobs = [executor.submit(StageJob(request, interval_s, chunk)) for chunk in chunks]
-    log.info("experts: %d experts to train (%s) in %d %s jobs: %s", len(missing), _preview(missing), len(jobs),
+    log.info("experts: training the %d missing experts (%s) in %d %s jobs: %s", len(missing), _preview(missing), len(jobs),
              launcher, ", ".join(job.job_id for job in jobs))
     wait(launcher, jobs, "experts")
 
 
 @contextlib.contextmanager
 def refused_submissions(stage: str):
-    """sbatch's refusal (an unknown partition, more CPUs than a node has, ...) as one line."""
+    """sbatch's refusal (an unknown partition or account, ...) as one line (submitit also prints it: muted)."""
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     except (FailedJobError, OSError) as error:
         lines = [line for line in str(error).splitlines() if line.strip()]
         raise SslkdError(f"{stage}: the job was refused: {lines[-1] if lines else type(error).__name__} "
@@ -144,10 +153,11 @@ def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:
 
     A job ends with a result file (success or the error it raised), or without one when the scheduler
     killed it (cancelled, out of memory, node failure): SLURM's job states are read with squeue, which
-    works without accounting. Ctrl-C cancels the jobs still running.
+    works without accounting. Why a job waits is logged when it changes. Ctrl-C cancels the jobs.
     """
     pending = {job.job_id: job for job in jobs}
     ended_since: dict[str, float] = {}
+    seen: dict[str, str] = {}
     failures: list[str] = []
     next_query = time.monotonic() + SQUEUE_EVERY_S
     try:
@@ -155,21 +165,24 @@ def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:
             for job_id, job in list(pending.items()):
                 if job.paths.result_pickle.exists():
                     del pending[job_id]
-                    failure = _job_failure(job)
-                    if failure:
+                    if failure := _job_failure(job):
                         failures.append(failure)
             if pending and time.monotonic() >= next_query:
-                states = _ended_states(launcher, list(pending.values()))
                 now = time.monotonic()
-                for job_id, job in list(pending.items()):
-                    if job_id not in states:
-                        ended_since.pop(job_id, None)  # running again (requeued)
+                for job_id, (state, reason) in _queue_states(launcher, list(pending.values())).items():
+                    if seen.get(job_id) != (status := f"{state.lower()} ({reason})" if reason else state.lower()):
+                        log.info("%s: job %s %s", stage, job_id, status)
+                        seen[job_id] = status
+                    if state not in ENDED_STATES | {"GONE"}:
+                        ended_since.pop(job_id, None)  # queued or running (again, after a requeue)
                         continue
-                    ran_to_end = launcher == "slurm" and states[job_id] in ("COMPLETED", "FAILED")
-                    grace = RESULT_GRACE_S if ran_to_end else 0.0
+                    # a job that ran to its end may need a moment before its result shows on a shared file system
+                    grace = RESULT_GRACE_S if launcher == "slurm" and state in ("COMPLETED", "FAILED") else 0.0
+                    job = pending[job_id]
                     if now - ended_since.setdefault(job_id, now) >= grace and not job.paths.result_pickle.exists():
                         del pending[job_id]
-                        failures.append(f"job {job_id} ended ({states[job_id]}) without a result (log: {job.paths.stderr})")
+                        how = "left the queue" if state == "GONE" else f"ended ({state})"
+                        failures.append(f"job {job_id} {how} without a result (log: {job.paths.stderr})")
                 next_query = now + SQUEUE_EVERY_S
             if pending:
                 time.sleep(POLL_S)
@@ -196,18 +209,20 @@ def _job_failure(job: submitit.Job) -> str | None:
     return f"job {job.job_id} failed: {error} (log: {job.paths.stderr})"
 
 
-def _ended_states(launcher: str, jobs: list[submitit.Job]) -> dict[str, str]:
-    """job id -> final state, for the jobs the scheduler reports as ended (or no longer knows)."""
+def _queue_states(launcher: str, jobs: list[submitit.Job]) -> dict[str, tuple[str, str]]:
+    """job id -> (state, reason it waits); GONE for a job the scheduler no longer knows (a pending array
+    task that was cancelled leaves no record). Empty when the scheduler cannot be asked right now."""
     if launcher == "local":
-        return {job.job_id: "EXITED" for job in jobs if job.done()}
-    query = ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T", "--jobs", ",".join(j.job_id for j in jobs)]
+        return {job.job_id: ("EXITED" if job.done() else "RUNNING", "") for job in jobs}
+    query = ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T %r",
+             "--jobs", ",".join(job.job_id for job in jobs)]
     try:
         result = subprocess.run(query, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
+    except (OSError, subprocess.TimeoutExpired):
         return {}
     if result.returncode != 0 and "Invalid job id" not in result.stderr:
         log.debug("squeue failed: %s", result.stderr.strip())
         return {}
-    states = dict(line.split(maxsplit=1) for line in result.stdout.splitlines() if line.strip())
-    return {job.job_id: states.get(job.job_id, "GONE") for job in jobs
-            if states.get(job.job_id, "GONE") in ENDED_STATES | {"GONE"}}
+    rows = [line.split(maxsplit=2) + ["", ""] for line in result.stdout.splitlines() if line.strip()]
+    known = {row[0]: (row[1], "" if row[2] == "None" else row[2]) for row in rows}
+    return {job.job_id: known.get(job.job_id, ("GONE", "")) for job in jobs}

@@ -37,8 +37,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+CODE_VERSION_STAMP = "CODE_VERSION"
+
+
+def source_digest() -> str:
+    """sha256 of the package's Python sources (names and contents)."""
+    digest = hashlib.sha256()
+    for source in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(str(source.relative_to(PACKAGE_DIR)).encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def code_version() -> str:
-    """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources."""
+    """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources.
+
+    A code snapshot made for queued jobs (sslkd.launch) carries the version of the tree it was copied
+    from in a ``CODE_VERSION`` file, so its artifacts record the same version as an inline run.
+    """
+    stamp = PACKAGE_DIR / CODE_VERSION_STAMP
+    if stamp.is_file():
+        return stamp.read_text().strip()
     try:
         commit = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"],
@@ -46,10 +65,7 @@ def code_version() -> str:
         ).stdout.strip()
         return f"{__version__}+git.{commit}"
     except (OSError, subprocess.SubprocessError):
-        digest = hashlib.sha256()
-        for source in sorted(PACKAGE_DIR.rglob("*.py")):
-            digest.update(source.read_bytes())
-        return f"{__version__}+src.{digest.hexdigest()[:12]}"
+        return f"{__version__}+src.{source_digest()[:12]}"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -65,6 +81,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _torch_save(payload: Any, path: Path) -> None:
+    # Through a file object, torch.save names the archive's records "archive/…" rather than after the
+    # (random) temporary file name, so equal payloads give byte-identical files and equal sha256.
+    with open(path, "wb") as handle:
+        torch.save(payload, handle)
+
+
+def torch_save_atomic(path: Path, payload: Any) -> None:
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -83,13 +110,6 @@ def _describe(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
         return [_describe(item) for item in value]
     return None
-
-
-def _torch_save(obj: Any, path: Path) -> None:
-    # Through a file object, the zip records are named "archive/…" rather than after the (random)
-    # temporary file name, so the same payload gives the same bytes.
-    with open(path, "wb") as handle:
-        torch.save(obj, handle)
 
 
 def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str, Path] | None,
@@ -122,7 +142,7 @@ def save_artifact(
     """
     path = Path(path)
     shapes = {key: desc for key, value in payload.items() if (desc := _describe(value)) is not None}
-    atomic_write(path, lambda tmp: _torch_save({"kind": kind, **payload}, tmp))
+    torch_save_atomic(path, {"kind": kind, **payload})
     return _sidecar(path, kind, shapes, config, inputs, extra)
 
 

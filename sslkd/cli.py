@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sslkd.config import STAGES
 from sslkd.errors import SslkdError
+from sslkd.launchers import LAUNCHERS, chosen_launcher
 
 log = logging.getLogger("sslkd")
 
@@ -44,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--bind", action="append", default=[],
                              help="extra gin binding, e.g. 'sslkd.distill.iterations = 10' (repeatable)")
         command.add_argument("--workdir", type=Path, default=Path("."), help="workspace root (default: %(default)s)")
+        command.add_argument("--launcher", choices=LAUNCHERS,
+                             help="inline (this process), local (submitit job) or slurm (SLURM job); "
+                                  "default: $SSLKD_LAUNCHER, else inline")
         if stage == "evaluate":
             command.add_argument("--method", required=True,
                                  help="no_pretrain | random | high_loss | full_data | mkdt")
@@ -60,7 +64,12 @@ def run_stage(args: argparse.Namespace) -> None:
     module = importlib.import_module(f"sslkd.stages.{args.stage}")
     workspace = Workspace(args.workdir)
     log.info("sslkd %s (setting %s)", args.stage, setting)
-    if args.stage == "evaluate":
+    launcher = chosen_launcher(args.launcher)
+    if launcher != "inline":
+        from sslkd.launch import launch
+
+        launch(launcher, args, workspace)
+    elif args.stage == "evaluate":
         module.main(workspace, args.method)
     else:
         module.main(workspace)

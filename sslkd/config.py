@@ -31,6 +31,7 @@ def configurables() -> dict[str, type]:
     from sslkd.distill import DistillConfig
     from sslkd.evaluation import PretrainConfig, ProbeConfig
     from sslkd.experts import ExpertsConfig
+    from sslkd.launchers import SlurmConfig
     from sslkd.models import ConvNetConfig, ResNetConfig
     from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
     from sslkd.teacher import SSLConfig, TeacherConfig
@@ -50,6 +51,7 @@ def configurables() -> dict[str, type]:
         "ssl": SSLConfig,
         "pretrain": PretrainConfig,
         "probe": ProbeConfig,
+        "slurm": SlurmConfig,
     }
 
 

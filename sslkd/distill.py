@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -120,6 +120,32 @@ def expert_order(num_experts: int, iterations: int, generator: torch.Generator) 
     return order[:iterations]
 
 
+def _restore(
+    state: dict[str, Any],
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    optimisers: list[torch.optim.Optimizer],
+    sampler: MinibatchSampler,
+    generator: torch.Generator,
+    result: DistillResult,
+) -> tuple[list[int], int]:
+    """Load a checkpointed state into the run's tensors, optimisers, sampler and generator; returns
+    (expert order, next iteration)."""
+    with torch.no_grad():
+        images.copy_(state["images"])
+        representations.copy_(state["representations"])
+        lr.copy_(state["lr"])
+    for optimiser, optimiser_state in zip(optimisers, state["optimisers"], strict=True):
+        optimiser.load_state_dict(optimiser_state)
+    sampler.pending = state["sampler"]
+    generator.set_state(state["generator"])
+    result.matching_losses = list(state["matching_losses"])
+    result.learning_rates = list(state["learning_rates"])
+    log.info("distill: resuming after iteration %d", state["iteration"])
+    return list(state["order"]), state["iteration"]
+
+
 def distill(
     student: ConvNet,
     layout: ParameterLayout,
@@ -129,11 +155,15 @@ def distill(
     config: DistillConfig,
     generator: torch.Generator,
     on_iteration: Callable[[int, float, float], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> DistillResult:
     """Learn a synthetic set by matching expert trajectories.
 
     trajectories: [K, S, P] flat expert snapshots (S > config.epochs_needed); init_images [M, C, H, W];
-    init_representations [M, D]. ``on_iteration(iteration, matching_loss, lr)`` is called after each step.
+    init_representations [M, D]. ``on_iteration(iteration, matching_loss, lr)`` is called after each step,
+    ``on_checkpoint(state)`` with the whole state (synthetic set, α, optimiser momenta, generator, sampler,
+    expert order, history); passing such a state as ``resume`` continues bit-identically.
     """
     if trajectories.shape[1] <= config.epochs_needed:
         raise SslkdError(
@@ -156,8 +186,13 @@ def distill(
     steps = KDSteps(student, layout, compile=config.compile)
     sampler = MinibatchSampler(len(images), config.batch_syn, generator)
     result = DistillResult(images, representations, config.lr_init)
-    progress = tqdm(expert_order(len(trajectories), config.iterations, generator), desc="distill", leave=False, disable=None)
-    for iteration, expert in enumerate(progress):
+    first = 0
+    if resume is None:
+        order = expert_order(len(trajectories), config.iterations, generator)
+    else:
+        order, first = _restore(resume, images, representations, lr, optimisers, sampler, generator, result)
+    progress = tqdm(order[first:], desc="distill", leave=False, disable=None)
+    for iteration, expert in enumerate(progress, start=first):
         start, target = (theta.to(images.device) for theta in sample_segment(trajectories[expert], config, generator))
         batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]
         for optimiser in optimisers:
@@ -176,6 +211,14 @@ def distill(
         progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr.item():.4f}")
         if on_iteration is not None:
             on_iteration(iteration, loss.item(), lr.item())
+        if on_checkpoint is not None:
+            on_checkpoint({
+                "iteration": iteration + 1, "order": order, "images": images.detach(),
+                "representations": representations.detach(), "lr": lr.detach(),
+                "optimisers": [optimiser.state_dict() for optimiser in optimisers], "sampler": sampler.pending,
+                "generator": generator.get_state(), "matching_losses": list(result.matching_losses),
+                "learning_rates": list(result.learning_rates),
+            })
     result.images = images.detach()
     result.representations = representations.detach()
     result.lr = lr.item()

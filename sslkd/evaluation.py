@@ -75,7 +75,7 @@ def pretrain_kd(
     epochs = train_kd(steps, parameters, images, targets, lr=lr, momentum=config.momentum,
                       weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs,
                       generator=generator)
-    for parameters, loss in tqdm(epochs, total=config.epochs, desc="pre-train", leave=False, disable=None):
+    for parameters, _, loss in tqdm(epochs, total=config.epochs, desc="pre-train", leave=False, disable=None):
         losses.append(loss)
     layout.load_into(student, parameters)
     return losses

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -70,45 +72,67 @@ def train_expert(
     generator: torch.Generator,
     normalisation: Normalisation | None = None,
     steps: KDSteps | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Train ``student`` for config.epochs epochs; returns (snapshots [epochs + 1, P], mean loss per epoch).
 
     images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd). KD experts train
     with ``steps`` (pass one :class:`KDSteps` to every expert of a stage so that it compiles once;
     default: built here with config.compile). SSL objectives augment in pixel space (``normalisation``
-    maps back and forth) and use the student's output as the projection.
+    maps back and forth) and use the student's output as the projection. After each epoch
+    ``on_checkpoint`` gets the training state (parameters, optimiser momentum, generator, snapshots so
+    far); passing it back as ``resume`` continues bit-identically.
     """
     if config.objective == "kd":
-        return _train_kd_expert(student, images, targets, config, generator, steps)
+        return _train_kd_expert(student, images, targets, config, generator, steps, resume, on_checkpoint)
     if normalisation is None:
         raise ValueError("SSL experts need the normalisation to augment images")
-    return _train_ssl_expert(student, images, config, generator, normalisation)
+    return _train_ssl_expert(student, images, config, generator, normalisation, resume, on_checkpoint)
 
 
-def _train_kd_expert(student: ConvNet, images: torch.Tensor, targets: torch.Tensor, config: ExpertsConfig,
-                     generator: torch.Generator, steps: KDSteps | None) -> tuple[torch.Tensor, list[float]]:
+def _train_kd_expert(
+    student: ConvNet, images: torch.Tensor, targets: torch.Tensor, config: ExpertsConfig,
+    generator: torch.Generator, steps: KDSteps | None, resume: dict[str, Any] | None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None,
+) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
     steps = steps or KDSteps(student, layout, compile=config.compile)
-    snapshots, epoch_losses = [layout.flatten(student)], []
-    for parameters, loss in train_kd(
-        steps, snapshots[0], images, targets, lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs, generator=generator,
+    snapshots, epoch_losses, velocity = [layout.flatten(student)], [], None
+    if resume is not None:
+        generator.set_state(resume["generator"])
+        snapshots, epoch_losses, velocity = list(resume["snapshots"]), list(resume["epoch_losses"]), resume["velocity"]
+    for parameters, velocity, loss in train_kd(
+        steps, snapshots[-1], images, targets, lr=config.lr, momentum=config.momentum,
+        weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs - len(epoch_losses),
+        generator=generator, velocity=velocity,
     ):
         snapshots.append(parameters)
         epoch_losses.append(loss)
+        if on_checkpoint is not None:
+            on_checkpoint({"velocity": velocity, "generator": generator.get_state(),
+                           "snapshots": torch.stack(snapshots), "epoch_losses": list(epoch_losses)})
     layout.load_into(student, snapshots[-1])
     return torch.stack(snapshots), epoch_losses
 
 
-def _train_ssl_expert(student: ConvNet, images: torch.Tensor, config: ExpertsConfig, generator: torch.Generator,
-                      normalisation: Normalisation) -> tuple[torch.Tensor, list[float]]:
+def _train_ssl_expert(
+    student: ConvNet, images: torch.Tensor, config: ExpertsConfig, generator: torch.Generator,
+    normalisation: Normalisation, resume: dict[str, Any] | None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None,
+) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
     optimiser = torch.optim.SGD(
         student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     snapshots = [layout.flatten(student)]
-    epoch_losses = []
-    for _ in range(config.epochs):
+    epoch_losses: list[float] = []
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        optimiser.load_state_dict(resume["optimiser"])
+        generator.set_state(resume["generator"])
+        snapshots, epoch_losses = list(resume["snapshots"]), list(resume["epoch_losses"])
+    for _ in range(len(epoch_losses), config.epochs):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for start in range(0, len(images), config.batch_size):
@@ -125,4 +149,10 @@ def _train_ssl_expert(student: ConvNet, images: torch.Tensor, config: ExpertsCon
             total, count = total + loss.item(), count + 1
         snapshots.append(layout.flatten(student))
         epoch_losses.append(total / max(count, 1))
+        if on_checkpoint is not None:
+            on_checkpoint({
+                "student": student.state_dict(), "optimiser": optimiser.state_dict(),
+                "generator": generator.get_state(), "snapshots": torch.stack(snapshots),
+                "epoch_losses": list(epoch_losses),
+            })
     return torch.stack(snapshots), epoch_losses

@@ -138,11 +138,13 @@ def train_kd(
     batch_size: int,
     epochs: int,
     generator: torch.Generator,
-) -> Iterator[tuple[torch.Tensor, float]]:
+    velocity: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """KD training with SGD (momentum, weight decay, constant lr) from θ [P] on images [N, C, H, W] and
-    targets [N, D], one seeded permutation per epoch. Yields (θ after the epoch [P], the epoch's mean
-    per-example loss) for each epoch; a non-finite loss stops with an error."""
-    velocity = torch.zeros_like(parameters)
+    targets [N, D], one seeded permutation per epoch. Yields (θ after the epoch [P], the momentum
+    buffer [P], the epoch's mean per-example loss) for each epoch; a non-finite loss stops with an
+    error. ``velocity`` resumes from a saved momentum buffer (default: zeros)."""
+    velocity = torch.zeros_like(parameters) if velocity is None else velocity
     lr_tensor = torch.tensor(lr, dtype=parameters.dtype, device=parameters.device)
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=generator).to(images.device)
@@ -155,4 +157,4 @@ def train_kd(
         mean_loss = total.item() / len(images)
         if not math.isfinite(mean_loss):
             raise SslkdError(f"KD training loss became {mean_loss} in epoch {epoch} (lr {lr}): lower the lr")
-        yield parameters, mean_loss
+        yield parameters, velocity, mean_loss

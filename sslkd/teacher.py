@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -82,11 +82,15 @@ def train_ssl(
     config: SSLConfig,
     generator: torch.Generator,
     on_epoch: Callable[[int, float], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[float]:
     """Train ``head(encoder(view))`` with the SSL objective; returns the mean loss of each epoch.
 
     images: [N, C, H, W] in [0, 1] (augmented, then normalised by ``normalise``). Batches smaller than
-    2 are dropped (the losses need a batch).
+    2 are dropped (the losses need a batch). After each epoch ``on_checkpoint`` gets the training state
+    (networks, optimiser, schedule, generator); passing such a state as ``resume`` continues from it
+    exactly as if the run had never stopped.
     """
     parameters = list(encoder.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -94,8 +98,17 @@ def train_ssl(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs * steps_per_epoch)
     encoder.train()
     head.train()
-    epoch_losses = []
-    for epoch in tqdm(range(config.epochs), desc="teacher epochs", leave=False, disable=None):
+    epoch_losses: list[float] = []
+    first_epoch = 0
+    if resume is not None:
+        encoder.load_state_dict(resume["encoder"])
+        head.load_state_dict(resume["head"])
+        optimiser.load_state_dict(resume["optimiser"])
+        schedule.load_state_dict(resume["schedule"])
+        generator.set_state(resume["generator"])
+        epoch_losses, first_epoch = list(resume["epoch_losses"]), resume["epoch"]
+        log.info("teacher: resuming after epoch %d", first_epoch)
+    for epoch in tqdm(range(first_epoch, config.epochs), desc="teacher epochs", leave=False, disable=None):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
@@ -113,6 +126,12 @@ def train_ssl(
         log.info("teacher epoch %d: %s loss %.4f", epoch + 1, config.objective, epoch_losses[-1])
         if on_epoch is not None:
             on_epoch(epoch + 1, epoch_losses[-1])
+        if on_checkpoint is not None:
+            on_checkpoint({
+                "epoch": epoch + 1, "encoder": encoder.state_dict(), "head": head.state_dict(),
+                "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                "generator": generator.get_state(), "epoch_losses": list(epoch_losses),
+            })
     return epoch_losses
 
 

@@ -43,3 +43,8 @@ class Workspace:
     @property
     def results(self) -> Path:
         return self.root / "results"
+
+    @property
+    def jobs(self) -> Path:
+        """Launcher jobs: logs, code snapshots, checkpoints and expert parts (not a DVC output)."""
+        return self.root / "jobs"

@@ -53,11 +53,11 @@ def test_an_unknown_setting_lists_the_available_ones():
 
 
 def gin_bound_keys() -> set[str]:
-    """Every `sslkd.<name>.<param>` bound anywhere under gin/."""
+    """Every `sslkd.<name>.<param>` bound anywhere under gin/ (also in a scope: `teacher/sslkd.slurm.cpus`)."""
     keys = set()
     for path in GIN.rglob("*.gin"):
         for line in path.read_text().splitlines():
-            match = re.match(r"\s*(sslkd\.\w+\.\w+)\s*=", line)
+            match = re.match(r"\s*(?:\w+/)?(sslkd\.\w+\.\w+)\s*=", line)
             if match:
                 keys.add(match.group(1))
     return keys

@@ -77,7 +77,7 @@ def test_kd_training_equals_torch_sgd_with_momentum_and_weight_decay(seed, size,
 
     optimiser = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(seed)
-    for parameters, _ in trained:
+    for parameters, _, _ in trained:
         order = torch.randperm(size, generator=generator)
         for first in range(0, size, batch):
             optimiser.zero_grad()

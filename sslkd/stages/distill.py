@@ -9,6 +9,7 @@ import torch
 
 from sslkd import config
 from sslkd.artifacts import load_artifact, save_artifact
+from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
 from sslkd.distill import distill
 from sslkd.seeding import generator
 from sslkd.stages.inputs import expert_trajectories, representations, training_data
@@ -17,16 +18,19 @@ from sslkd.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
+    """``checkpoints``: save each seed's state periodically and resume from it (jobs of a launcher)."""
     distill_config = config.build("distill")
     data = training_data(workspace)
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=distill_config.epochs_needed)
     indices = load_artifact(workspace.init_indices, "init", produced_by="init")["indices"]
+    run = run_checkpoints(checkpoints, "distill", distill_config,
+                          [workspace.dataset, workspace.representations, workspace.trajectories, workspace.init_indices])
     for seed in distill_config.seeds:
         result = distill(
             experts.student, experts.layout, experts.snapshots, data.images[indices], targets[indices],
-            distill_config, generator(seed),
+            distill_config, generator(seed), resume=run.load(f"seed{seed}"), on_checkpoint=run.saver(f"seed{seed}"),
         )
         log.info("seed %d: matching loss %.4f -> %.4f, lr %.4f", seed, result.matching_losses[0],
                  result.matching_losses[-1], result.lr)
@@ -48,3 +52,4 @@ def main(workspace: Workspace) -> None:
                    "normalisation": "images in the dataset's standardised space (artifacts/data)",
                    "matching_loss_first": result.matching_losses[0], "matching_loss_last": result.matching_losses[-1]},
         )
+    run.clear()

@@ -1,57 +1,115 @@
-"""``sslkd experts``: K expert trajectories -> artifacts/experts/trajectories.pt ([K, epochs + 1, P])."""
+"""``sslkd experts``: K expert trajectories -> artifacts/experts/trajectories.pt ([K, epochs + 1, P]).
+
+Expert k depends only on (experts.seed, k), so experts train independently. Under a launcher the
+experts are first trained by a job array (:func:`train_parts`), each finished expert kept as a part file
+of the run (``jobs/experts/state/<run key>/part_<k>.pt``, outside the DVC output, which DVC deletes
+before rerunning the stage); :func:`main` then merges the parts, training any that are missing, into the
+same artifact an inline run writes. A rerun after a partial failure trains only the missing experts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.experts import build_student, expert_seed, train_expert
+from sslkd.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
+from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_expert
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.seeding import generator
-from sslkd.stages.inputs import representations, training_data
+from sslkd.stages.inputs import TrainingData, representations, training_data
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
-def main(workspace: Workspace) -> None:
+@dataclass
+class ExpertsRun:
+    """The stage's config, inputs and the run's checkpoints (parts and mid-expert states)."""
+
+    config: ExpertsConfig
+    data: TrainingData
+    targets: torch.Tensor
+    checkpoints: RunCheckpoints
+    steps: KDSteps | None = None  # one KDSteps for all experts of the run: the step compiles once
+
+
+def prepare(workspace: Workspace, checkpoints: CheckpointPolicy | None) -> ExpertsRun:
     experts_config = config.build("experts")
     data = training_data(workspace)
     targets = representations(workspace, data)
-    trajectories, losses = [], []
-    steps = None  # one KDSteps for all experts: the step compiles once per stage
-    for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None):
-        student = build_student(experts_config.student, data.image_shape, targets.shape[1],
-                                expert_seed(experts_config.seed, index))
-        steps = steps or KDSteps(student, ParameterLayout.of(student), compile=experts_config.compile)
-        snapshots, epoch_losses = train_expert(
-            student, data.images, targets, experts_config, generator(experts_config.seed, index, 1),
-            data.normalisation, steps,
-        )
-        trajectories.append(snapshots)
-        losses.append(epoch_losses)
-        log.info("expert %d: %s loss per epoch %s", index, experts_config.objective,
-                 ", ".join(f"{loss:.4f}" for loss in epoch_losses))
-    layout = ParameterLayout.of(student)
+    run = run_checkpoints(checkpoints, "experts", experts_config, [workspace.dataset, workspace.representations])
+    return ExpertsRun(experts_config, data, targets, run)
+
+
+def part_name(index: int) -> str:
+    return f"part_{index:05d}"
+
+
+def missing_experts(workspace: Workspace, checkpoints: CheckpointPolicy) -> list[int]:
+    """Indices of the experts that have no finished part yet (what a job array still has to train)."""
+    run = prepare(workspace, checkpoints)
+    return [index for index in range(run.config.num_experts) if not run.checkpoints.has(part_name(index))]
+
+
+def expert(run: ExpertsRun, index: int) -> dict:
+    """Expert ``index``: {snapshots [epochs + 1, P], epoch_losses: list}, from its part if one is
+    finished, else trained (resuming a checkpointed state) and kept as a part."""
+    part = run.checkpoints.load(part_name(index))
+    if part is not None:
+        return part
+    state_name = f"expert_{index:05d}"
+    student = build_student(run.config.student, run.data.image_shape, run.targets.shape[1],
+                            expert_seed(run.config.seed, index))
+    if run.config.objective == "kd" and run.steps is None:
+        run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile)
+    snapshots, epoch_losses = train_expert(
+        student, run.data.images, run.targets, run.config, generator(run.config.seed, index, 1),
+        run.data.normalisation, run.steps, resume=run.checkpoints.load(state_name),
+        on_checkpoint=run.checkpoints.saver(state_name),
+    )
+    log.info("expert %d: %s loss per epoch %s", index, run.config.objective,
+             ", ".join(f"{loss:.4f}" for loss in epoch_losses))
+    part = {"snapshots": snapshots, "epoch_losses": epoch_losses}
+    run.checkpoints.save(part_name(index), part)
+    run.checkpoints.delete(state_name)
+    return part
+
+
+def train_parts(workspace: Workspace, indices: Sequence[int], checkpoints: CheckpointPolicy) -> None:
+    """One job of the array: train experts ``indices`` and keep each as a part file."""
+    run = prepare(workspace, checkpoints)
+    for index in indices:
+        expert(run, index)
+
+
+def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
+    """All experts (merging finished parts when checkpointing) -> the trajectories artifact."""
+    run = prepare(workspace, checkpoints)
+    experts_config = run.config
+    parts = [expert(run, index) for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None)]
+    layout = ParameterLayout.of(build_student(experts_config.student, run.data.image_shape, run.targets.shape[1], 0))
     save_artifact(
         workspace.trajectories,
         "trajectories",
         {
-            "snapshots": torch.stack(trajectories),
-            "epoch_losses": torch.tensor(losses),
+            "snapshots": torch.stack([part["snapshots"] for part in parts]),
+            "epoch_losses": torch.tensor([part["epoch_losses"] for part in parts]),
             "layout": layout.to_json(),
             "student": dataclasses.asdict(experts_config.student),
-            "image_shape": list(data.image_shape),
-            "out_dim": targets.shape[1],
+            "image_shape": list(run.data.image_shape),
+            "out_dim": run.targets.shape[1],
             "objective": experts_config.objective,
         },
         config=config.operative_config(),
         inputs={"dataset": workspace.dataset, "representations": workspace.representations},
         extra={"parameters": layout.numel, "epochs": experts_config.epochs, "objective": experts_config.objective},
     )
+    run.checkpoints.clear()

@@ -10,6 +10,7 @@ import torch
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
+from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
 from sslkd.models import ResNet18, seeded_module
 from sslkd.seeding import derive_seed, generator
 from sslkd.stages.inputs import training_data
@@ -19,12 +20,14 @@ from sslkd.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
+    """``checkpoints``: save the training state periodically and resume from it (jobs of a launcher)."""
     teacher_config = config.build("teacher")
     data = training_data(workspace)
     channels = data.image_shape[0]
     encoder = seeded_module(lambda: ResNet18(teacher_config.encoder, channels), derive_seed(teacher_config.seed, 0))
     inputs = {"dataset": workspace.dataset}
+    run = run_checkpoints(checkpoints, "teacher", teacher_config, [workspace.dataset])
     if teacher_config.checkpoint:
         checkpoint = Path(teacher_config.checkpoint).expanduser()
         import_encoder_state(encoder, checkpoint)
@@ -38,7 +41,8 @@ def main(workspace: Workspace) -> None:
         )
         pixels = data.normalisation.invert(data.images)
         losses = train_ssl(encoder, head, pixels, data.normalisation.apply, teacher_config.ssl,
-                           generator(teacher_config.seed, 2))
+                           generator(teacher_config.seed, 2), resume=run.load("training"),
+                           on_checkpoint=run.saver("training"))
     save_artifact(
         workspace.teacher,
         "teacher",
@@ -48,3 +52,4 @@ def main(workspace: Workspace) -> None:
         inputs=inputs,
         extra={"representation_dim": encoder.representation_dim, "epoch_losses": losses},
     )
+    run.clear()

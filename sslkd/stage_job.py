@@ -1,0 +1,84 @@
+"""The job a launcher submits: the same stage main an inline run calls, made resumable.
+
+A :class:`StageJob` replays the command line (:class:`StageRequest`) in the job: same working directory,
+params, setting, gin files and bindings, so the stage writes the same files and sidecars as inline. Long
+stages checkpoint under ``jobs/<stage>/state/`` and resume from there after a requeue; submitit calls
+:meth:`StageJob.checkpoint` on SLURM's time-limit or preemption signal and requeues the job.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+import sslkd
+from sslkd import config
+from sslkd.checkpoints import CheckpointPolicy
+from sslkd.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+RESUMABLE_STAGES = ("teacher", "experts", "distill")
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """What ``sslkd <stage>`` was asked to do; paths as given, relative to ``cwd``."""
+
+    stage: str
+    method: str | None
+    params: Path
+    setting: str | None
+    config_dir: Path
+    gin_files: tuple[Path, ...]
+    bindings: tuple[str, ...]
+    workdir: Path
+    cwd: Path
+
+    def parse_config(self) -> None:
+        params = config.read_params(self.params)
+        config.parse(self.config_dir, self.setting or params.setting, list(self.gin_files),
+                     params.bindings() + list(self.bindings))
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """Runs ``request``'s stage (or, for an experts array job, trains the experts ``experts``).
+
+    checkpoint_interval_s: least seconds between two checkpoints of a long stage.
+    """
+
+    def __init__(self, request: StageRequest, checkpoint_interval_s: float, experts: tuple[int, ...] | None = None):
+        self.request = request
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.experts = experts
+
+    def __call__(self) -> None:
+        request = self.request
+        os.chdir(request.cwd)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        log.info("sslkd %s from %s (start %s)", request.stage, Path(sslkd.__file__).parent,
+                 int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
+        request.parse_config()
+        workspace = Workspace(request.workdir)
+        policy = CheckpointPolicy(workspace.jobs / request.stage / "state", self.checkpoint_interval_s)
+        module = importlib.import_module(f"sslkd.stages.{request.stage}")
+        if self.experts is not None:
+            module.train_parts(workspace, self.experts, policy)
+        elif request.stage == "evaluate":
+            module.main(workspace, request.method)
+        elif request.stage in RESUMABLE_STAGES:
+            module.main(workspace, policy)
+        else:
+            module.main(workspace)
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """On SLURM's signal: requeue this same job; it resumes from the last checkpoint on disk."""
+        log.warning("sslkd %s: signalled (time limit or preemption): requeueing, resumes from the last checkpoint",
+                    self.request.stage)
+        return submitit.helpers.DelayedSubmission(self)

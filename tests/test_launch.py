@@ -1,0 +1,93 @@
+"""Launcher choice, the SLURM resource bindings, the code snapshot, and the local (submitit) launcher
+writing exactly what an inline run writes. The SLURM cluster itself: tests/test_slurm.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sslkd import config
+from sslkd.artifacts import code_version
+from sslkd.cli import main
+from sslkd.errors import SslkdError
+from sslkd.launch import snapshot_code, stage_resources
+from sslkd.launchers import chosen_launcher
+
+from conftest import REPO, clone_study
+
+GIN = REPO / "gin"
+SETTINGS = sorted(p.stem for p in (GIN / "settings").glob("*.gin"))
+
+
+def test_the_option_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("SSLKD_LAUNCHER", "slurm")
+    assert chosen_launcher("local") == "local"
+    assert chosen_launcher(None) == "slurm"
+    monkeypatch.delenv("SSLKD_LAUNCHER")
+    assert chosen_launcher(None) == "inline"
+
+
+def test_an_unknown_launcher_in_the_environment_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SSLKD_LAUNCHER", "slurmm")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("setting: digits\n")
+    assert main(["data", "--config-dir", str(GIN)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SSLKD_LAUNCHER='slurmm' is not a launcher" in err[0]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_setting_gives_every_stage_slurm_resources(setting):
+    config.parse(GIN, setting, [], [])
+    resources = {stage: stage_resources(stage) for stage in config.STAGES}
+    assert resources["teacher"].time_min > resources["data"].time_min  # per-stage scopes apply
+    assert all(r.cpus >= 1 and r.time_min >= 1 for r in resources.values())
+
+
+def test_launch_gin_files_bind_only_slurm_resources():
+    """gin/launch/ is hidden from DVC (.dvcignore): a result-changing binding there would go unnoticed."""
+    for path in (GIN / "launch").glob("*.gin"):
+        for line in path.read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                assert re.match(r"(\w+/)?sslkd\.slurm\.\w+\s*=", line), f"{path.name}: {line}"
+    assert "/gin/launch/" in (REPO / ".dvcignore").read_text().split()
+
+
+def test_a_bad_resource_binding_is_one_clear_error():
+    config.parse(GIN, "digits", [], ["sslkd.slurm.cpus = 0"])
+    with pytest.raises(SslkdError, match="cpus.* must be >= 1"):
+        stage_resources("teacher")
+
+
+def test_the_code_snapshot_carries_the_code_version(tmp_path):
+    code = snapshot_code(tmp_path / "code")
+    assert (code / "sslkd" / "stages" / "experts.py").is_file()
+    assert not list(code.rglob("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    probe = "import sslkd.artifacts as a; print(a.PACKAGE_DIR); print(a.code_version())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=tmp_path,
+                         check=True).stdout.split()
+    assert out == [str(code / "sslkd"), code_version()]
+
+
+@pytest.mark.slow
+def test_local_launcher_writes_what_inline_writes(tiny_study, tmp_path, monkeypatch, capsys):
+    workspace = clone_study(tiny_study, tmp_path, ("data", "teacher", "represent"))
+    monkeypatch.chdir(workspace)
+    assert main(["experts", "--launcher", "local"]) == 0
+    for name in ("trajectories.pt", "trajectories.pt.meta.json"):
+        produced = (workspace / "artifacts" / "experts" / name).read_bytes()
+        assert produced == (tiny_study / "artifacts" / "experts" / name).read_bytes(), name
+    assert not list((workspace / "jobs" / "experts" / "state").iterdir())  # parts merged and removed
+
+    code = main(["distill", "--launcher", "local", "--bind", "sslkd.distill.max_start_epoch = 5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.match(r"sslkd distill: error: distill job \d+ failed: experts store epochs 0\.\.3, .*raise experts.epochs "
+                    r"\(log: .*jobs/distill/.*_log\.err\)$", err[0]), err[0]
+    assert not (workspace / "artifacts" / "distill").exists()

@@ -1,0 +1,210 @@
+"""The SLURM launcher on a real cluster (no mocked scheduler): job arrays, requeue and preemption,
+failures, the code snapshot, and DVC driving it.
+
+Needs a running cluster (`scripts/slurm-cluster.sh start DIR`, then SLURM_CONF=DIR/slurm.conf); the tests
+skip without one unless SSLKD_REQUIRE_SLURM=1 (CI), where a missing cluster is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslkd.cli import main
+from sslkd.launch import snapshot_code
+
+from conftest import REPO, clone_study
+
+# Small jobs for a one-node test cluster; checkpoint at every epoch/iteration so a requeue can land anywhere
+SLURM = ["--launcher", "slurm", "--bind", "sslkd.slurm.cpus = 1", "--bind", "sslkd.slurm.mem_gb = 2",
+         "--bind", "sslkd.slurm.checkpoint_interval_min = 0"]
+ONE_AT_A_TIME = ["--bind", "sslkd.slurm.array_parallelism = 1"]
+
+
+def cluster_answers() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    return subprocess.run(["sinfo", "--noheader"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if cluster_answers():
+        return
+    if os.environ.get("SSLKD_REQUIRE_SLURM") == "1":
+        pytest.fail("SSLKD_REQUIRE_SLURM=1 but no SLURM cluster answers `sinfo` (is SLURM_CONF set? "
+                    "scripts/slurm-cluster.sh start DIR starts one)")
+    pytest.skip("no SLURM cluster answers `sinfo` (CI starts one with scripts/slurm-cluster.sh)")
+
+
+def wait_for(condition, what: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_cli(workspace: Path, code: Path, *argv: str) -> subprocess.Popen:
+    """``python -m sslkd ARGV`` in ``workspace``, importing sslkd from ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    return subprocess.Popen([sys.executable, "-m", "sslkd", *argv], cwd=workspace, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=900)
+    return process.returncode, output
+
+
+def submitted_jobs(workspace: Path, stage: str) -> list[str]:
+    """Job ids submitted so far for ``stage`` (submitit names its pickles after them)."""
+    return sorted(p.name.removesuffix("_submitted.pkl") for p in (workspace / "jobs" / stage).glob("*/*_submitted.pkl"))
+
+
+def same_artifact(produced: Path, reference: Path) -> None:
+    """Same bytes for the artifact and its sidecar (hence also the same tensors)."""
+    for name in (produced.name, produced.name + ".meta.json"):
+        assert (produced.parent / name).read_bytes() == (reference.parent / name).read_bytes(), name
+
+
+@pytest.fixture
+def code(tmp_path):
+    """A copy of the package for a CLI subprocess to import (stamped with this tree's code version)."""
+    return snapshot_code(tmp_path / "code")
+
+
+def test_experts_job_array_equals_inline_and_runs_the_code_as_submitted(tiny_study, tmp_path, code):
+    workspace = clone_study(tiny_study, tmp_path / "workspace", ("data", "teacher", "represent"))
+    process = start_cli(workspace, code, "experts", *SLURM, *ONE_AT_A_TIME)
+    wait_for(lambda: submitted_jobs(workspace, "experts"), "the experts array")
+    # The second array job and the merge job start later; editing the work tree must not reach them.
+    (code / "sslkd" / "stages" / "experts.py").write_text("raise RuntimeError('edited after submission')\n")
+    returncode, output = finish(process)
+    assert returncode == 0, output
+    assert re.search(r"training the 2 missing experts \(0, 1\) in 2 slurm jobs: (\d+)_0, \1_1", output), output
+    same_artifact(workspace / "artifacts" / "experts" / "trajectories.pt",
+                  tiny_study / "artifacts" / "experts" / "trajectories.pt")
+    reference = torch.load(tiny_study / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
+    produced = torch.load(workspace / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
+    assert torch.equal(produced["snapshots"], reference["snapshots"])
+
+
+def test_a_rerun_after_a_failed_array_job_trains_only_the_missing_experts(tiny_study, tmp_path, code):
+    workspace = clone_study(tiny_study, tmp_path / "workspace", ("data", "teacher", "represent"))
+    process = start_cli(workspace, code, "experts", *SLURM, *ONE_AT_A_TIME)
+    array = wait_for(lambda: submitted_jobs(workspace, "experts"), "the experts array")[0].split("_")[0]
+    subprocess.run(["scancel", f"{array}_1"], check=True)  # still pending behind expert 0
+    returncode, output = finish(process)
+    last = output.strip().splitlines()[-1]
+    assert returncode == 2, output
+    # a pending array task cancelled leaves no record at all: "left the queue"
+    assert re.fullmatch(rf"sslkd experts: error: 1 of 2 experts jobs failed; first: job {array}_1 "
+                        r"(ended \(CANCELLED\)|left the queue) without a result \(log: .*_log\.err\)", last), last
+    assert not (workspace / "artifacts" / "experts").exists()
+    parts = sorted(p.name for p in (workspace / "jobs" / "experts" / "state").glob("*/part_*.pt"))
+    assert parts == ["part_00000.pt"]
+
+    returncode, output = finish(start_cli(workspace, code, "experts", *SLURM))
+    assert returncode == 0, output
+    assert "training the 1 missing experts (1) in 1 slurm jobs" in output, output
+    same_artifact(workspace / "artifacts" / "experts" / "trajectories.pt",
+                  tiny_study / "artifacts" / "experts" / "trajectories.pt")
+
+
+@pytest.mark.slow
+def test_a_requeued_then_signalled_job_resumes_to_the_identical_artifact(tiny_study, tmp_path, code, monkeypatch):
+    long_run = ["--bind", "sslkd.distill.iterations = 600"]
+    stages = ("data", "teacher", "represent", "experts", "init")
+    reference = clone_study(tiny_study, tmp_path / "inline", stages)
+    monkeypatch.chdir(reference)
+    assert main(["distill", *long_run]) == 0
+
+    workspace = clone_study(tiny_study, tmp_path / "workspace", stages)
+    process = start_cli(workspace, code, "distill", *SLURM, *long_run)
+    job = wait_for(lambda: submitted_jobs(workspace, "distill"), "the distill job")[0]
+    checkpoint = lambda: next((workspace / "jobs" / "distill" / "state").glob("*/seed0.pt"), None)
+    job_log = lambda: "".join(p.read_text() for p in (workspace / "jobs" / "distill").glob(f"*/{job}_0_log.err"))
+
+    wait_for(checkpoint, "a first checkpoint")
+    subprocess.run(["scontrol", "requeue", job], check=True)  # preemption: killed, queued again
+    wait_for(lambda: "resuming after iteration" in job_log(), "the requeued job to resume")
+    resumed_at = time.time()
+    wait_for(lambda: checkpoint() and checkpoint().stat().st_mtime > resumed_at, "a checkpoint after resuming")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # SLURM's time-limit warning
+    returncode, output = finish(process)
+    assert returncode == 0, output + job_log()
+
+    log = job_log()
+    assert log.count("resuming after iteration") == 2 and "(start 3)" in log, log
+    assert "signalled (time limit or preemption): requeueing" in log, log
+    same_artifact(workspace / "artifacts" / "distill" / "synthetic_seed0.pt",
+                  reference / "artifacts" / "distill" / "synthetic_seed0.pt")
+    assert not list((workspace / "jobs" / "distill" / "state").iterdir())  # checkpoints cleared
+
+
+def test_a_failing_or_refused_job_fails_the_stage_in_one_line(tiny_study, tmp_path, monkeypatch, capsys):
+    workspace = clone_study(tiny_study, tmp_path, ("data", "teacher", "represent", "experts", "init"))
+    monkeypatch.chdir(workspace)
+    assert main(["distill", *SLURM, "--bind", "sslkd.distill.max_start_epoch = 5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    match = re.fullmatch(r"sslkd distill: error: distill job \d+ failed: experts store epochs 0\.\.3, epoch 6 is "
+                         r"needed: raise experts\.epochs \(log: (.*_log\.err)\)", err[0])
+    assert match, err[0]
+    assert "Traceback" in Path(match.group(1)).read_text()
+    assert not (workspace / "artifacts" / "distill").exists()
+
+    assert main(["init", *SLURM, "--bind", "sslkd.slurm.partition = 'nope'"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init: the job was refused:" in err[0] and "sslkd.slurm" in err[0], err
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_slurm_and_switching_the_launcher_invalidates_nothing(tmp_path):
+    root = tmp_path / "study"
+    for name in ("sslkd", "gin", ".dvc", ".dvcignore", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy(source, root / name)
+    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("setting: digits", "setting: tiny"))
+    launch_gin = root / "gin" / "launch" / "slurm.gin"
+    launch_gin.write_text(launch_gin.read_text() + "sslkd.slurm.cpus = 1\nsslkd.slurm.mem_gb = 2\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def sh(*command: str, launcher: str = "inline") -> str:
+        result = subprocess.run(command, cwd=root, env={**env, "SSLKD_LAUNCHER": launcher}, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result.stdout + result.stderr
+
+    sh("git", "init", "-q")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study")
+    output = sh("dvc", "repro", "data", launcher="slurm")
+    assert "Running stage 'data'" in output and "slurm jobs done" in output, output
+    job_log = next((root / "jobs" / "data").glob("*/*_0_log.err")).read_text()
+    assert re.search(r"sslkd data from \S+/jobs/data/[\w-]+/code/sslkd \(start 1\)", job_log), job_log  # not ./sslkd
+    lock = (root / "dvc.lock").read_text()
+    assert "Running stage" not in sh("dvc", "repro", "data")  # another launcher: nothing to rerun
+    sh("dvc", "repro", "--force", "data")  # rerun inline: the very same output hashes
+    assert (root / "dvc.lock").read_text() == lock
+    launch_gin.write_text(launch_gin.read_text() + "sslkd.slurm.time_min = 45\n")
+    assert "up to date" in sh("dvc", "status", "data")  # gin/launch/ is hidden from DVC
+    setting = root / "gin" / "settings" / "tiny.gin"
+    setting.write_text(setting.read_text() + "# any other gin file stays a dependency\n")
+    assert "modified:" in sh("dvc", "status", "data")
+    assert sh("git", "status", "--porcelain", "--untracked-files=no").split() == ["M", "gin/launch/slurm.gin"]

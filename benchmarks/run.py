@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -179,12 +180,8 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> 
     """Dense fp32 matmul throughput: the machine's practical limit for these workloads."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
-    synchronize(device)
-    began = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - began) / 1e9
+    fastest, _ = timed(lambda: a @ b, repeats, device)
+    return 2 * size**3 / fastest / 1e9
 
 
 # --- driver ------------------------------------------------------------------------------------------
@@ -194,15 +191,18 @@ def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int
                "--device", args.device, "--width", str(args.width), "--batch", str(args.batch),
                "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
                "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
-               "--expert-steps", str(args.expert_steps)]
-    result = subprocess.run(command, capture_output=True, text=True)
+               "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+    with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as cache:  # every compile is a cold one
+        result = subprocess.run(command, capture_output=True, text=True,
+                                env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
     if result.returncode != 0:
         sys.exit(f"worker {kind}/{variant}/{syn_steps} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def table(results: dict) -> str:
-    lines = [f"machine: {results['machine']}   load before/after: {results['load_before']} / {results['load_after']}",
+    lines = [f"machine: {results['machine']}, {results['threads']} torch threads, torch {results['torch']}; "
+             f"load average before / after: {results['load_before']} / {results['load_after']}",
              f"dense matmul: {results['matmul_gflops']:.1f} GFLOP/s", "",
              "| distill variant | syn_steps | s / iteration | peak MB | first iteration s | GFLOP/s | % of matmul |",
              "|---|---|---|---|---|---|---|"]
@@ -229,9 +229,12 @@ def main() -> None:
     for name in ("width", "batch", "size", "image-size", "dim", "iterations", "expert-batch", "expert-steps"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--syn-steps", type=int, nargs="+")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--worker", choices=["distill", "experts"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     preset = args.preset or ("paper" if device.type == "cuda" else "cpu")
     for key, value in {**PRESETS[preset], "iterations": 3, "expert_steps": 20}.items():
@@ -245,7 +248,8 @@ def main() -> None:
     if args.out is None:
         parser.error("--out is required")
     results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"CPU, {torch.get_num_threads()} threads", "device": args.device, "torch": torch.__version__,
+               f"CPU, {os.cpu_count()} cores", "threads": torch.get_num_threads(), "device": args.device,
+               "torch": torch.__version__,
                "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
                "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
                "matmul_gflops": matmul_gflops(device), "distill": {}}

@@ -28,6 +28,7 @@ STAGE_HELP = {
     "distill": "trajectory matching: learn the synthetic set",
     "evaluate": "KD pre-training + linear probe of one method's set",
     "report": "summary tables and plots of all evaluations",
+    "variance": "measure SSL vs KD gradient variance, run dispersion and matchability",
 }
 
 

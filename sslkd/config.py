@@ -21,7 +21,7 @@ import yaml
 
 from sslkd.errors import SslkdError
 
-STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "report")
+STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "report", "variance")
 
 
 def configurables() -> dict[str, type]:
@@ -35,6 +35,7 @@ def configurables() -> dict[str, type]:
     from sslkd.models import ConvNetConfig, ResNetConfig
     from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
     from sslkd.teacher import SSLConfig, TeacherConfig
+    from sslkd.variance import VarianceConfig
 
     return {
         "data": DataConfig,
@@ -45,6 +46,7 @@ def configurables() -> dict[str, type]:
         "distill": DistillConfig,
         "evaluate": EvaluateConfig,
         "report": ReportConfig,
+        "variance": VarianceConfig,
         "convnet": ConvNetConfig,
         "resnet": ResNetConfig,
         "augment": AugmentConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 
 import gin
 import pytest
@@ -80,13 +81,29 @@ def test_every_gin_binding_names_a_real_parameter():
         assert parameter in config.parameter_names(name), f"{key} is not a parameter"
 
 
+STUDIES = {"variance"}  # stages outside the default `dvc repro` (root dvc.yaml): studies/<stage>/dvc.yaml
+
+
+def dvc_stages() -> tuple[dict, dict]:
+    """(stages of the root dvc.yaml, stages of every studies/*/dvc.yaml)."""
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    studies = {}
+    for path in sorted((REPO / "studies").glob("*/dvc.yaml")):
+        for stage, spec in yaml.safe_load(path.read_text())["stages"].items():
+            assert (path.parent / spec.get("wdir", ".")).resolve() == REPO, f"{path}: {stage} must run in the repo root"
+            studies[stage] = spec
+    return root, studies
+
+
 def test_dvc_stages_match_the_cli_and_track_their_params():
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    root, studies = dvc_stages()
+    dvc = {**root, **studies}
     params = config.read_params(REPO / "params.yaml")
-    assert set(dvc) == set(config.STAGES)
+    assert set(root) == set(config.STAGES) - STUDIES, "a study stage would slow down the default dvc repro"
+    assert set(studies) == STUDIES
     for stage, spec in dvc.items():
         body = spec.get("do", spec)
-        assert body["cmd"].split()[:2] == ["sslkd", stage]
+        assert body["cmd"].split() == ["sslkd", stage] + (["--method", "${key}"] if stage == "evaluate" else [])
         assert "setting" in body["params"]
         assert {"sslkd", "gin"} <= set(body["deps"])
         if stage in params.sections:
@@ -94,6 +111,18 @@ def test_dvc_stages_match_the_cli_and_track_their_params():
     from sslkd.stage_configs import METHODS
 
     assert set(dvc["evaluate"]["foreach"]) == set(METHODS)
+
+
+def test_a_stage_tracks_the_params_of_every_stage_config_it_embeds():
+    """`variance` reads the experts, distill and init configs: their params.yaml values must rerun it."""
+    root, studies = dvc_stages()
+    params = config.read_params(REPO / "params.yaml")
+    classes = config.configurables()
+    for stage, spec in {**root, **studies}.items():
+        field_types = set(typing.get_type_hints(classes[stage]).values())
+        embedded = {name for name in config.STAGES if classes[name] in field_types}
+        for section in embedded & set(params.sections):
+            assert section in spec.get("do", spec)["params"], f"dvc stage {stage} must track params {section}"
 
 
 def test_params_sections_must_be_stage_names(tmp_path):

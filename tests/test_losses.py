@@ -59,6 +59,16 @@ def test_barlow_twins_is_zero_for_identical_decorrelated_views(seed, dim):
     assert barlow_twins_loss(z, z.clone(), eps=0.0) < 1e-12
 
 
+@given(seeds, st.integers(2, 6))
+def test_barlow_twins_is_zero_for_perfectly_correlated_decorrelated_views(seed, dim):
+    """Each dimension of view 2 a positive affine function of the same dimension of view 1: zero loss;
+    pairing the dimensions wrongly (a cyclic shift) must cost at least one unit per dimension."""
+    z = decorrelated_views(seed, 32, dim)
+    scale, shift = randn(seed + 1, dim).abs() + 0.1, randn(seed + 2, dim)
+    assert barlow_twins_loss(z, z * scale + shift, eps=0.0) < 1e-12
+    assert barlow_twins_loss(z, torch.roll(z, 1, dims=1) * scale + shift, eps=0.0) > dim - 1e-6
+
+
 @given(seeds)
 def test_barlow_twins_is_positive_for_unrelated_views(seed):
     assert barlow_twins_loss(randn(seed, 64, 8), randn(seed + 1, 64, 8)) > 1.0
@@ -105,3 +115,15 @@ def test_matching_loss_is_invariant_to_joint_scaling_and_translation(seed, scale
     base = trajectory_matching_loss(end, start, target)
     moved = trajectory_matching_loss(scale * end + shift, scale * start + shift, scale * target + shift)
     assert torch.isclose(base, moved, rtol=1e-7)
+
+
+@given(seeds, st.floats(1e-3, 1e3))
+def test_matching_loss_is_invariant_to_any_joint_translation_and_rotation_but_not_to_moving_one_point(seed, scale):
+    """A vector shift and an orthogonal map applied to (end, start, target) leave it unchanged; shifting
+    the end alone does not (so the invariance above is not vacuous)."""
+    end, start, target, shift = randn(seed, 12), randn(seed + 1, 12), randn(seed + 2, 12), randn(seed + 3, 12)
+    rotation, _ = torch.linalg.qr(randn(seed + 4, 12, 12))
+    base = trajectory_matching_loss(end, start, target)
+    moved = trajectory_matching_loss(*(scale * rotation @ v + shift for v in (end, start, target)))
+    assert torch.isclose(base, moved, rtol=1e-8)
+    assert not torch.isclose(trajectory_matching_loss(end + shift, start, target), base, rtol=1e-3)

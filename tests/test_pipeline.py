@@ -31,7 +31,7 @@ def ran(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    for name in ("sslkd", "gin", ".dvc", ".dvcignore", "dvc.yaml", "params.yaml", ".gitignore"):
+    for name in ("sslkd", "gin", "studies", ".dvc", ".dvcignore", "dvc.yaml", "params.yaml", ".gitignore"):
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
@@ -49,6 +49,7 @@ def repro(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_the_summary(repro):
     root, output = repro
     assert {"data", "teacher", "represent", "experts", "init", "distill", "report"} <= ran(output)
+    assert not any("variance" in stage for stage in ran(output)), "the variance study is not in the default repro"
     summary = json.loads((root / "results" / "summary.json").read_text())
     assert set(summary) == {"mkdt", "random", "high_loss", "no_pretrain", "full_data"}
     for rows in summary.values():
@@ -70,3 +71,11 @@ def test_a_distill_value_reruns_only_distill_and_what_follows(repro):
     root, _ = repro
     output = sh(root, "dvc", "exp", "run", "-S", "+distill.lr_images=50.0")
     assert ran(output) == {"distill", "evaluate@mkdt", "report"}
+
+
+def test_the_variance_study_runs_on_its_own_from_the_pipeline_artifacts(repro):
+    root, _ = repro
+    assert ran(sh(root, "dvc", "repro", "studies/variance/dvc.yaml")) == {"studies/variance/dvc.yaml:variance"}
+    results = json.loads((root / "results" / "variance.json").read_text())
+    assert {"grad_variance_ratio", "dispersion_ratio", "final_matching_loss"} <= set(results)
+    assert ran(sh(root, "dvc", "repro", "studies/variance/dvc.yaml")) == set()

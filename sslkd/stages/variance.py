@@ -1,0 +1,161 @@
+"""``sslkd variance``: the paper's variance claim measured on the configured data, teacher and student ->
+results/variance.json and three plots (gradient variance vs batch size, dispersion vs epoch, matching
+loss vs iteration).
+
+From one student initialisation: relative minibatch gradient variance of the KD loss and of each SSL
+loss; parameter dispersion across independently seeded KD and SSL runs from that init; and the
+trajectory-matching loss when distilling from KD experts versus SSL experts ("MTT with SSL").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from sslkd import config
+from sslkd.artifacts import atomic_write, save_json_artifact
+from sslkd.distill import distill
+from sslkd.errors import SslkdError
+from sslkd.experts import build_student
+from sslkd.models import ParameterLayout
+from sslkd.seeding import derive_seed, generator
+from sslkd.selection import random_indices
+from sslkd.stages.inputs import representations, training_data
+from sslkd.variance import (
+    GradientVariance, VarianceConfig, measure_gradient_variance, parameter_dispersion, relative_dispersion, tail_mean, train_runs,
+)
+from sslkd.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("variance_vs_batch_size.png", "dispersion_vs_epoch.png", "matching_loss_vs_iteration.png")
+
+
+def main(workspace: Workspace) -> None:
+    variance_config = config.build("variance")
+    data = training_data(workspace)
+    targets = representations(workspace, data)
+    if variance_config.measured_batch_sizes[-1] > len(data.images):
+        raise SslkdError(f"variance batch sizes go up to {variance_config.measured_batch_sizes[-1]}, "
+                         f"the training set has {len(data.images)} images: lower variance.batch_sizes")
+    seed, seconds = variance_config.seed, {}
+
+    def timed(part: str, started: tuple[float, float]) -> None:
+        seconds[part] = {"wall": round(time.perf_counter() - started[0], 1),
+                         "cpu": round(time.process_time() - started[1], 1)}
+
+    def make_student(init_seed: int):
+        return build_student(variance_config.experts.student, data.image_shape, targets.shape[1], init_seed)
+
+    init_seed = derive_seed(seed, 0)
+    clock = time.perf_counter(), time.process_time()
+    gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.normalisation,
+                                          variance_config, generator(seed, 1))
+    timed("gradient_variance", clock)
+
+    kinds = {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}
+    runs, matching = {}, {}
+    start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, 4))
+    for kind, objective in kinds.items():
+        clock = time.perf_counter(), time.process_time()
+        snapshots, losses = train_runs(
+            make_student, [init_seed] * variance_config.runs,
+            [generator(seed, 2, r) for r in range(variance_config.runs)],
+            data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.normalisation,
+        )
+        runs[kind] = {"absolute": parameter_dispersion(snapshots).tolist(),
+                      "relative": relative_dispersion(snapshots).tolist(), "epoch_losses": losses}
+        timed(f"dispersion_{kind}", clock)
+        clock = time.perf_counter(), time.process_time()
+        count = variance_config.matching_experts
+        experts, _ = train_runs(
+            make_student, [derive_seed(seed, 3, k) for k in range(count)], [generator(seed, 5, k) for k in range(count)],
+            data.images, targets, variance_config.trajectories(objective, count), data.normalisation,
+        )
+        student = make_student(init_seed)
+        result = distill(student, ParameterLayout.of(student), experts, data.images[start_indices],
+                         targets[start_indices], variance_config.matching(), generator(seed, 6))
+        matching[kind] = {"losses": result.matching_losses, "first": result.matching_losses[0],
+                          "final": tail_mean(result.matching_losses, variance_config.final_window),
+                          "learned_lr": result.lr}
+        timed(f"matching_{kind}", clock)
+        log.info("%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f", kind, objective,
+                 ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["first"], matching[kind]["final"])
+
+    results = summarise(variance_config, gradients, runs, matching)
+    log.info("SSL/KD: gradient variance %.3g, dispersion %.3g; final matching loss kd %.4f, ssl %.4f",
+             results["grad_variance_ratio"], results["dispersion_ratio"],
+             results["final_matching_loss"]["kd"], results["final_matching_loss"]["ssl"])
+    plot(results, workspace.results)
+    save_json_artifact(
+        workspace.results / "variance.json", "variance", results,
+        config=config.operative_config(),
+        inputs={"dataset": workspace.dataset, "representations": workspace.representations},
+        extra={"seconds": seconds, "plots": list(PLOTS)},
+    )
+    # MLflow hook: when sslkd.tracking lands, log the three headline numbers and PLOTS here.
+
+
+def summarise(variance_config: VarianceConfig, gradients: GradientVariance, runs: dict, matching: dict) -> dict:
+    """results/variance.json's payload: the three headline numbers first, then the detail."""
+    headline = variance_config.ssl_objectives[0]
+    default = gradients.batch_sizes.index(variance_config.experts.batch_size)
+    by_objective = {o: values[default] / gradients.kd[default] for o, values in gradients.ssl.items()}
+    return {
+        "grad_variance_ratio": by_objective[headline],
+        "dispersion_ratio": runs["ssl"]["relative"][-1] / runs["kd"]["relative"][-1],
+        "final_matching_loss": {kind: matching[kind]["final"] for kind in ("kd", "ssl")},
+        "ssl_objective": headline,
+        "default_batch_size": variance_config.experts.batch_size,
+        "gradient_variance": {
+            "batch_sizes": gradients.batch_sizes, "kd": gradients.kd, **gradients.ssl,
+            "ratio_by_objective": by_objective,
+            "ssl_augmentation_only": gradients.augmentation_only,
+            "reference": "kd: the exact full-data gradient; ssl: the mean of the sampled minibatch gradients "
+                         "at each batch size (unbiased R-1 divisor)",
+            "minibatches": variance_config.minibatches,
+        },
+        "dispersion": {
+            "epochs": list(range(len(runs["kd"]["relative"]))), "runs": variance_config.runs,
+            "definition": "relative: mean squared distance to the across-run mean / mean squared distance "
+                          "from the shared init; absolute: the numerator",
+            "absolute_ratio": runs["ssl"]["absolute"][-1] / runs["kd"]["absolute"][-1],
+            **runs,
+        },
+        "matching": {"experts": variance_config.matching_experts, "iterations": variance_config.iterations,
+                     "final_window": variance_config.final_window, **matching},
+    }
+
+
+def plot(results: dict, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    grads = results["gradient_variance"]
+    for name in ["kd", *grads["ratio_by_objective"]]:
+        axis.plot(grads["batch_sizes"], grads[name], marker="o", label=name)
+    axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="E‖g − ḡ‖² / ‖ḡ‖²",
+             title="relative minibatch gradient variance at init")
+    figures.append(figure)
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for kind in ("kd", "ssl"):
+        axis.plot(results["dispersion"]["epochs"], results["dispersion"][kind]["relative"], marker="o", label=kind)
+    axis.set(xlabel="epoch", ylabel="relative dispersion across runs", title="same init, seeded runs")
+    figures.append(figure)
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for kind in ("kd", "ssl"):
+        axis.plot(results["matching"][kind]["losses"], alpha=0.8, label=f"{kind} experts")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set(xlabel="distillation iteration", ylabel="matching loss", title="trajectory matching")
+    figures.append(figure)
+    for figure, name in zip(figures, PLOTS):
+        figure.axes[0].legend()
+        figure.axes[0].grid(alpha=0.3)
+        figure.tight_layout()
+        atomic_write(folder / name, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+        plt.close(figure)

@@ -11,6 +11,7 @@ import torch
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("SSLKD_TRACKING", "off")  # tests/test_tracking.py switches it on where it tests it
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +31,13 @@ def make_tiny_problem():
     targets = torch.randn(12, 6, generator=generator)
     student = build_student(ConvNetConfig(width=4, depth=2), (3, 8, 8), 6, seed=1)
     return student, ParameterLayout.of(student), images, targets
+
+
+def make_study(root: Path) -> Path:
+    """A workspace under ``root`` with the repo's gin files, the toy setting and default params."""
+    import shutil
+
+    shutil.copytree(REPO / "gin", root / "gin")
+    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("setting: digits", "setting: tiny"))
+    return root

@@ -8,7 +8,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import save_artifact
 from sslkd.experts import build_student, expert_seed, train_expert
 from sslkd.models import ParameterLayout
@@ -33,6 +33,8 @@ def main(workspace: Workspace) -> None:
         )
         trajectories.append(snapshots)
         losses.append(epoch_losses)
+        for epoch, loss in enumerate(epoch_losses, start=1):
+            tracking.log_metric(f"{experts_config.objective}_loss/expert_{index}", loss, epoch)
         log.info("expert %d: %s loss per epoch %s", index, experts_config.objective,
                  ", ".join(f"{loss:.4f}" for loss in epoch_losses))
     layout = ParameterLayout.of(student)

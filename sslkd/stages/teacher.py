@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import save_artifact
 from sslkd.models import ResNet18, seeded_module
 from sslkd.seeding import derive_seed, generator
@@ -38,7 +38,8 @@ def main(workspace: Workspace) -> None:
         )
         pixels = data.normalisation.invert(data.images)
         losses = train_ssl(encoder, head, pixels, data.normalisation.apply, teacher_config.ssl,
-                           generator(teacher_config.seed, 2))
+                           generator(teacher_config.seed, 2),
+                           on_epoch=lambda epoch, loss: tracking.log_metric("ssl_loss", loss, epoch))
     save_artifact(
         workspace.teacher,
         "teacher",

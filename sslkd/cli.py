@@ -116,9 +116,11 @@ def run_compare(args: argparse.Namespace) -> None:
     destination = tracking.target(args.workdir, setting, args.experiment)
     tracking.check_reachable(destination.uri)
     comparison = tracking.compare(destination, args.pipeline)
+    ui = destination.uri.rstrip("/") if destination.uri.startswith("http") else "http://127.0.0.1:5000"
     sys.stdout.write(
         f"experiment {comparison.experiment}, pipeline {comparison.pipeline}: linear-probe accuracy (%), "
-        "mean ± std (n)\n\n" + markdown_table(comparison.summary, {})
+        f"mean ± std (n)\n\n{markdown_table(comparison.summary, {})}\n"
+        f"side by side in the MLflow UI: {ui}/{comparison.ui_route()}\n"
     )
 
 

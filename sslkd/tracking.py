@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,14 +332,23 @@ class Comparison:
     """The evaluate runs of one pipeline: summary {method: {fraction: {mean, std, n}}} (report.py's)."""
 
     experiment: str
+    experiment_id: str
     pipeline: str
     run_ids: dict[str, str]
     summary: dict[str, dict[str, dict[str, float]]]
+
+    def ui_route(self) -> str:
+        """The MLflow UI's run-comparison page of these runs, relative to the UI's address."""
+        runs = json.dumps(sorted(self.run_ids.values()), separators=(",", ":"))
+        experiments = json.dumps([self.experiment_id], separators=(",", ":"))
+        return f"#/compare-runs?runs={urllib.parse.quote(runs)}&experiments={urllib.parse.quote(experiments)}"
 
 
 def compare(destination: Target, pipeline: str | None = None) -> Comparison:
     """The latest finished evaluate run of each method in ``pipeline`` (default: the pipeline of the
     most recent evaluate run), read from the tracking store."""
+    if destination.uri.startswith("sqlite:///") and not Path(destination.uri.removeprefix("sqlite:///")).is_file():
+        raise SslkdError(f"no tracking store {destination.uri.removeprefix('sqlite:///')}: run `dvc repro` first")
     client = _client(destination.uri)
     experiment_id = _experiment_id(client, destination, create=False)
     if experiment_id is None:
@@ -360,4 +371,5 @@ def compare(destination: Target, pipeline: str | None = None) -> Comparison:
         for key, value in run.data.metrics.items():
             if match := _ACCURACY.match(key):
                 rows.setdefault(match["fraction"], {})[match["stat"]] = int(value) if match["stat"] == "n" else value
-    return Comparison(destination.experiment, pipeline, {m: r.info.run_id for m, r in latest.items()}, summary)
+    run_ids = {method: run.info.run_id for method, run in latest.items()}
+    return Comparison(destination.experiment, experiment_id, pipeline, run_ids, summary)

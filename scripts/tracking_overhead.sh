@@ -4,14 +4,15 @@
 #
 #   scripts/tracking_overhead.sh [ROUNDS]     (default 2: four complete runs of the digits default)
 #
-# Prints one line per run and the ratio of the mean wall times; the clones are deleted afterwards.
+# Prints one line per run and the ratio of the mean wall times. The clones are deleted afterwards unless
+# KEEP is set (then their folder is printed: the "on" clones hold a tracking store, mlflow.db).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 rounds=${1:-2}
 export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 unset MLFLOW_TRACKING_URI MLFLOW_EXPERIMENT_NAME SSLKD_PIPELINE_ID
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+if [ -n "${KEEP:-}" ]; then echo "clones in $work"; else trap 'rm -rf "$work"' EXIT; fi
 
 one_run() {  # $1: on | off, $2: round
     local dir="$work/$1-$2" start end

@@ -49,6 +49,21 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
+def _git(*arguments: str) -> str:
+    """stdout of a git command in the package's repository (raises outside a repository)."""
+    return subprocess.run(
+        ["git", *arguments], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True,
+    ).stdout.strip()
+
+
+def git_commit() -> str | None:
+    """The full commit hash of the package's repository, None outside one."""
+    try:
+        return _git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def code_version() -> str:
     """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources.
 
@@ -59,11 +74,7 @@ def code_version() -> str:
     if stamp.is_file():
         return stamp.read_text().strip()
     try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-        return f"{__version__}+git.{commit}"
+        return f"{__version__}+git.{_git('describe', '--always', '--dirty', '--abbrev=12')}"
     except (OSError, subprocess.SubprocessError):
         return f"{__version__}+src.{source_digest()[:12]}"
 

@@ -2,7 +2,9 @@
 
 Each stage reads the setting named in params.yaml (``--setting`` overrides it), the params.yaml sections
 as gin bindings, extra ``--gin`` files and ``--bind`` bindings (applied last), runs, and writes its
-artifacts under the workspace. Errors in the user's input end with one line on stderr and exit code 2.
+artifacts under the workspace; it is recorded as one MLflow run (sslkd/tracking.py).
+``sslkd compare`` prints the methods' accuracies from the tracking store. Errors in the user's input
+end with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -32,48 +34,104 @@ STAGE_HELP = {
 }
 
 
+def _add_study_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--params", type=Path, default=Path("params.yaml"),
+                         help="params.yaml: the setting and the DVC-tracked values (default: %(default)s)")
+    command.add_argument("--setting", help="gin/settings/<SETTING>.gin instead of params.yaml's setting")
+    command.add_argument("--workdir", type=Path, default=Path("."), help="workspace root (default: %(default)s)")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="sslkd", description=__doc__.splitlines()[0])
     root.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = root.add_subparsers(dest="stage", required=True, metavar="<stage>")
     for stage in STAGES:
         command = commands.add_parser(stage, help=STAGE_HELP[stage])
-        command.add_argument("--params", type=Path, default=Path("params.yaml"),
-                             help="params.yaml: the setting and the DVC-tracked values (default: %(default)s)")
-        command.add_argument("--setting", help="gin/settings/<SETTING>.gin instead of params.yaml's setting")
+        _add_study_options(command)
         command.add_argument("--config-dir", type=Path, default=Path("gin"), help="gin folder (default: %(default)s)")
         command.add_argument("--gin", type=Path, action="append", default=[], help="extra gin file (repeatable)")
         command.add_argument("--bind", action="append", default=[],
                              help="extra gin binding, e.g. 'sslkd.distill.iterations = 10' (repeatable)")
-        command.add_argument("--workdir", type=Path, default=Path("."), help="workspace root (default: %(default)s)")
+        command.add_argument("--no-tracking", action="store_true",
+                             help="record no MLflow run (same as SSLKD_TRACKING=off)")
         command.add_argument("--launcher", choices=LAUNCHERS,
                              help="inline (this process), local (submitit job) or slurm (SLURM job); "
                                   "default: $SSLKD_LAUNCHER, else inline")
         if stage == "evaluate":
             command.add_argument("--method", required=True,
                                  help="no_pretrain | random | high_loss | full_data | mkdt")
+    compare = commands.add_parser("compare", help="the methods' accuracies, read back from the MLflow store")
+    _add_study_options(compare)
+    compare.add_argument("--experiment", help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME or sslkd-<setting>)")
+    compare.add_argument("--pipeline", help="the runs' sslkd.pipeline tag (default: that of the latest evaluate run)")
     return root
 
 
+def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(identity, other tags) of the stage's MLflow run; the stage's root config must be built."""
+    from sslkd import config, tracking
+    from sslkd.artifacts import code_version, git_commit
+
+    version = code_version()
+    identity = {
+        "sslkd.pipeline": tracking.pipeline_id(version, config.parsed_config()),
+        "sslkd.stage": name,
+        "sslkd.params_hash": tracking.config_hash(config.operative_config()),
+    }
+    tags = {"sslkd.setting": setting, "sslkd.code_version": version,
+            "sslkd.workspace": str(Path(args.workdir).resolve())}
+    if args.stage == "evaluate":
+        tags["sslkd.method"] = args.method
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return identity, tags
+
+
 def run_stage(args: argparse.Namespace) -> None:
-    from sslkd import config
+    from sslkd import config, tracking
     from sslkd.workspace import Workspace
 
     params = config.read_params(args.params)
     setting = args.setting or params.setting
+    destination = None if args.no_tracking or not tracking.enabled() else tracking.target(args.workdir, setting)
+    if destination is not None:
+        tracking.check_reachable(destination.uri)
     config.parse(args.config_dir, setting, args.gin, params.bindings() + args.bind)
     module = importlib.import_module(f"sslkd.stages.{args.stage}")
     workspace = Workspace(args.workdir)
-    log.info("sslkd %s (setting %s)", args.stage, setting)
+    name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage
+    identity, tags = {}, {}
+    if destination is not None:
+        config.build(args.stage)  # the stage's operative config (the run's params) is then known
+        identity, tags = _run_tags(args, setting, name)
+    log.info("sslkd %s (setting %s)", name, setting)
     launcher = chosen_launcher(args.launcher)
-    if launcher != "inline":
-        from sslkd.launch import launch
+    with tracking.stage_run(destination, name, identity, tags, config.operative_config):
+        if launcher != "inline":
+            from sslkd.launch import launch
 
-        launch(launcher, args, workspace)
-    elif args.stage == "evaluate":
-        module.main(workspace, args.method)
-    else:
-        module.main(workspace)
+            launch(launcher, args, workspace)
+        elif args.stage == "evaluate":
+            module.main(workspace, args.method)
+        else:
+            module.main(workspace)
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from sslkd import config, tracking
+    from sslkd.report import markdown_table
+
+    setting = args.setting or (None if args.experiment else config.read_params(args.params).setting)
+    destination = tracking.target(args.workdir, setting, args.experiment)
+    tracking.check_reachable(destination.uri)
+    comparison = tracking.compare(destination, args.pipeline)
+    ui = destination.uri.rstrip("/") if destination.uri.startswith("http") else "http://127.0.0.1:5000"
+    sys.stdout.write(
+        f"experiment {comparison.experiment}, pipeline {comparison.pipeline}: linear-probe accuracy (%), "
+        f"mean ± std (n)\n\n{markdown_table(comparison.summary, {})}\n"
+        f"side by side in the MLflow UI: {ui}/{comparison.ui_route()}\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     try:
-        run_stage(args)
+        run_compare(args) if args.stage == "compare" else run_stage(args)
     except SslkdError as error:
         print(f"sslkd {args.stage}: error: {error}", file=sys.stderr)
         return 2

@@ -144,5 +144,10 @@ def operative_config() -> str:
     return gin.operative_config_str()
 
 
+def parsed_config() -> str:
+    """Every parsed binding (not only those used so far): the same in every stage of one configuration."""
+    return gin.config_str()
+
+
 def parameter_names(name: str) -> list[str]:
     return [field.name for field in dataclasses.fields(configurables()[name])]

@@ -11,6 +11,7 @@ import torch
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("SSLKD_TRACKING", "off")  # tests/test_tracking.py switches it on where it tests it
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,11 @@ import logging
 
 import torch
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import load_artifact, save_artifact
 from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
 from sslkd.distill import distill
+from sslkd.plots import plot_distillation_curve, plot_synthetic_set
 from sslkd.seeding import generator
 from sslkd.stages.inputs import expert_trajectories, representations, training_data
 from sslkd.workspace import Workspace
@@ -31,6 +32,8 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
         result = distill(
             experts.student, experts.layout, experts.snapshots, data.images[indices], targets[indices],
             distill_config, generator(seed), resume=run.load(f"seed{seed}"), on_checkpoint=run.saver(f"seed{seed}"),
+            on_iteration=lambda iteration, loss, lr: tracking.log_metrics(
+                {f"matching_loss/seed_{seed}": loss, f"inner_lr/seed_{seed}": lr}, iteration),
         )
         log.info("seed %d: matching loss %.4f -> %.4f, lr %.4f", seed, result.matching_losses[0],
                  result.matching_losses[-1], result.lr)
@@ -52,4 +55,10 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
                    "normalisation": "images in the dataset's standardised space (artifacts/data)",
                    "matching_loss_first": result.matching_losses[0], "matching_loss_last": result.matching_losses[-1]},
         )
+        pixels = data.normalisation.invert
+        tracking.log_image(f"synthetic_seed{seed}.png", lambda path: plot_synthetic_set(
+            pixels(data.images[indices]), pixels(result.images), path))
+        tracking.log_image(f"distill_loss_seed{seed}.png", lambda path: plot_distillation_curve(
+            result.matching_losses, result.learning_rates, path))
+        tracking.log_metric("learned_lr", result.lr, seed)
     run.clear()

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import load_artifact, save_json_artifact
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd, probe_at_fractions
 from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
+from sslkd.report import summarise
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stage_configs import METHODS
@@ -64,6 +65,15 @@ def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, ta
     return sets, {p.stem: p for p in paths}
 
 
+def log_runs(method: str, runs: list[dict]) -> None:
+    """Tracking: accuracy per label fraction at step = evaluation seed (several values at one step for
+    several distilled sets) and its mean, std and n over all runs, under the same names for every method."""
+    for run in runs:
+        tracking.log_metrics({f"acc_{key}": value for key, value in run["accuracy"].items()}, run["eval_seed"])
+    for key, stats in summarise({method: runs})[method].items():
+        tracking.log_metrics({f"acc_{key}_{name}": value for name, value in stats.items()}, 0)
+
+
 def main(workspace: Workspace, method: str) -> None:
     if method not in METHODS:
         raise SslkdError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -82,6 +92,9 @@ def main(workspace: Workspace, method: str) -> None:
                 steps = steps or KDSteps(student, ParameterLayout.of(student), compile=evaluate_config.pretrain.compile)
                 losses = pretrain_kd(student, pretraining_set.images, pretraining_set.targets, pretraining_set.lr,
                                      evaluate_config.pretrain, generator(eval_seed, 1), steps)
+                distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
+                for epoch, loss in enumerate(losses, start=1):
+                    tracking.log_metric(f"pretrain_loss/eval_seed_{eval_seed}{distilled}", loss, epoch)
             accuracy = probe_at_fractions(
                 student, data.images, data.labels, data.test_images, data.test_labels, evaluate_config.probe,
                 lambda fraction_index: generator(eval_seed, 2, fraction_index),
@@ -104,3 +117,5 @@ def main(workspace: Workspace, method: str) -> None:
         config=config.operative_config(),
         inputs={"dataset": workspace.dataset, "representations": workspace.representations, **inputs},
     )
+    log_runs(method, runs)
+    tracking.log_artifact(workspace.evaluation(method))

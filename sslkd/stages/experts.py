@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
 from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_expert
@@ -96,6 +96,9 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
     experts_config = run.config
     parts = [expert(run, index) for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None)]
     layout = ParameterLayout.of(build_student(experts_config.student, run.data.image_shape, run.targets.shape[1], 0))
+    for index, part in enumerate(parts):
+        for epoch, loss in enumerate(part["epoch_losses"], start=1):
+            tracking.log_metric(f"{experts_config.objective}_loss/expert_{index}", loss, epoch)
     save_artifact(
         workspace.trajectories,
         "trajectories",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import atomic_write, load_json_artifact, write_json_atomic, write_text_atomic
 from sslkd.report import markdown_table, paired_differences, summarise
 from sslkd.workspace import Workspace
@@ -51,4 +51,6 @@ def main(workspace: Workspace) -> None:
     table = markdown_table(summary, paired)
     write_text_atomic(results / "summary.md", "# sslkd results: linear-probe accuracy (%)\n\n" + table)
     plot_accuracy(summary, results / "accuracy_vs_labels.png")
+    for name in ("summary.json", "summary.md", "paired_differences.json", "accuracy_vs_labels.png"):
+        tracking.log_artifact(results / name)
     log.info("summary:\n%s", table)

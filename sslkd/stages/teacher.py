@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
 from sslkd.models import ResNet18, seeded_module
@@ -42,7 +42,8 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
         pixels = data.normalisation.invert(data.images)
         losses = train_ssl(encoder, head, pixels, data.normalisation.apply, teacher_config.ssl,
                            generator(teacher_config.seed, 2), resume=run.load("training"),
-                           on_checkpoint=run.saver("training"))
+                           on_checkpoint=run.saver("training"),
+                           on_epoch=lambda epoch, loss: tracking.log_metric("ssl_loss", loss, epoch))
     save_artifact(
         workspace.teacher,
         "teacher",

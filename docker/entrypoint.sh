@@ -10,7 +10,7 @@
 set -eu
 
 STUDY=${SSLKD_STUDY:-/opt/sslkd/study}
-STAGES="data teacher represent experts init distill evaluate report"
+STAGES="data teacher represent experts init distill evaluate report variance"
 
 fail() {
     echo "sslkd-entrypoint: error: $*" >&2
@@ -18,7 +18,7 @@ fail() {
 }
 
 is_stage() {
-    for stage in $STAGES; do
+    for stage in $STAGES compare; do
         [ "$1" = "$stage" ] && return 0
     done
     return 1

@@ -14,14 +14,16 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
-# Extra package indexes for this build only (e.g. a local mirror holding the torch wheels); unset, pip
-# uses PyPI. They are build arguments, not ENV: nothing of them stays in the image.
-ARG PIP_INDEX_URL
+# Extra package indexes for this build only (e.g. a local mirror holding the torch wheels), searched
+# besides PyPI. Build arguments, not ENV: nothing of them stays in the image.
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_TRUSTED_HOST
 
+# PYTHONDONTWRITEBYTECODE: the workspace's sslkd/ is a DVC dependency of every stage; bytecode caches
+# written into it would change its hash and make every `dvc repro` rerun the study.
 ENV VIRTUAL_ENV=/opt/sslkd/venv \
     PATH=/opt/sslkd/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

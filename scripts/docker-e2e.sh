@@ -17,6 +17,9 @@
 # image is ~6 GB). Cost on 2 shared cores: ~1 min engine + base image, ~3-5 min build, ~3-5 min study.
 set -euo pipefail
 
+# The script is one brace group, which bash reads whole before running it: editing this file during
+# a run (which takes long) cannot change what that run does.
+{
 KEEP=0
 DIR=""
 while [ $# -gt 0 ]; do
@@ -53,6 +56,7 @@ INDEXES=$DIR/indexes
 DOCKERD_PID=""
 SERVER_PID=""
 
+# shellcheck disable=SC2329  # called from cleanup, the EXIT trap
 unmount_below() {  # everything mounted under $1, deepest first
     local mounts
     mounts=$(awk -v root="$1/" 'index($2 "/", root) == 1 { print $2 }' /proc/mounts | sort -r)
@@ -61,6 +65,7 @@ unmount_below() {  # everything mounted under $1, deepest first
     done
 }
 
+# shellcheck disable=SC2329  # the EXIT trap
 cleanup() {
     local rc=$?
     set +e
@@ -185,10 +190,9 @@ fi
 # --- the sslkd image --------------------------------------------------------------------------------
 build_args=()
 if [ ${#index_urls[@]} -gt 0 ]; then
-    # The local index goes first: where PyPI offers the same torch wheel, pip takes the first index's.
-    extra="${index_urls[*]:1} https://pypi.org/simple"
-    build_args=(--build-arg "PIP_INDEX_URL=${index_urls[0]}" --build-arg "PIP_EXTRA_INDEX_URL=${extra# }"
-        --build-arg "PIP_TRUSTED_HOST=127.0.0.1")
+    # As in this machine's pip config, the local indexes come after PyPI: where both offer the same
+    # wheel, pip takes the last index's (checked below from the index server's log).
+    build_args=(--build-arg "PIP_EXTRA_INDEX_URL=${index_urls[*]}" --build-arg "PIP_TRUSTED_HOST=127.0.0.1")
 fi
 log "building $IMAGE from $REPO (log: $DIR/build.log)"
 start=$SECONDS
@@ -196,8 +200,11 @@ DOCKER_BUILDKIT=0 docker build --network host "${build_args[@]}" -t "$IMAGE" "$R
 build_seconds=$((SECONDS - start))
 image_gb=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{ printf "%.2f", $1 / 1e9 }')
 context=$(grep -m1 -o 'Sending build context to Docker daemon *[0-9.]* *[kMG]*B' "$DIR/build.log" | awk '{ print $NF }' || true)
-torch_from=$(grep -m1 -oE 'Downloading [^ ]*torch-2[^ ]*' "$DIR/build.log" | sed 's/Downloading //; s#/[^/]*$##' || true)
-log "image built in $build_seconds s: $image_gb GB (build context ${context:-?}); torch from ${torch_from:-?}"
+torch_from="PyPI or the build cache (not this run's index server)"
+if [ -s "$DIR/indexes.log" ] && grep -q 'GET /index[0-9]*/files/torch-2' "$DIR/indexes.log"; then
+    torch_from="the local package index on loopback"
+fi
+log "image built in $build_seconds s: $image_gb GB (build context ${context:-?}); torch from $torch_from"
 
 # --- the study, in the container, on a mounted workspace ---------------------------------------------
 rm -rf --one-file-system "$WORKSPACE"
@@ -205,9 +212,22 @@ mkdir -p "$WORKSPACE"
 chown "$(docker image inspect -f '{{.Config.User}}' "$IMAGE")" "$WORKSPACE"  # the image's non-root user
 log "running the study: docker run --rm --network none -v $WORKSPACE:/workspace $IMAGE (log: $DIR/run.log)"
 start=$SECONDS
-docker run --rm --network none -v "$WORKSPACE:/workspace" "$IMAGE" > "$DIR/run.log" 2>&1
+docker run --rm --name sslkd-e2e-study --network none -v "$WORKSPACE:/workspace" "$IMAGE" > "$DIR/run.log" 2>&1 &
+study_pid=$!
+# The container's CPU time, from the engine's stats every 10 s: unlike the wall time, it hardly depends on
+# what else runs on the machine (CPU time / cores ~ the wall time on an idle machine).
+cpu_ns=0
+while kill -0 "$study_pid" 2> /dev/null; do
+    stats=$(curl -sf --max-time 20 --unix-socket "$ENGINE/docker.sock" \
+        "http://localhost/containers/sslkd-e2e-study/stats?stream=false&one-shot=true" || true)
+    usage=$(grep -o '"cpu_usage":{"total_usage":[0-9]*' <<< "$stats" | head -n 1 | grep -o '[0-9]*$' || true)
+    cpu_ns=${usage:-$cpu_ns}
+    sleep 10
+done
+wait "$study_pid"
 run_seconds=$((SECONDS - start))
-log "study ran in $run_seconds s"
+run_cpu_seconds=$((cpu_ns / 1000000000))
+log "study ran in $run_seconds s, $run_cpu_seconds s of CPU time (sampled every 10 s)"
 
 python3 - "$WORKSPACE/results/summary.json" "${METHODS[@]}" << 'EOF'
 import json, math, sys
@@ -227,7 +247,8 @@ EOF
 cat "$WORKSPACE/results/summary.md" >&2
 owner=$(stat -c %u "$WORKSPACE/results/summary.json")
 [ "$owner" != 0 ] || die "results/summary.json is owned by root: the container did not run as its non-root user"
-git -C "$WORKSPACE" log --oneline -1 > /dev/null || die "the seeded workspace is not a git repository"
+git -c safe.directory="$WORKSPACE" -C "$WORKSPACE" log --oneline -1 > /dev/null \
+    || die "the seeded workspace is not a git repository"
 
 rerun=$(docker run --rm --network none -v "$WORKSPACE:/workspace" "$IMAGE" 2>&1) \
     || { echo "$rerun" >&2; die "the second run failed"; }
@@ -239,4 +260,7 @@ torch_build=$(docker run --rm --network none "$IMAGE" \
     python -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda, "GPU visible:", torch.cuda.is_available())')
 case "$torch_build" in *"CUDA None"*) die "torch in the image is not a CUDA build: $torch_build" ;; esac
 
-log "summary: base $BASE_IMAGE; build $build_seconds s; study $run_seconds s; image $image_gb GB; torch $torch_build"
+log "summary: base $BASE_IMAGE; build $build_seconds s; study $run_seconds s ($run_cpu_seconds s CPU);" \
+    "image $image_gb GB; torch $torch_build"
+exit 0
+}

@@ -43,8 +43,9 @@ class VarianceConfig:
     batch size and objective; ssl_objectives: SSL losses measured, the first is the headline and trains
     the SSL trajectories; runs: seeded runs per objective from one init (dispersion);
     matching_experts: experts per objective, fresh inits shared by both kinds (matchability);
-    iterations: distillation iterations per kind of expert; final_window: the final matching loss is
-    the mean over this many last iterations; seed: every init, data order and augmentation.
+    iterations: distillation iterations per kind of expert; final_window: the initial and final matching
+    losses are means over this many first and last iterations (each iteration matches a random start
+    epoch, whose loss level differs); seed: every init, data order and augmentation.
     """
 
     experts: ExpertsConfig

@@ -76,12 +76,12 @@ def main(workspace: Workspace) -> None:
         student = make_student(init_seed)
         result = distill(student, ParameterLayout.of(student), experts, data.images[start_indices],
                          targets[start_indices], variance_config.matching(), generator(seed, 6))
-        matching[kind] = {"losses": result.matching_losses, "first": result.matching_losses[0],
-                          "final": tail_mean(result.matching_losses, variance_config.final_window),
-                          "learned_lr": result.lr}
+        losses, window = result.matching_losses, variance_config.final_window
+        matching[kind] = {"losses": losses, "initial": tail_mean(losses[:window], window),
+                          "final": tail_mean(losses, window), "learned_lr": result.lr}
         timed(f"matching_{kind}", clock)
         log.info("%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f", kind, objective,
-                 ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["first"], matching[kind]["final"])
+                 ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["initial"], matching[kind]["final"])
 
     results = summarise(variance_config, gradients, runs, matching)
     log.info("SSL/KD: gradient variance %.3g, dispersion %.3g; final matching loss kd %.4f, ssl %.4f",
@@ -141,6 +141,8 @@ def plot(results: dict, folder: Path) -> None:
         axis.plot(grads["batch_sizes"], grads[name], marker="o", label=name)
     axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="E‖g − ḡ‖² / ‖ḡ‖²",
              title="relative minibatch gradient variance at init")
+    axis.set_xticks(grads["batch_sizes"], [str(b) for b in grads["batch_sizes"]])
+    axis.minorticks_off()
     figures.append(figure)
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for kind in ("kd", "ssl"):
@@ -148,8 +150,12 @@ def plot(results: dict, folder: Path) -> None:
     axis.set(xlabel="epoch", ylabel="relative dispersion across runs", title="same init, seeded runs")
     figures.append(figure)
     figure, axis = plt.subplots(figsize=(5.5, 4))
+    window = results["matching"]["final_window"]
     for kind in ("kd", "ssl"):
-        axis.plot(results["matching"][kind]["losses"], alpha=0.8, label=f"{kind} experts")
+        losses = results["matching"][kind]["losses"]
+        line, = axis.plot(losses, alpha=0.3)
+        running = [tail_mean(losses[:i + 1], window) for i in range(len(losses))]
+        axis.plot(running, color=line.get_color(), label=f"{kind} experts (mean of last {window})")
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set(xlabel="distillation iteration", ylabel="matching loss", title="trajectory matching")
     figures.append(figure)

@@ -5,7 +5,8 @@ KD objective versus an SSL objective, from the same initialisation.
 - :func:`kd_gradient`, :func:`full_kd_gradient`, :func:`ssl_gradient`: flat gradients [P] of a model;
 - :func:`sample_minibatches`: index sets drawn uniformly without replacement;
 - :func:`parameter_dispersion`, :func:`relative_dispersion`: spread of parameters across runs per epoch;
-- :func:`measure_gradient_variance`, :func:`train_runs`: the drivers the ``variance`` stage calls.
+- :func:`measure_gradient_variance`, :func:`train_runs`, :func:`matching_losses`: the drivers the
+  ``variance`` stage calls.
 
 Everything takes tensors, modules and generators; nothing reads config files or the environment.
 """
@@ -22,10 +23,11 @@ from tqdm.auto import tqdm
 
 from sslkd.augmentations import two_views
 from sslkd.datasets import Normalisation
-from sslkd.distill import DistillConfig
+from sslkd.distill import DistillConfig, distill
 from sslkd.errors import SslkdError
 from sslkd.experts import ExpertsConfig, train_expert
 from sslkd.losses import kd_mse_loss
+from sslkd.models import ParameterLayout
 from sslkd.stage_configs import InitConfig
 from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 
@@ -43,8 +45,9 @@ class VarianceConfig:
     batch size and objective; ssl_objectives: SSL losses measured, the first is the headline and trains
     the SSL trajectories; runs: seeded runs per objective from one init (dispersion);
     matching_experts: experts per objective, fresh inits shared by both kinds (matchability);
-    iterations: distillation iterations per kind of expert; final_window: the final matching loss is
-    the mean over this many last iterations; seed: every init, data order and augmentation.
+    iterations: distillation iterations per kind of expert; final_window: the initial and final matching
+    losses are means over this many first and last iterations (each iteration matches a random start
+    epoch, whose loss level differs); seed: every init, data order and augmentation.
     """
 
     experts: ExpertsConfig
@@ -238,3 +241,13 @@ def train_runs(
         snapshots.append(run)
         losses.append(epoch_losses)
     return torch.stack(snapshots), losses
+
+
+def matching_losses(student: nn.Module, experts: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
+                    variance_config: VarianceConfig, generator: torch.Generator) -> dict:
+    """Distil from experts [K, S, P], starting from images [M, C, H, W] with targets [M, D]: the matching
+    loss per iteration, its mean over the first and the last final_window iterations, the learned lr."""
+    result = distill(student, ParameterLayout.of(student), experts, images, targets, variance_config.matching(), generator)
+    losses, window = result.matching_losses, variance_config.final_window
+    return {"losses": losses, "initial": tail_mean(losses[:window], window), "final": tail_mean(losses, window),
+            "learned_lr": result.lr}

@@ -11,25 +11,35 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from sslkd import config
 from sslkd.artifacts import atomic_write, save_json_artifact
-from sslkd.distill import distill
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
-from sslkd.models import ParameterLayout
+from sslkd.models import ConvNet
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, training_data
 from sslkd.variance import (
-    GradientVariance, VarianceConfig, measure_gradient_variance, parameter_dispersion, relative_dispersion, tail_mean, train_runs,
+    GradientVariance, VarianceConfig, matching_losses, measure_gradient_variance, parameter_dispersion,
+    relative_dispersion, tail_mean, train_runs,
 )
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 PLOTS = ("variance_vs_batch_size.png", "dispersion_vs_epoch.png", "matching_loss_vs_iteration.png")
+
+
+@contextmanager
+def stopwatch(seconds: dict, part: str) -> Iterator[None]:
+    """Record the wall and CPU seconds the block takes under seconds[part]."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    seconds[part] = {"wall": round(time.perf_counter() - wall, 1), "cpu": round(time.process_time() - cpu, 1)}
 
 
 def main(workspace: Workspace) -> None:
@@ -39,49 +49,35 @@ def main(workspace: Workspace) -> None:
     if variance_config.measured_batch_sizes[-1] > len(data.images):
         raise SslkdError(f"variance batch sizes go up to {variance_config.measured_batch_sizes[-1]}, "
                          f"the training set has {len(data.images)} images: lower variance.batch_sizes")
-    seed, seconds = variance_config.seed, {}
+    seed, seconds, runs, matching = variance_config.seed, {}, {}, {}
 
-    def timed(part: str, started: tuple[float, float]) -> None:
-        seconds[part] = {"wall": round(time.perf_counter() - started[0], 1),
-                         "cpu": round(time.process_time() - started[1], 1)}
-
-    def make_student(init_seed: int):
+    def make_student(init_seed: int) -> ConvNet:
         return build_student(variance_config.experts.student, data.image_shape, targets.shape[1], init_seed)
 
     init_seed = derive_seed(seed, 0)
-    clock = time.perf_counter(), time.process_time()
-    gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.normalisation,
-                                          variance_config, generator(seed, 1))
-    timed("gradient_variance", clock)
-
-    kinds = {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}
-    runs, matching = {}, {}
+    with stopwatch(seconds, "gradient_variance"):
+        gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.normalisation,
+                                              variance_config, generator(seed, 1))
     start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, 4))
-    for kind, objective in kinds.items():
-        clock = time.perf_counter(), time.process_time()
-        snapshots, losses = train_runs(
-            make_student, [init_seed] * variance_config.runs,
-            [generator(seed, 2, r) for r in range(variance_config.runs)],
-            data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.normalisation,
-        )
-        runs[kind] = {"absolute": parameter_dispersion(snapshots).tolist(),
-                      "relative": relative_dispersion(snapshots).tolist(), "epoch_losses": losses}
-        timed(f"dispersion_{kind}", clock)
-        clock = time.perf_counter(), time.process_time()
-        count = variance_config.matching_experts
-        experts, _ = train_runs(
-            make_student, [derive_seed(seed, 3, k) for k in range(count)], [generator(seed, 5, k) for k in range(count)],
-            data.images, targets, variance_config.trajectories(objective, count), data.normalisation,
-        )
-        student = make_student(init_seed)
-        result = distill(student, ParameterLayout.of(student), experts, data.images[start_indices],
-                         targets[start_indices], variance_config.matching(), generator(seed, 6))
-        matching[kind] = {"losses": result.matching_losses, "first": result.matching_losses[0],
-                          "final": tail_mean(result.matching_losses, variance_config.final_window),
-                          "learned_lr": result.lr}
-        timed(f"matching_{kind}", clock)
+    for kind, objective in {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}.items():
+        with stopwatch(seconds, f"dispersion_{kind}"):
+            snapshots, losses = train_runs(
+                make_student, [init_seed] * variance_config.runs,
+                [generator(seed, 2, r) for r in range(variance_config.runs)],
+                data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.normalisation,
+            )
+            runs[kind] = {"absolute": parameter_dispersion(snapshots).tolist(),
+                          "relative": relative_dispersion(snapshots).tolist(), "epoch_losses": losses}
+        with stopwatch(seconds, f"matching_{kind}"):
+            count = variance_config.matching_experts
+            experts, _ = train_runs(
+                make_student, [derive_seed(seed, 3, k) for k in range(count)], [generator(seed, 5, k) for k in range(count)],
+                data.images, targets, variance_config.trajectories(objective, count), data.normalisation,
+            )
+            matching[kind] = matching_losses(make_student(init_seed), experts, data.images[start_indices],
+                                             targets[start_indices], variance_config, generator(seed, 6))
         log.info("%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f", kind, objective,
-                 ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["first"], matching[kind]["final"])
+                 ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["initial"], matching[kind]["final"])
 
     results = summarise(variance_config, gradients, runs, matching)
     log.info("SSL/KD: gradient variance %.3g, dispersion %.3g; final matching loss kd %.4f, ssl %.4f",
@@ -141,6 +137,8 @@ def plot(results: dict, folder: Path) -> None:
         axis.plot(grads["batch_sizes"], grads[name], marker="o", label=name)
     axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="E‖g − ḡ‖² / ‖ḡ‖²",
              title="relative minibatch gradient variance at init")
+    axis.set_xticks(grads["batch_sizes"], [str(b) for b in grads["batch_sizes"]])
+    axis.minorticks_off()
     figures.append(figure)
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for kind in ("kd", "ssl"):
@@ -148,8 +146,12 @@ def plot(results: dict, folder: Path) -> None:
     axis.set(xlabel="epoch", ylabel="relative dispersion across runs", title="same init, seeded runs")
     figures.append(figure)
     figure, axis = plt.subplots(figsize=(5.5, 4))
+    window = results["matching"]["final_window"]
     for kind in ("kd", "ssl"):
-        axis.plot(results["matching"][kind]["losses"], alpha=0.8, label=f"{kind} experts")
+        losses = results["matching"][kind]["losses"]
+        line, = axis.plot(losses, alpha=0.3)
+        running = [tail_mean(losses[:i + 1], window) for i in range(len(losses))]
+        axis.plot(running, color=line.get_color(), label=f"{kind} experts (mean of last {window})")
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set(xlabel="distillation iteration", ylabel="matching loss", title="trajectory matching")
     figures.append(figure)

@@ -63,6 +63,7 @@ class StageJob(submitit.helpers.Checkpointable):
         os.chdir(request.cwd)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+        logging.getLogger("submitit").propagate = False  # it has its own handler: no line twice
         log.info("sslkd %s from %s (start %s)", request.stage, Path(sslkd.__file__).parent,
                  int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
         request.parse_config()

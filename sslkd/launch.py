@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gin
@@ -39,9 +40,10 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0           # how often results are looked for
 SQUEUE_EVERY_S = 5.0   # how often the scheduler is asked for the jobs' states
 RESULT_GRACE_S = 30.0  # how long a job that ran to its end may take to show its result (slow shared file systems)
-# SLURM's final job states, and EXITED for a local job whose process is gone
-ENDED_STATES = {"EXITED", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+REQUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+# SLURM's final job states; EXITED: a local job's process is gone; GONE: a job squeue no longer knows
+ENDED_STATES = {"EXITED", "GONE", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
 
 
 def stage_resources(stage: str) -> SlurmConfig:
@@ -155,45 +157,80 @@ def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:
     killed it (cancelled, out of memory, node failure): SLURM's job states are read with squeue, which
     works without accounting. Why a job waits is logged when it changes. Ctrl-C cancels the jobs.
     """
-    pending = {job.job_id: job for job in jobs}
-    ended_since: dict[str, float] = {}
-    seen: dict[str, str] = {}
-    failures: list[str] = []
+    watch = JobWatch(launcher, stage, {job.job_id: job for job in jobs})
     next_query = time.monotonic() + SQUEUE_EVERY_S
     try:
-        while pending:
-            for job_id, job in list(pending.items()):
-                if job.paths.result_pickle.exists():
-                    del pending[job_id]
-                    if failure := _job_failure(job):
-                        failures.append(failure)
-            if pending and time.monotonic() >= next_query:
-                now = time.monotonic()
-                for job_id, (state, reason) in _queue_states(launcher, list(pending.values())).items():
-                    if seen.get(job_id) != (status := f"{state.lower()} ({reason})" if reason else state.lower()):
-                        log.info("%s: job %s %s", stage, job_id, status)
-                        seen[job_id] = status
-                    if state not in ENDED_STATES | {"GONE"}:
-                        ended_since.pop(job_id, None)  # queued or running (again, after a requeue)
-                        continue
-                    # a job that ran to its end may need a moment before its result shows on a shared file system
-                    grace = RESULT_GRACE_S if launcher == "slurm" and state in ("COMPLETED", "FAILED") else 0.0
-                    job = pending[job_id]
-                    if now - ended_since.setdefault(job_id, now) >= grace and not job.paths.result_pickle.exists():
-                        del pending[job_id]
-                        how = "left the queue" if state == "GONE" else f"ended ({state})"
-                        failures.append(f"job {job_id} {how} without a result (log: {job.paths.stderr})")
-                next_query = now + SQUEUE_EVERY_S
-            if pending:
+        while watch.pending:
+            watch.collect_results()
+            if watch.pending and time.monotonic() >= next_query:
+                watch.check_queue()
+                next_query = time.monotonic() + SQUEUE_EVERY_S
+            if watch.pending:
                 time.sleep(POLL_S)
     except KeyboardInterrupt:
-        for job in pending.values():
+        for job in watch.pending.values():
             job.cancel(check=False)
-        log.warning("%s: cancelled jobs %s", stage, ", ".join(pending))
+        log.warning("%s: cancelled jobs %s", stage, ", ".join(watch.pending))
         raise
-    if failures:
-        summary = f"{len(failures)} of {len(jobs)} {stage} jobs failed; first: " if len(jobs) > 1 else f"{stage} "
-        raise SslkdError(summary + failures[0])
+    if watch.failures:
+        summary = f"{len(watch.failures)} of {len(jobs)} {stage} jobs failed; first: " if len(jobs) > 1 else f"{stage} "
+        raise SslkdError(summary + watch.failures[0])
+
+
+@dataclass
+class JobWatch:
+    """The jobs of one :func:`wait` still pending, and the failures of those that ended."""
+
+    launcher: str
+    stage: str
+    pending: dict[str, submitit.Job]
+    failures: list[str] = field(default_factory=list)
+    superseded: dict[str, int] = field(default_factory=dict)  # job id -> mtime of a requeued attempt's error
+    ended_since: dict[str, float] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+
+    def result_stamp(self, job: submitit.Job) -> int | None:
+        """The mtime of the job's result file, None without one (or with a requeued attempt's only)."""
+        path = job.paths.result_pickle
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        return None if stamp == self.superseded.get(job.job_id) else stamp
+
+    def collect_results(self) -> None:
+        for job_id, job in list(self.pending.items()):
+            if (stamp := self.result_stamp(job)) is None:
+                continue
+            failure = _job_failure(job)
+            if failure and self.launcher == "slurm":
+                # An attempt can end in an error and still be requeued (a requeue racing the attempt):
+                # the error is the job's only once SLURM says the job has ended.
+                state = _queue_states(self.launcher, [job]).get(job_id, ("UNKNOWN", ""))[0]
+                if state in REQUEUED_STATES:
+                    self.superseded[job_id] = stamp
+                    log.info("%s: job %s was requeued after an error; waiting for its next attempt", self.stage, job_id)
+                if state not in ENDED_STATES:
+                    continue
+            del self.pending[job_id]
+            if failure:
+                self.failures.append(failure)
+
+    def check_queue(self) -> None:
+        """Log state changes; fail the jobs the scheduler ended without a result."""
+        now = time.monotonic()
+        for job_id, (state, reason) in _queue_states(self.launcher, list(self.pending.values())).items():
+            status = f"{state.lower()} ({reason})" if reason else state.lower()
+            if self.status.get(job_id) != status:
+                log.info("%s: job %s %s", self.stage, job_id, status)
+                self.status[job_id] = status
+            if state not in ENDED_STATES:
+                self.ended_since.pop(job_id, None)  # queued or running (again, after a requeue)
+                continue
+            # a job that ran to its end may need a moment before its result shows on a shared file system
+            grace = RESULT_GRACE_S if self.launcher == "slurm" and state in ("COMPLETED", "FAILED") else 0.0
+            job = self.pending[job_id]
+            if now - self.ended_since.setdefault(job_id, now) >= grace and self.result_stamp(job) is None:
+                del self.pending[job_id]
+                how = "left the queue" if state == "GONE" else f"ended ({state})"
+                self.failures.append(f"job {job_id} {how} without a result (log: {job.paths.stderr})")
 
 
 def _job_failure(job: submitit.Job) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class StageJob(submitit.helpers.Checkpointable):
         os.chdir(request.cwd)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+        logging.getLogger("submitit").propagate = False  # it has its own handler: no line twice
         log.info("sslkd %s from %s (start %s)", request.stage, Path(sslkd.__file__).parent,
                  int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
         request.parse_config()
@@ -78,7 +80,13 @@ class StageJob(submitit.helpers.Checkpointable):
             module.main(workspace)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        """On SLURM's signal: requeue this same job; it resumes from the last checkpoint on disk."""
+        """On SLURM's signal: requeue this same job; it resumes from the last checkpoint on disk.
+
+        submitit then runs ``scontrol requeue`` as a child process, and the requeue's SIGTERM reaches the
+        whole job, that child included, which then fails the attempt with an error. Ignored signals stay
+        ignored across exec: ignoring SIGTERM here lets the child finish (this process exits right after).
+        """
         log.warning("sslkd %s: signalled (time limit or preemption): requeueing, resumes from the last checkpoint",
                     self.request.stage)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return submitit.helpers.DelayedSubmission(self)

@@ -67,3 +67,23 @@ def clone_study(study: Path, root: Path, stages: tuple[str, ...]) -> Path:
     for stage in stages:
         shutil.copytree(study / "artifacts" / stage, root / "artifacts" / stage)
     return root
+
+
+def copy_study(root: Path) -> Path:
+    """A git repository at ``root`` holding the study (package, gin files, DVC files) on the toy setting."""
+    import shutil
+    import subprocess
+
+    for name in ("sslkd", "gin", "studies", ".dvc", ".dvcignore", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy(source, root / name)
+    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("setting: digits", "setting: tiny"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["git", "init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "study"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    return root

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import copy_study
 
 pytestmark = pytest.mark.slow
 
@@ -30,19 +29,7 @@ def ran(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    for name in ("sslkd", "gin", "studies", ".dvc", ".dvcignore", "dvc.yaml", "params.yaml", ".gitignore"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-        else:
-            shutil.copy(source, root / name)
-    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
-    params = root / "params.yaml"
-    params.write_text(params.read_text().replace("setting: digits", "setting: tiny"))
-    sh(root, "git", "init", "-q")
-    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study")
+    root = copy_study(tmp_path_factory.mktemp("study"))
     return root, sh(root, "dvc", "repro")
 
 

@@ -21,7 +21,7 @@ import torch
 from sslkd.cli import main
 from sslkd.launch import snapshot_code
 
-from conftest import REPO, clone_study
+from conftest import clone_study, copy_study
 
 # Small jobs for a one-node test cluster; checkpoint at every epoch/iteration so a requeue can land anywhere
 SLURM = ["--launcher", "slurm", "--bind", "sslkd.slurm.cpus = 1", "--bind", "sslkd.slurm.mem_gb = 2",
@@ -84,47 +84,42 @@ def code(tmp_path):
     return snapshot_code(tmp_path / "code")
 
 
-def test_experts_job_array_equals_inline_and_runs_the_code_as_submitted(tiny_study, tmp_path, code):
-    workspace = clone_study(tiny_study, tmp_path / "workspace", ("data", "teacher", "represent"))
-    process = start_cli(workspace, code, "experts", *SLURM, *ONE_AT_A_TIME)
-    wait_for(lambda: submitted_jobs(workspace, "experts"), "the experts array")
-    # The second array job and the merge job start later; editing the work tree must not reach them.
-    (code / "sslkd" / "stages" / "experts.py").write_text("raise RuntimeError('edited after submission')\n")
-    returncode, output = finish(process)
-    assert returncode == 0, output
-    assert re.search(r"training the 2 missing experts \(0, 1\) in 2 slurm jobs: (\d+)_0, \1_1", output), output
-    same_artifact(workspace / "artifacts" / "experts" / "trajectories.pt",
-                  tiny_study / "artifacts" / "experts" / "trajectories.pt")
-    reference = torch.load(tiny_study / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
-    produced = torch.load(workspace / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
-    assert torch.equal(produced["snapshots"], reference["snapshots"])
-
-
-def test_a_rerun_after_a_failed_array_job_trains_only_the_missing_experts(tiny_study, tmp_path, code):
+@pytest.mark.slow
+def test_experts_array_reruns_only_missing_experts_equals_inline_and_runs_the_submitted_code(tiny_study, tmp_path, code):
     workspace = clone_study(tiny_study, tmp_path / "workspace", ("data", "teacher", "represent"))
     process = start_cli(workspace, code, "experts", *SLURM, *ONE_AT_A_TIME)
     array = wait_for(lambda: submitted_jobs(workspace, "experts"), "the experts array")[0].split("_")[0]
     subprocess.run(["scancel", f"{array}_1"], check=True)  # still pending behind expert 0
     returncode, output = finish(process)
-    last = output.strip().splitlines()[-1]
     assert returncode == 2, output
-    # a pending array task cancelled leaves no record at all: "left the queue"
+    assert f"training the 2 missing experts (0, 1) in 2 slurm jobs: {array}_0, {array}_1" in output, output
+    # a pending array task that is cancelled leaves no record at all: "left the queue"
+    last = output.strip().splitlines()[-1]
     assert re.fullmatch(rf"sslkd experts: error: 1 of 2 experts jobs failed; first: job {array}_1 "
                         r"(ended \(CANCELLED\)|left the queue) without a result \(log: .*_log\.err\)", last), last
     assert not (workspace / "artifacts" / "experts").exists()
     parts = sorted(p.name for p in (workspace / "jobs" / "experts" / "state").glob("*/part_*.pt"))
     assert parts == ["part_00000.pt"]
 
-    returncode, output = finish(start_cli(workspace, code, "experts", *SLURM))
+    submitted = len(submitted_jobs(workspace, "experts"))
+    process = start_cli(workspace, code, "experts", *SLURM)
+    wait_for(lambda: len(submitted_jobs(workspace, "experts")) > submitted, "the second array")
+    # The merge job is submitted after the array ends: editing the work tree now must not reach it.
+    (code / "sslkd" / "stages" / "experts.py").write_text("raise RuntimeError('edited after submission')\n")
+    returncode, output = finish(process)
     assert returncode == 0, output
     assert "training the 1 missing experts (1) in 1 slurm jobs" in output, output
     same_artifact(workspace / "artifacts" / "experts" / "trajectories.pt",
                   tiny_study / "artifacts" / "experts" / "trajectories.pt")
+    reference = torch.load(tiny_study / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
+    produced = torch.load(workspace / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
+    assert torch.equal(produced["snapshots"], reference["snapshots"])
+    assert not list((workspace / "jobs" / "experts" / "state").iterdir())  # parts merged and removed
 
 
 @pytest.mark.slow
 def test_a_requeued_then_signalled_job_resumes_to_the_identical_artifact(tiny_study, tmp_path, code, monkeypatch):
-    long_run = ["--bind", "sslkd.distill.iterations = 600"]
+    long_run = ["--bind", "sslkd.distill.iterations = 400"]
     stages = ("data", "teacher", "represent", "experts", "init")
     reference = clone_study(tiny_study, tmp_path / "inline", stages)
     monkeypatch.chdir(reference)
@@ -148,6 +143,7 @@ def test_a_requeued_then_signalled_job_resumes_to_the_identical_artifact(tiny_st
     log = job_log()
     assert log.count("resuming after iteration") == 2 and "(start 3)" in log, log
     assert "signalled (time limit or preemption): requeueing" in log, log
+    assert "Requeued job" in log, log  # submitit's `scontrol requeue` survived the requeue's own SIGTERM
     same_artifact(workspace / "artifacts" / "distill" / "synthetic_seed0.pt",
                   reference / "artifacts" / "distill" / "synthetic_seed0.pt")
     assert not list((workspace / "jobs" / "distill" / "state").iterdir())  # checkpoints cleared
@@ -172,16 +168,7 @@ def test_a_failing_or_refused_job_fails_the_stage_in_one_line(tiny_study, tmp_pa
 
 @pytest.mark.slow
 def test_dvc_repro_on_slurm_and_switching_the_launcher_invalidates_nothing(tmp_path):
-    root = tmp_path / "study"
-    for name in ("sslkd", "gin", ".dvc", ".dvcignore", "dvc.yaml", "params.yaml", ".gitignore"):
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-        else:
-            shutil.copy(source, root / name)
-    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
-    params = root / "params.yaml"
-    params.write_text(params.read_text().replace("setting: digits", "setting: tiny"))
+    root = copy_study(tmp_path)
     launch_gin = root / "gin" / "launch" / "slurm.gin"
     launch_gin.write_text(launch_gin.read_text() + "sslkd.slurm.cpus = 1\nsslkd.slurm.mem_gb = 2\n")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -191,9 +178,6 @@ def test_dvc_repro_on_slurm_and_switching_the_launcher_invalidates_nothing(tmp_p
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         return result.stdout + result.stderr
 
-    sh("git", "init", "-q")
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "study")
     output = sh("dvc", "repro", "data", launcher="slurm")
     assert "Running stage 'data'" in output and "slurm jobs done" in output, output
     job_log = next((root / "jobs" / "data").glob("*/*_0_log.err")).read_text()
@@ -204,7 +188,7 @@ def test_dvc_repro_on_slurm_and_switching_the_launcher_invalidates_nothing(tmp_p
     assert (root / "dvc.lock").read_text() == lock
     launch_gin.write_text(launch_gin.read_text() + "sslkd.slurm.time_min = 45\n")
     assert "up to date" in sh("dvc", "status", "data")  # gin/launch/ is hidden from DVC
+    assert sh("git", "status", "--porcelain", "--untracked-files=no").split() == ["M", "gin/launch/slurm.gin"]
     setting = root / "gin" / "settings" / "tiny.gin"
     setting.write_text(setting.read_text() + "# any other gin file stays a dependency\n")
     assert "modified:" in sh("dvc", "status", "data")
-    assert sh("git", "status", "--porcelain", "--untracked-files=no").split() == ["M", "gin/launch/slurm.gin"]

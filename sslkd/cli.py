@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[s
             "sslkd.workspace": str(Path(args.workdir).resolve())}
     if args.stage == "evaluate":
         tags["sslkd.method"] = args.method
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -100,7 +103,7 @@ def run_stage(args: argparse.Namespace) -> None:
     config.parse(args.config_dir, setting, args.gin, params.bindings() + args.bind)
     module = importlib.import_module(f"sslkd.stages.{args.stage}")
     workspace = Workspace(args.workdir)
-    name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage
+    name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage  # dvc.yaml's stage name
     identity, tags = {}, {}
     if destination is not None:
         config.build(args.stage)  # the stage's operative config (the run's params) is then known

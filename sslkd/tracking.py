@@ -1,7 +1,8 @@
 """Experiment tracking: every stage execution is one MLflow run. MLflow records; it never configures.
 
 Where runs go: ``MLFLOW_TRACKING_URI`` when set (a server, or any store MLflow accepts), otherwise a
-SQLite store ``<workspace>/mlflow.db`` with artifacts in ``<workspace>/mlartifacts``. The experiment is
+SQLite store ``<workspace>/mlflow.db`` with artifacts in ``<workspace>/mlartifacts`` (the workspace:
+the repository DVC runs the stage for, even from a temporary experiment folder). The experiment is
 ``MLFLOW_EXPERIMENT_NAME`` or ``sslkd-<setting>``. Off: ``SSLKD_TRACKING=off`` (or ``sslkd <stage>
 --no-tracking``): every logging function here is then a no-op and mlflow is never imported.
 
@@ -70,7 +71,9 @@ def target(workdir: Path, setting: str, experiment: str | None = None) -> Target
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return Target(uri, experiment)
-    root = Path(workdir).resolve()
+    # DVC_ROOT: the repository DVC runs the stage for, also when it runs it in a temporary copy
+    # (`dvc exp run --temp/--queue`), whose store would be deleted with it
+    root = Path(os.environ.get("DVC_ROOT") or workdir).resolve()
     return Target(f"sqlite:///{root / 'mlflow.db'}", experiment, (root / "mlartifacts").as_uri())
 
 
@@ -167,7 +170,7 @@ class StageRun:
     resumed: bool = False
     _client: Any = None
     _error: BaseException | None = None
-    _metrics: list[tuple[str, float, int, int]] = field(default_factory=list)
+    _metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, time (ms), step
     _artifacts: list[tuple[Path, str | None]] = field(default_factory=list)
     _scratch: tempfile.TemporaryDirectory = field(default_factory=lambda: tempfile.TemporaryDirectory(prefix="sslkd-tracking-"))
     _last_flush: float = field(default_factory=time.monotonic)
@@ -219,16 +222,20 @@ class StageRun:
     def metric(self, key: str, value: float, step: int) -> None:
         self._metrics.append((key, float(value), int(time.time() * 1000), int(step)))
         if self._ready() and time.monotonic() - self._last_flush > FLUSH_SECONDS:
-            self._flush()
+            try:
+                self._flush()
+            except Exception as error:  # never stop the computation; close() sends what is still pending
+                log.warning("tracking: metrics not sent yet (%s)", " ".join(str(error).split())[:200])
 
     def _flush(self) -> None:
+        """Send the pending metrics in batches; what a failed batch held stays pending."""
         from mlflow.entities import Metric
 
-        pending, self._metrics = self._metrics, []
-        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in pending]
-        for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=chunk)
         self._last_flush = time.monotonic()
+        while self._metrics:
+            chunk = self._metrics[:MAX_METRICS_PER_BATCH]
+            self._client.log_batch(self.run_id, metrics=[Metric(*entry) for entry in chunk])
+            del self._metrics[:len(chunk)]
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self._artifacts.append((Path(path), folder))

@@ -23,12 +23,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+ENVIRONMENT = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "SSLKD_PIPELINE_ID", "DVC_ROOT", "DVC_EXP_NAME")
+
+
 @pytest.fixture
 def study(tmp_path, monkeypatch):
     """The toy study as the working directory, tracking on, to the embedded default store."""
     monkeypatch.chdir(make_workspace(tmp_path))
     monkeypatch.setenv("SSLKD_TRACKING", "on")
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "SSLKD_PIPELINE_ID"):
+    for name in ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
     return tmp_path
 
@@ -52,11 +55,14 @@ def test_operative_config_becomes_params_with_values_cut_to_the_limit():
 
 
 def test_default_store_is_sqlite_in_the_workspace_unless_a_uri_is_set(tmp_path, monkeypatch):
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    for name in ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
     root = tmp_path.resolve()
     assert tracking.target(tmp_path, "digits") == tracking.Target(
         f"sqlite:///{root}/mlflow.db", "sslkd-digits", (root / "mlartifacts").as_uri())
+    monkeypatch.setenv("DVC_ROOT", str(root / "repo"))  # DVC running the stage in a temporary copy
+    assert tracking.target(root / "repo/.dvc/tmp/exps/tmp1", "digits").uri == f"sqlite:///{root}/repo/mlflow.db"
+    monkeypatch.delenv("DVC_ROOT")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "study")
     assert tracking.target(tmp_path, "digits") == tracking.Target("http://tracking.example:5000", "study")
@@ -124,3 +130,25 @@ def test_sigterm_ends_the_run_as_killed_with_its_metrics(study):
     [run] = stage_runs(study, "terminated")
     assert run.info.status == "KILLED"
     assert run.data.metrics == {"progress": 0.5} and run.data.params == {"sslkd.distill.iterations": "3"}
+
+
+def test_metrics_go_in_batches_of_at_most_1000_and_a_failed_batch_stays_pending():
+    class Store:
+        def __init__(self):
+            self.batches, self.down = [], True
+
+        def log_batch(self, run_id, metrics):
+            if self.down:
+                self.down = False
+                raise OSError("server down")
+            self.batches.append([(metric.key, metric.step) for metric in metrics])
+
+    run = tracking.StageRun(tracking.Target("sqlite:///unused.db", "e"), "stage", {}, {}, {})
+    run._client, run.run_id = Store(), "run"
+    for step in range(2500):
+        run.metric("loss", 1.0 / (step + 1), step)
+    with pytest.raises(OSError):
+        run._flush()
+    run._flush()
+    assert [len(batch) for batch in run._client.batches] == [1000, 1000, 500] and not run._metrics
+    assert [step for batch in run._client.batches for _, step in batch] == list(range(2500))

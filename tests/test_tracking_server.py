@@ -81,7 +81,8 @@ def tracked_study(tmp_path_factory, uri: str, experiment: str):
         patch.setenv("SSLKD_TRACKING", "on")
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
-        patch.delenv("SSLKD_PIPELINE_ID", raising=False)
+        for name in ("SSLKD_PIPELINE_ID", "DVC_ROOT", "DVC_EXP_NAME"):
+            patch.delenv(name, raising=False)
         yield study
 
 

@@ -153,7 +153,8 @@ def plot(results: dict, folder: Path) -> None:
         running = [tail_mean(losses[:i + 1], window) for i in range(len(losses))]
         axis.plot(running, color=line.get_color(), label=f"{kind} experts (mean of last {window})")
     axis.axhline(1.0, color="grey", linewidth=0.8)
-    axis.set(xlabel="distillation iteration", ylabel="matching loss", title="trajectory matching")
+    axis.set(yscale="log", xlabel="distillation iteration", ylabel="matching loss (1: no progress)",
+             title="trajectory matching")
     figures.append(figure)
     for figure, name in zip(figures, PLOTS):
         figure.axes[0].legend()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sslkd import config
+from sslkd import config, tracking
 from sslkd.artifacts import atomic_write, save_json_artifact
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
@@ -90,7 +90,16 @@ def main(workspace: Workspace) -> None:
         inputs={"dataset": workspace.dataset, "representations": workspace.representations},
         extra={"seconds": seconds, "plots": list(PLOTS)},
     )
-    # MLflow hook: when sslkd.tracking lands, log the three headline numbers and PLOTS here.
+    tracking.log_metrics({"grad_variance_ratio": results["grad_variance_ratio"],
+                          "dispersion_ratio": results["dispersion_ratio"],
+                          "final_matching_loss_kd": results["final_matching_loss"]["kd"],
+                          "final_matching_loss_ssl": results["final_matching_loss"]["ssl"]}, 0)
+    for kind, losses in matching.items():
+        for iteration, loss in enumerate(losses["losses"]):
+            tracking.log_metric(f"matching_loss/{kind}_experts", loss, iteration)
+    tracking.log_artifact(workspace.results / "variance.json")
+    for name in PLOTS:
+        tracking.log_artifact(workspace.results / name, "plots")
 
 
 def summarise(variance_config: VarianceConfig, gradients: GradientVariance, runs: dict, matching: dict) -> dict:

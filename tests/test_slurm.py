@@ -129,7 +129,8 @@ def test_a_requeued_then_signalled_job_resumes_to_the_identical_artifact(tiny_st
     process = start_cli(workspace, code, "distill", *SLURM, *long_run)
     job = wait_for(lambda: submitted_jobs(workspace, "distill"), "the distill job")[0]
     checkpoint = lambda: next((workspace / "jobs" / "distill" / "state").glob("*/seed0.pt"), None)
-    job_log = lambda: "".join(p.read_text() for p in (workspace / "jobs" / "distill").glob(f"*/{job}_0_log.err"))
+    # submitit logs INFO to the job's stdout (.out) and warnings to its stderr (.err): read both.
+    job_log = lambda: "".join(p.read_text() for p in sorted((workspace / "jobs" / "distill").glob(f"*/{job}_0_log.*")))
 
     wait_for(checkpoint, "a first checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)  # preemption: killed, queued again

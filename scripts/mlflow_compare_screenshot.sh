@@ -8,12 +8,12 @@
 # minutes). Installs chromium with apt-get when it is missing (root, ~20 s). Starts `mlflow server` on a
 # free loopback port in its own process group and stops the whole group on exit.
 # Environment: WORKSPACE (the study folder; default: this repository), PYTHON (default: python3),
-# EXPERIMENT (default: sslkd-<setting>), WINDOW (default: 1400,2000).
+# EXPERIMENT (default: sslkd-<setting>), WINDOW (default: 2200,2600).
 set -euo pipefail
 cd "${WORKSPACE:-$(dirname "$0")/..}"
 OUT=${1:-results/mlflow_compare.png}
 PYTHON=${PYTHON:-python3}
-WINDOW=${WINDOW:-1400,2000}
+WINDOW=${WINDOW:-2200,2600}
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DVC_NO_ANALYTICS=1 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 unset MLFLOW_TRACKING_URI
 experiment=()

@@ -1,40 +1,48 @@
 #!/usr/bin/env bash
-# Wall time of the default `dvc repro` with tracking on (embedded SQLite store, created by the run) and
-# off, interleaved (on off / off on / ...), each in a fresh clone of this repository's HEAD.
+# Wall and CPU time of the default `dvc repro` with tracking on (embedded SQLite store, created by the
+# run) and off, each in a fresh clone of this repository's HEAD.
 #
 #   scripts/tracking_overhead.sh [ROUNDS]     (default 2: four complete runs of the digits default)
 #
-# Prints one line per run and the ratio of the mean wall times. The clones are deleted afterwards unless
-# KEEP is set (then their folder is printed: the "on" clones hold a tracking store, mlflow.db).
+# The two runs of a round go one after the other, alternating which goes first; with TOGETHER=1 they
+# start at the same moment instead, so that on a shared machine both meet the same load. Prints each
+# run's wall time and CPU time (user + system of dvc and every stage process: waited-for children
+# count) and the ratios of the means. KEEP=1 keeps the clones (the "on" ones hold mlflow.db).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 rounds=${1:-2}
 export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 unset MLFLOW_TRACKING_URI MLFLOW_EXPERIMENT_NAME SSLKD_PIPELINE_ID
 work=$(mktemp -d)
-if [ -n "${KEEP:-}" ]; then echo "clones in $work"; else trap 'rm -rf "$work"' EXIT; fi
+if [ -n "${KEEP:-}" ]; then echo "clones in $work" >&2; else trap 'rm -rf "$work"' EXIT; fi
 
 one_run() {  # $1: on | off, $2: round
-    local dir="$work/$1-$2" start end
+    local dir="$work/$1-$2"
     git clone -q "$repo" "$dir"
-    start=$(date +%s.%N)
     # PYTHONPATH: the clone's sslkd even where the installed one is an editable install of another tree
-    (cd "$dir" && SSLKD_TRACKING=$1 PYTHONPATH="$dir" dvc repro >"$work/$1-$2.log" 2>&1) \
-        || { tail -20 "$work/$1-$2.log" >&2; exit 1; }
-    end=$(date +%s.%N)
-    echo "$1 $2 $(python3 -c "print(f'{$end - $start:.1f}')")"
+    /usr/bin/time -f "%e %U %S" -o "$work/$1-$2.time" \
+        env -C "$dir" SSLKD_TRACKING="$1" PYTHONPATH="$dir" dvc repro >"$work/$1-$2.log" 2>&1 \
+        || { tail -20 "$work/$1-$2.log" >&2; return 1; }
+    python3 -c "import sys; wall, user, system = map(float, open(sys.argv[1]).read().split()[-3:]); \
+print(f'$1 $2 wall {wall:.1f} s cpu {user + system:.1f} s')" "$work/$1-$2.time"
 }
 
 for round in $(seq "$rounds"); do
-    if [ $((round % 2)) = 1 ]; then order="on off"; else order="off on"; fi
-    for mode in $order; do one_run "$mode" "$round"; done
+    if [ -n "${TOGETHER:-}" ]; then
+        one_run on "$round" & on=$!; one_run off "$round" & off=$!
+        wait "$on"; wait "$off"
+    elif [ $((round % 2)) = 1 ]; then
+        one_run on "$round"; one_run off "$round"
+    else
+        one_run off "$round"; one_run on "$round"
+    fi
 done | tee "$work/times"
 python3 - "$work/times" <<'EOF'
 import statistics, sys
-times = {"on": [], "off": []}
-for line in open(sys.argv[1]):
-    mode, _, seconds = line.split()
-    times[mode].append(float(seconds))
-on, off = statistics.fmean(times["on"]), statistics.fmean(times["off"])
-print(f"mean wall time: tracking on {on:.1f} s, off {off:.1f} s, ratio {on / off:.3f} ({100 * (on / off - 1):+.1f}%)")
+runs = [line.split() for line in open(sys.argv[1])]
+for column, name in ((3, "wall time"), (6, "CPU time")):
+    on = statistics.fmean(float(run[column]) for run in runs if run[0] == "on")
+    off = statistics.fmean(float(run[column]) for run in runs if run[0] == "off")
+    ratio = on / off if off else float("nan")
+    print(f"mean {name}: tracking on {on:.1f} s, off {off:.1f} s, ratio {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
 EOF

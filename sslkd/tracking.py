@@ -336,7 +336,8 @@ _ACCURACY = re.compile(r"^acc_(?P<fraction>[0-9.e-]+)_(?P<stat>mean|std|n)$")
 
 @dataclass(frozen=True)
 class Comparison:
-    """The evaluate runs of one pipeline: summary {method: {fraction: {mean, std, n}}} (report.py's)."""
+    """The evaluate runs of one pipeline, methods in the order they ran: run ids, and the summary
+    {method: {fraction: {mean, std, n}}} of report.py."""
 
     experiment: str
     experiment_id: str
@@ -346,7 +347,7 @@ class Comparison:
 
     def ui_route(self) -> str:
         """The MLflow UI's run-comparison page of these runs, relative to the UI's address."""
-        runs = json.dumps(sorted(self.run_ids.values()), separators=(",", ":"))
+        runs = json.dumps([self.run_ids[method] for method in self.summary], separators=(",", ":"))
         experiments = json.dumps([self.experiment_id], separators=(",", ":"))
         return f"#/compare-runs?runs={urllib.parse.quote(runs)}&experiments={urllib.parse.quote(experiments)}"
 
@@ -378,5 +379,5 @@ def compare(destination: Target, pipeline: str | None = None) -> Comparison:
         for key, value in run.data.metrics.items():
             if match := _ACCURACY.match(key):
                 rows.setdefault(match["fraction"], {})[match["stat"]] = int(value) if match["stat"] == "n" else value
-    run_ids = {method: run.info.run_id for method, run in latest.items()}
+    run_ids = {method: latest[method].info.run_id for method in summary}
     return Comparison(destination.experiment, experiment_id, pipeline, run_ids, summary)

@@ -119,7 +119,7 @@ def submit_expert_array(launcher: str, executor: submitit.Executor, request: Sta
     """Train the experts that have no finished part yet as an array of jobs, and wait for them."""
     from sslkd.stages.experts import missing_experts
 
-    missing = missing_experts(workspace, CheckpointPolicy(workspace.jobs / "experts" / "state", interval_s))
+    missing = missing_experts(workspace, CheckpointPolicy(workspace.job_state("experts"), interval_s))
     if not missing:
         log.info("experts: every expert has a finished part; merging")
         return
@@ -129,8 +129,8 @@ def submit_expert_array(launcher: str, executor: submitit.Executor, request: Sta
     chunks = [tuple(missing[start:start + per_job]) for start in range(0, len(missing), per_job)]
     with refused_submissions("experts"), executor.batch():
         jobs = [executor.submit(StageJob(request, interval_s, chunk)) for chunk in chunks]
-    log.info("experts: training the %d missing experts (%s) in %d %s jobs: %s", len(missing), _preview(missing), len(jobs),
-             launcher, ", ".join(job.job_id for job in jobs))
+    log.info("experts: training the %d missing experts (%s) in %d %s jobs: %s", len(missing), _preview(missing),
+             len(jobs), launcher, _preview([job.job_id for job in jobs]))
     wait(launcher, jobs, "experts")
 
 
@@ -146,8 +146,8 @@ def refused_submissions(stage: str):
                          "(check the sslkd.slurm bindings)") from None
 
 
-def _preview(indices: list[int]) -> str:
-    return ", ".join(str(i) for i in indices[:8]) + (" …" if len(indices) > 8 else "")
+def _preview(items: list) -> str:
+    return ", ".join(str(item) for item in items[:8]) + (" …" if len(items) > 8 else "")
 
 
 def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:

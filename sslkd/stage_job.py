@@ -68,7 +68,7 @@ class StageJob(submitit.helpers.Checkpointable):
                  int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
         request.parse_config()
         workspace = Workspace(request.workdir)
-        policy = CheckpointPolicy(workspace.jobs / request.stage / "state", self.checkpoint_interval_s)
+        policy = CheckpointPolicy(workspace.job_state(request.stage), self.checkpoint_interval_s)
         module = importlib.import_module(f"sslkd.stages.{request.stage}")
         if self.experts is not None:
             module.train_parts(workspace, self.experts, policy)

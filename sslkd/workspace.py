@@ -48,3 +48,7 @@ class Workspace:
     def jobs(self) -> Path:
         """Launcher jobs: logs, code snapshots, checkpoints and expert parts (not a DVC output)."""
         return self.root / "jobs"
+
+    def job_state(self, stage: str) -> Path:
+        """Checkpoints and expert parts of a stage's runs under a launcher (``<run key>/`` each)."""
+        return self.jobs / stage / "state"

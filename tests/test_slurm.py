@@ -72,6 +72,11 @@ def submitted_jobs(workspace: Path, stage: str) -> list[str]:
     return sorted(p.name.removesuffix("_submitted.pkl") for p in (workspace / "jobs" / stage).glob("*/*_submitted.pkl"))
 
 
+def logs(workspace: Path, stage: str, job: str) -> str:
+    """The job's stderr and stdout logs (submitit logs its own progress to stdout)."""
+    return "".join(path.read_text() for path in sorted((workspace / "jobs" / stage).glob(f"*/{job}_0_log.*")))
+
+
 def same_artifact(produced: Path, reference: Path) -> None:
     """Same bytes for the artifact and its sidecar (hence also the same tensors)."""
     for name in (produced.name, produced.name + ".meta.json"):
@@ -129,8 +134,7 @@ def test_a_requeued_then_signalled_job_resumes_to_the_identical_artifact(tiny_st
     process = start_cli(workspace, code, "distill", *SLURM, *long_run)
     job = wait_for(lambda: submitted_jobs(workspace, "distill"), "the distill job")[0]
     checkpoint = lambda: next((workspace / "jobs" / "distill" / "state").glob("*/seed0.pt"), None)
-    # submitit logs INFO to the job's stdout (.out) and warnings to its stderr (.err): read both.
-    job_log = lambda: "".join(p.read_text() for p in sorted((workspace / "jobs" / "distill").glob(f"*/{job}_0_log.*")))
+    job_log = lambda: logs(workspace, "distill", job)
 
     wait_for(checkpoint, "a first checkpoint")
     subprocess.run(["scontrol", "requeue", job], check=True)  # preemption: killed, queued again

@@ -3,9 +3,13 @@
 and a dense-matmul GFLOP/s reference that says how close to the machine's limit they run.
 
     python benchmarks/run.py --out benchmark.json                  # CPU: width 32, batch 64, 32×32, D 512
+    python benchmarks/run.py --out benchmark.json --threads 1      # CPU shared with other work (below)
     python benchmarks/run.py --out benchmark.json --device cuda    # the paper setting: width 128, batch 256
 
-Every measurement runs in a fresh subprocess (``--worker``) so that peak memory is its own: on CPU the
+Times are the fastest wall-clock call, or — with one CPU thread — the median CPU seconds of the process
+and of its finished children (the C++ compiler), which is what a call costs however busy the machine
+is; ``time_basis`` in the JSON says which. Compile seconds are the first call minus a steady call, with
+a fresh (cold) inductor cache per worker. Every measurement runs in a fresh subprocess (``--worker``) so that peak memory is its own: on CPU the
 peak RSS (VmHWM) after a warm-up iteration, the heap trimmed (malloc_trim) and the peak reset
 (/proc/self/clear_refs), minus the RSS at that moment; on CUDA torch.cuda.max_memory_allocated minus
 the allocated memory at the same point. FLOPs are counted with torch.utils.flop_counter.FlopCounterMode
@@ -18,6 +22,7 @@ import argparse
 import ctypes
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -87,16 +92,23 @@ class _NoModuleTracking:
         return None
 
 
-def timed(run, repeats: int, device: torch.device) -> tuple[float, float]:
-    """(fastest, median) seconds of ``repeats`` calls; the fastest is the least disturbed by other load."""
-    times = []
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the C++ compiler runs as a child)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def timed(run, repeats: int, device: torch.device) -> dict[str, float]:
+    """Seconds per call of ``repeats`` calls: the fastest wall-clock time (the call least disturbed by
+    other load) and the median CPU time (with one thread, what a call costs whatever else runs)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), cpu_seconds()
         run()
         synchronize(device)
-        times.append(time.perf_counter() - began)
-    times.sort()
-    return times[0], times[len(times) // 2]
+        wall.append(time.perf_counter() - began)
+        cpu.append(cpu_seconds() - began_cpu)
+    return {"wall": min(wall), "cpu": sorted(cpu)[len(cpu) // 2]}
 
 
 def count_flops(run) -> int:
@@ -133,19 +145,14 @@ def distill_worker(args: argparse.Namespace, device: torch.device) -> dict:
             tensor.grad = None
         match_trajectory(unroll, steps, start, target, images, representations, lr, batches)
 
-    began = time.perf_counter()
-    iteration()  # warm-up; compiles the compiled variant
-    synchronize(device)
-    first_s = time.perf_counter() - began
+    first = timed(iteration, 1, device)  # the warm-up compiles the compiled variant
     baseline = reset_peak_memory(device)
-    seconds, median = timed(iteration, args.iterations, device)
+    steady = timed(iteration, args.iterations, device)
     peak = peak_memory(device) - baseline
     eager_unroll = KDSteps(student, layout, compile=False)
     flops = count_flops(lambda: match_trajectory(unroll, eager_unroll, start, target, images, representations,
                                                  lr, batches))
-    return {"s_per_iter": seconds, "s_per_iter_median": median, "peak_mb": peak, "first_iter_s": first_s,
-            "compile_s": max(first_s - seconds, 0.0) if compiled else 0.0,
-            "gflop_per_iter": flops / 1e9, "gflops": flops / 1e9 / seconds}
+    return {"first": first, "steady": steady, "peak_mb": peak, "gflop": flops / 1e9}
 
 
 def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
@@ -163,25 +170,19 @@ def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
         nonlocal parameters, velocity
         parameters, velocity, _ = steps.train_step(parameters, velocity, images, targets, lr, 0.9, 1e-4)
 
-    began = time.perf_counter()
+    first = timed(step, 1, device)
     step()
-    synchronize(device)
-    first_s = time.perf_counter() - began
-    step()
-    seconds, median = timed(step, args.expert_steps, device)
+    steady = timed(step, args.expert_steps, device)
     flops = count_flops(lambda: KDSteps(student, layout, compile=False).train_step(
         parameters, velocity, images, targets, lr, 0.9, 1e-4))
-    return {"img_s": args.expert_batch / seconds, "img_s_median": args.expert_batch / median, "s_per_step": seconds,
-            "compile_s": max(first_s - seconds, 0.0) if args.variant == "compiled" else 0.0,
-            "gflops": flops / 1e9 / seconds}
+    return {"first": first, "steady": steady, "gflop": flops / 1e9}
 
 
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """Dense fp32 matmul throughput: the machine's practical limit for these workloads."""
+def matmul_seconds(device: torch.device, size: int = 2048, repeats: int = 10) -> tuple[float, dict[str, float]]:
+    """(GFLOP, seconds) of one dense fp32 matmul: the machine's practical limit for these workloads."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
-    fastest, _ = timed(lambda: a @ b, repeats, device)
-    return 2 * size**3 / fastest / 1e9
+    return 2 * size**3 / 1e9, timed(lambda: a @ b, repeats, device)
 
 
 # --- driver ------------------------------------------------------------------------------------------
@@ -193,31 +194,57 @@ def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int
                "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
                "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
     with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as cache:  # every compile is a cold one
-        result = subprocess.run(command, capture_output=True, text=True,
-                                env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+        result = subprocess.run(command, capture_output=True, text=True, env={
+            **os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
+            "TORCHINDUCTOR_COMPILE_THREADS": "1",  # the C++ compiler then runs as a waited-for child: CPU time counts it
+        })
     if result.returncode != 0:
         sys.exit(f"worker {kind}/{variant}/{syn_steps} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def summarise(basis: str, distill: dict, experts: dict, stage_images: int) -> tuple[dict, dict]:
+    """The figures on one time basis (wall or cpu): s/iteration, GFLOP/s, compile seconds, images/s."""
+    summary = {}
+    for variant, by_steps in distill.items():
+        summary[variant] = {}
+        for steps, raw in by_steps.items():
+            seconds = raw["steady"][basis]
+            summary[variant][steps] = {
+                "s_per_iter": seconds, "peak_mb": raw["peak_mb"], "gflop_per_iter": raw["gflop"],
+                "gflops": raw["gflop"] / seconds, "compile_s": max(raw["first"][basis] - seconds, 0.0),
+                "wall_s_per_iter": raw["steady"]["wall"], "cpu_s_per_iter": raw["steady"]["cpu"],
+            }
+    eager, compiled = (experts[kind]["steady"][basis] for kind in ("eager", "compiled"))
+    compile_s = max(experts["compiled"]["first"][basis] - compiled, 0.0)
+    batch = experts["batch"]
+    compiled_rate = batch / compiled
+    return summary, {
+        "eager_img_s": batch / eager, "compiled_img_s": compiled_rate, "compile_s": compile_s,
+        "eager_gflops": experts["eager"]["gflop"] / eager, "compiled_gflops": experts["compiled"]["gflop"] / compiled,
+        "stage_images": stage_images,
+        "compiled_img_s_with_compile": stage_images / (stage_images / compiled_rate + compile_s),
+        "batch": batch,
+    }
+
+
 def table(results: dict) -> str:
-    lines = [f"machine: {results['machine']}, {results['threads']} torch threads, torch {results['torch']}; "
+    peak = results["matmul_gflops"]
+    lines = [f"machine: {results['machine']}, {results['threads']} torch thread(s), torch {results['torch']}; "
              f"load average before / after: {results['load_before']} / {results['load_after']}",
-             f"dense matmul: {results['matmul_gflops']:.1f} GFLOP/s", "",
-             "| distill variant | syn_steps | s / iteration | peak MB | first iteration s | GFLOP/s | % of matmul |",
+             f"times: {results['time_basis']} seconds; dense matmul: {peak:.1f} GFLOP/s", "",
+             "| distill variant | syn_steps | s / iteration | peak MB | compile s | GFLOP/s | % of matmul |",
              "|---|---|---|---|---|---|---|"]
     for variant, by_steps in results["distill"].items():
         for steps, r in by_steps.items():
-            lines.append(f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {r['peak_mb']:.0f} | {r['first_iter_s']:.1f} | "
-                         f"{r['gflops']:.1f} | {100 * r['gflops'] / results['matmul_gflops']:.0f}% |")
-    experts = results["experts"]
+            lines.append(f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {r['peak_mb']:.0f} | {r['compile_s']:.0f} | "
+                         f"{r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% |")
+    e = results["experts"]
     lines += ["", "| expert training | images/s | GFLOP/s | % of matmul | compile s |", "|---|---|---|---|---|",
-              f"| eager | {experts['eager_img_s']:.0f} | {experts['eager_gflops']:.1f} | "
-              f"{100 * experts['eager_gflops'] / results['matmul_gflops']:.0f}% | – |",
-              f"| compiled | {experts['compiled_img_s']:.0f} | {experts['compiled_gflops']:.1f} | "
-              f"{100 * experts['compiled_gflops'] / results['matmul_gflops']:.0f}% | {experts['compile_s']:.1f} |",
-              f"| compiled, compile included ({experts['stage_images']:,} images) | "
-              f"{experts['compiled_img_s_with_compile']:.0f} | | | |"]
+              f"| eager | {e['eager_img_s']:.0f} | {e['eager_gflops']:.1f} | {100 * e['eager_gflops'] / peak:.0f}% | – |",
+              f"| compiled | {e['compiled_img_s']:.0f} | {e['compiled_gflops']:.1f} | "
+              f"{100 * e['compiled_gflops'] / peak:.0f}% | {e['compile_s']:.0f} |",
+              f"| compiled, compile included ({e['stage_images']:,} images) | {e['compiled_img_s_with_compile']:.0f} | | | |"]
     return "\n".join(lines)
 
 
@@ -247,23 +274,20 @@ def main() -> None:
         return
     if args.out is None:
         parser.error("--out is required")
-    results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"CPU, {os.cpu_count()} cores", "threads": torch.get_num_threads(), "device": args.device,
-               "torch": torch.__version__,
-               "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-               "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
-               "matmul_gflops": matmul_gflops(device), "distill": {}}
-    for variant in VARIANTS:
-        results["distill"][variant] = {str(n): run_worker(args, "distill", variant, n) for n in args.syn_steps}
-    eager, compiled = (run_worker(args, "experts", v) for v in ("eager", "compiled"))
-    stage_images = STAGE_IMAGES[preset]
-    results["experts"] = {
-        "eager_img_s": eager["img_s"], "compiled_img_s": compiled["img_s"], "compile_s": compiled["compile_s"],
-        "eager_gflops": eager["gflops"], "compiled_gflops": compiled["gflops"], "stage_images": stage_images,
-        "compiled_img_s_with_compile": stage_images / (stage_images / compiled["img_s"] + compiled["compile_s"]),
-        "batch": args.expert_batch,
+    basis = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    matmul_gflop, matmul = matmul_seconds(device)
+    distill = {variant: {str(n): run_worker(args, "distill", variant, n) for n in args.syn_steps} for variant in VARIANTS}
+    experts = {kind: run_worker(args, "experts", kind) for kind in ("eager", "compiled")}
+    summary, experts_summary = summarise(basis, distill, {**experts, "batch": args.expert_batch}, STAGE_IMAGES[preset])
+    results = {
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
+        "time_basis": basis, "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
+        "matmul_gflops": matmul_gflop / matmul[basis], "distill": summary, "experts": experts_summary,
+        "raw": {"matmul_s": matmul, "distill": distill, "experts": experts},
     }
-    results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -4,27 +4,22 @@ of trajectory matching's adjoint — eager, or compiled once per stage with ``to
 training loop of experts and pre-training built on them.
 
 Every step is a pure function of tensors (θ, momentum buffer, minibatch, lr), so one compiled graph
-serves every expert, pre-training run and distillation iteration of a stage. The eager steps use
-``torch.autograd`` (faster than ``torch.func`` in eager mode); the compiled ones trace the same math
-written with ``torch.func.grad`` / ``vjp``, which dynamo turns into one fused forward + backward (and
-double-backward) graph. Compiled and eager results agree to float rounding, not bit for bit; each is
-deterministic on CPU for a given machine and thread count.
+serves every expert, pre-training run and distillation iteration of a stage. Compiled and eager results
+agree to float rounding, not bit for bit; each is deterministic on CPU for a given machine and thread
+count.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable, Iterator
 
 import torch
-from torch.func import functional_call, grad, grad_and_value, vjp
+from torch.func import functional_call, grad, vjp
 
 from sslkd.errors import SslkdError
 from sslkd.losses import kd_mse_loss
 from sslkd.models import ConvNet, ParameterLayout
-
-log = logging.getLogger(__name__)
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,8 +47,12 @@ class KDSteps:
     """The steps of a student architecture, eager or compiled (``compile``). The student module only
     supplies the architecture: its own parameters are never read.
 
-    Compiled steps are specialised to the shapes of their first call (one compile per step kind);
-    a minibatch of another size — the short last batch of an epoch — runs the eager step.
+    Compiled, the training and inner SGD steps run the KD loss compiled by ``torch.compile`` (its backward
+    compiled by AOTAutograd) on channels-last images, and the gradient-of-gradient runs compiled
+    ``torch.func.vjp(torch.func.grad(loss))`` (a compiled graph cannot be differentiated twice); on this
+    CPU these were the fastest of the variants tried (README "Performance"). Compiled steps are
+    specialised to the shapes of their first call (one compile each); a minibatch of another size — the
+    short last batch of an epoch — runs eagerly.
     """
 
     def __init__(self, student: ConvNet, layout: ParameterLayout, compile: bool) -> None:
@@ -62,24 +61,20 @@ class KDSteps:
         self._compiled: dict[str, Callable] = {}
         self._shapes: dict[str, torch.Size] = {}
         if compile:
-            loss = self.loss
-            gradient = grad(loss)
-
-            def train_step(parameters, velocity, images, targets, lr, momentum, weight_decay):
-                g, value = grad_and_value(loss)(parameters, images, targets)
-                return *momentum_update(parameters, velocity, g, lr, momentum, weight_decay), value
-
-            def sgd_step(parameters, images, targets, lr):
-                return parameters - lr * gradient(parameters, images, targets)
+            gradient = grad(self.loss)
 
             def gradient_of_gradient(parameters, images, targets, cotangent):
                 g, pullback = vjp(gradient, parameters, images, targets)
                 return (g, *pullback(cotangent))
 
-            self._compiled = {
-                name: torch.compile(step, dynamic=False)
-                for name, step in (("train", train_step), ("sgd", sgd_step), ("gog", gradient_of_gradient))
-            }
+            self._compiled = {"loss": torch.compile(self.loss, dynamic=False),
+                              "gog": torch.compile(gradient_of_gradient, dynamic=False)}
+
+    def _loss_for(self, images: torch.Tensor) -> tuple[Loss, torch.Tensor]:
+        """The (compiled or eager) loss to differentiate for this minibatch, and the images it takes."""
+        if self._use_compiled("loss", images):
+            return self._compiled["loss"], images.contiguous(memory_format=torch.channels_last)
+        return self.loss, images
 
     def _use_compiled(self, kind: str, images: torch.Tensor) -> bool:
         if kind not in self._compiled:
@@ -92,11 +87,9 @@ class KDSteps:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One SGD-with-momentum step on the KD loss: θ, v [P], images [B, C, H, W], targets [B, D], lr
         scalar tensor -> (θ', v', loss before the step), all without autograd history."""
-        if self._use_compiled("train", images):
-            return tuple(t.detach() for t in self._compiled["train"](
-                parameters, velocity, images, targets, lr, momentum, weight_decay))
+        loss, images = self._loss_for(images)
         parameters = parameters.detach().requires_grad_(True)
-        value = self.loss(parameters, images, targets)
+        value = loss(parameters, images, targets)
         (gradient,) = torch.autograd.grad(value, parameters)
         with torch.no_grad():
             return *momentum_update(parameters, velocity, gradient, lr, momentum, weight_decay), value.detach()
@@ -104,10 +97,9 @@ class KDSteps:
     def sgd_step(self, parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
                  lr: torch.Tensor) -> torch.Tensor:
         """θ − α ∇ℓ(θ; X_b, Y_b) without a graph: θ [P], images [B, C, H, W], targets [B, D], lr scalar."""
-        if self._use_compiled("sgd", images):
-            return self._compiled["sgd"](parameters, images, targets, lr).detach()
+        loss, images = self._loss_for(images)
         parameters = parameters.detach().requires_grad_(True)
-        (gradient,) = torch.autograd.grad(self.loss(parameters, images, targets), parameters)
+        (gradient,) = torch.autograd.grad(loss(parameters, images, targets), parameters)
         return (parameters - lr * gradient).detach()
 
     def gradient_of_gradient(

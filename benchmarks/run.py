@@ -193,11 +193,13 @@ def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int
                "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
                "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
                "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+    env = {**os.environ}
+    if torch.get_num_threads() == 1:  # the CPU-time basis: the C++ compiler runs as a waited-for child, so its time counts
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    # (otherwise inductor's default compile workers, as in a stage run)
     with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as cache:  # every compile is a cold one
-        result = subprocess.run(command, capture_output=True, text=True, env={
-            **os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
-            "TORCHINDUCTOR_COMPILE_THREADS": "1",  # the C++ compiler then runs as a waited-for child: CPU time counts it
-        })
+        result = subprocess.run(command, capture_output=True, text=True,
+                                env={**env, "TORCHINDUCTOR_CACHE_DIR": cache})
     if result.returncode != 0:
         sys.exit(f"worker {kind}/{variant}/{syn_steps} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -13,9 +13,11 @@ operative gin config (``sslkd.params_hash``; the artifact sidecars hold the same
 overrides it). A stage run again with the same three tags continues its unfinished run (failed, killed
 or left running by a killed job) instead of starting another; a finished run is never reopened.
 
-Cost: mlflow is imported and the run opened on a background thread while the stage computes; metrics
-are buffered and sent in batches (at most every FLUSH_SECONDS during a stage, and at its end).
-This module is the only one that imports mlflow.
+Cost: a stage never imports mlflow. It appends its run's events to a spool in the workspace
+(``.sslkd-tracking/``), and one detached uploader per spool (sslkd/tracking_upload.py) imports mlflow
+once and sends them, so a pipeline pays mlflow's import and store set-up once, not once per stage.
+``sslkd compare`` sends what is still pending before it reads. Only this module's ``compare`` and the
+uploader import mlflow.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
-import tempfile
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from sslkd import tracking_upload as upload
 from sslkd.errors import SslkdError
 
 log = logging.getLogger(__name__)
@@ -44,21 +49,21 @@ log = logging.getLogger(__name__)
 SWITCH_ENV = "SSLKD_TRACKING"
 PIPELINE_ENV = "SSLKD_PIPELINE_ID"
 OFF_VALUES = ("off", "0", "false", "no")
-FLUSH_SECONDS = 15.0
+SPOOL = ".sslkd-tracking"
 MAX_PARAM_LENGTH = 500    # the value limit of older MLflow servers (3.x allows 6000): safe for any
-MAX_PER_BATCH = 100       # MLflow's limit of params (or tags) per log_batch request
-MAX_METRICS_PER_BATCH = 1000
 HEALTH_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
 class Target:
     """Where runs are recorded: a tracking URI, the experiment name, and for the embedded default store
-    the artifact folder (other stores choose their own)."""
+    the artifact folder (other stores choose their own); ``spool``: where stages leave their runs for
+    the uploader (the workspace's ``.sslkd-tracking/``)."""
 
     uri: str
     experiment: str
     artifact_location: str | None = None
+    spool: Path | None = field(default=None, compare=False)
 
 
 def enabled() -> bool:
@@ -68,13 +73,13 @@ def enabled() -> bool:
 def target(workdir: Path, setting: str, experiment: str | None = None) -> Target:
     """Where runs of ``setting`` go (``experiment`` overrides the experiment name)."""
     experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"sslkd-{setting}"
+    # DVC_ROOT: the repository DVC runs the stage for, also when it runs it in a temporary copy
+    # (`dvc exp run --temp/--queue`), whose store (and spool) would be deleted with it
+    root = Path(os.environ.get("DVC_ROOT") or workdir).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return Target(uri, experiment)
-    # DVC_ROOT: the repository DVC runs the stage for, also when it runs it in a temporary copy
-    # (`dvc exp run --temp/--queue`), whose store would be deleted with it
-    root = Path(os.environ.get("DVC_ROOT") or workdir).resolve()
-    return Target(f"sqlite:///{root / 'mlflow.db'}", experiment, (root / "mlartifacts").as_uri())
+        return Target(uri, experiment, spool=root / SPOOL)
+    return Target(f"sqlite:///{root / 'mlflow.db'}", experiment, (root / "mlartifacts").as_uri(), root / SPOOL)
 
 
 def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
@@ -126,37 +131,11 @@ def pipeline_id(code_version: str, parsed_config: str) -> str:
     return chosen or config_hash(f"{code_version}\n{parsed_config}")[:12]
 
 
-def _filter(tags: Mapping[str, str]) -> str:
-    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _client(uri: str):
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def _experiment_id(client, experiment: Target, create: bool) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    found = client.get_experiment_by_name(experiment.experiment)
-    if found is not None or not create:
-        return found.experiment_id if found is not None else None
-    try:
-        return client.create_experiment(experiment.experiment, artifact_location=experiment.artifact_location)
-    except MlflowException:  # created meanwhile by a stage running in parallel
-        return client.get_experiment_by_name(experiment.experiment).experiment_id
-
-
 @dataclass
 class StageRun:
-    """The MLflow run of one stage execution; opened on a background thread, closed by :meth:`close`.
+    """The run of one stage execution, spooled: events appended to ``<spool>/<entry>/events.jsonl``
+    (files under ``files/``) for the uploader (sslkd/tracking_upload.py), which this process starts when
+    none is running. Nothing here imports mlflow or waits for a store.
 
     identity: the tags that make a run the same work (pipeline, stage, params hash); tags: the rest.
     """
@@ -166,104 +145,81 @@ class StageRun:
     identity: dict[str, str]
     tags: dict[str, str]
     params: dict[str, str]
-    run_id: str | None = None
-    resumed: bool = False
-    _client: Any = None
-    _error: BaseException | None = None
-    _metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, time (ms), step
+    entry: Path | None = None
+    _events: Any = None
     _artifacts: list[tuple[Path, str | None]] = field(default_factory=list)
-    _scratch: tempfile.TemporaryDirectory = field(default_factory=lambda: tempfile.TemporaryDirectory(prefix="sslkd-tracking-"))
-    _last_flush: float = field(default_factory=time.monotonic)
-    _thread: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> "StageRun":
-        self._thread = threading.Thread(target=self._open_quietly, name="mlflow-open", daemon=True)
-        self._thread.start()
+        spool = self.destination.spool
+        self.entry = spool / f"{time.time_ns():020d}-{os.getpid()}"
+        (self.entry / upload.FILES).mkdir(parents=True)
+        self._events = open(self.entry / upload.EVENTS, "a")
+        self._write(event="start", uri=self.destination.uri, experiment=self.destination.experiment,
+                    artifact_location=self.destination.artifact_location, stage=self.stage,
+                    identity=self.identity, tags=self.tags, params=self.params, pid=os.getpid())
+        threading.Thread(target=self._heartbeat, name="tracking-heartbeat", daemon=True).start()
+        start_uploader(spool)
         return self
 
-    def _open_quietly(self) -> None:
-        try:
-            self._open()
-        except BaseException as error:  # re-tried, then reported, by close()
-            self._error = error
+    def _write(self, **event: Any) -> None:
+        event.setdefault("time", int(time.time() * 1000))
+        self._events.write(json.dumps(event) + "\n")
+        self._events.flush()
 
-    def _open(self) -> None:
-        """Find this work's unfinished run (same identity tags) and continue it, or create a run."""
-        from mlflow.entities import Param, RunTag
-
-        client = _client(self.destination.uri)
-        experiment_id = _experiment_id(client, self.destination, create=True)
-        previous = client.search_runs(
-            [experiment_id], filter_string=_filter(self.identity) + " and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )
-        if previous:
-            run = previous[0]
-            self.run_id, self.resumed = run.info.run_id, True
-            client.update_run(self.run_id, status="RUNNING")
-            attempts = int(run.data.tags.get("sslkd.attempts", "1")) + 1
-            client.set_tag(self.run_id, "sslkd.attempts", str(attempts))
-            params = {key: value for key, value in self.params.items() if key not in run.data.params}
-            log.info("tracking: continuing MLflow run %s (%s, attempt %d)", self.run_id, self.stage, attempts)
-        else:
-            run = client.create_run(experiment_id, run_name=self.stage,
-                                    tags={**self.identity, **self.tags, "sslkd.attempts": "1"})
-            self.run_id, params = run.info.run_id, self.params
-        for chunk in _chunks([Param(key, value) for key, value in params.items()], MAX_PER_BATCH):
-            client.log_batch(self.run_id, params=chunk)
-        if self.resumed:
-            for chunk in _chunks([RunTag(key, value) for key, value in self.tags.items()], MAX_PER_BATCH):
-                client.log_batch(self.run_id, tags=chunk)
-        self._client = client
-
-    def _ready(self) -> bool:
-        return self._client is not None and self._thread is not None and not self._thread.is_alive()
+    def _heartbeat(self) -> None:
+        """Touch the events file: an entry left untouched for STALE_SECONDS belongs to a dead stage."""
+        while not self._stop.wait(upload.HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(self.entry / upload.EVENTS)
 
     def metric(self, key: str, value: float, step: int) -> None:
-        self._metrics.append((key, float(value), int(time.time() * 1000), int(step)))
-        if self._ready() and time.monotonic() - self._last_flush > FLUSH_SECONDS:
-            try:
-                self._flush()
-            except Exception as error:  # never stop the computation; close() sends what is still pending
-                log.warning("tracking: metrics not sent yet (%s)", " ".join(str(error).split())[:200])
-
-    def _flush(self) -> None:
-        """Send the pending metrics in batches; what a failed batch held stays pending."""
-        from mlflow.entities import Metric
-
-        self._last_flush = time.monotonic()
-        while self._metrics:
-            chunk = self._metrics[:MAX_METRICS_PER_BATCH]
-            self._client.log_batch(self.run_id, metrics=[Metric(*entry) for entry in chunk])
-            del self._metrics[:len(chunk)]
+        self._write(event="metric", key=key, value=float(value), step=int(step))
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
+        """Attach a file; it is copied when the stage ends."""
         self._artifacts.append((Path(path), folder))
 
     def image(self, name: str, draw: Callable[[Path], None], folder: str | None = None) -> None:
-        path = Path(self._scratch.name) / name
-        draw(path)
-        self.artifact(path, folder)
+        file = Path(folder or ".") / name
+        draw(self.entry / upload.FILES / file)
+        self._write(event="artifact", file=str(file), folder=folder)
 
     def close(self, status: str, operative_config: str) -> None:
-        """Send what is pending and end the run with ``status``; a tracking failure here is a warning:
-        the stage's artifacts are the record, the run only shows them."""
+        """Spool the artifacts, the operative config and the end with ``status``; a failure here is a
+        warning: the stage's artifacts are the record, the run only shows them."""
         try:
-            self._thread.join()
-            if self._client is None:  # the background open failed: try once more, here
-                log.debug("tracking: opening the run again after %r", self._error)
-                self._open()
-            self._flush()
-            self._client.log_text(self.run_id, operative_config, "operative_config.gin")
+            files = self.entry / upload.FILES
+            (files / "operative_config.gin").write_text(operative_config)
+            self._write(event="artifact", file="operative_config.gin", folder=None)
             for path, folder in self._artifacts:
                 if path.is_file():
-                    self._client.log_artifact(self.run_id, str(path), folder)
-            self._client.set_terminated(self.run_id, status)
-        except Exception as error:
-            log.warning("tracking: the MLflow run of %s at %s is incomplete: %s", self.stage,
-                        self.destination.uri, " ".join(str(error).split())[:300])
+                    file = Path(folder or ".") / path.name
+                    (files / file).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, files / file)
+                    self._write(event="artifact", file=str(file), folder=folder)
+            self._write(event="end", status=status)
+        except OSError as error:
+            log.warning("tracking: the run of %s is incomplete: %s", self.stage, error)
         finally:
-            self._scratch.cleanup()
+            self._stop.set()
+            self._events.close()
+        start_uploader(self.destination.spool)
+
+
+def start_uploader(spool: Path) -> None:
+    """Start the spool's uploader, detached (its own session; log in the spool), unless one runs."""
+    if upload.uploader_running(spool):
+        return
+    with open(spool / "uploader.log", "a") as uploader_log:
+        subprocess.Popen([sys.executable, "-m", "sslkd.tracking_upload", str(spool)], stdin=subprocess.DEVNULL,
+                         stdout=uploader_log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+
+
+def upload_pending(destination: Target) -> None:
+    """Send what the spool still holds, from this process (before reading the store back)."""
+    if destination.spool is not None:
+        upload.upload_pending(destination.spool)
 
 
 _active: StageRun | None = None
@@ -355,15 +311,16 @@ class Comparison:
 def compare(destination: Target, pipeline: str | None = None) -> Comparison:
     """The latest finished evaluate run of each method in ``pipeline`` (default: the pipeline of the
     most recent evaluate run), read from the tracking store."""
+    upload_pending(destination)
     if destination.uri.startswith("sqlite:///") and not Path(destination.uri.removeprefix("sqlite:///")).is_file():
         raise SslkdError(f"no tracking store {destination.uri.removeprefix('sqlite:///')}: run `dvc repro` first")
-    client = _client(destination.uri)
-    experiment_id = _experiment_id(client, destination, create=False)
+    client = upload.client_for(destination.uri)
+    experiment_id = upload.experiment_id(client, destination.experiment, None, create=False)
     if experiment_id is None:
         raise SslkdError(f"no MLflow experiment {destination.experiment!r} at {destination.uri}")
     query = "tags.`sslkd.stage` LIKE 'evaluate@%' and attributes.status = 'FINISHED'"
     if pipeline:
-        query += " and " + _filter({"sslkd.pipeline": pipeline})
+        query += " and " + upload.tags_filter({"sslkd.pipeline": pipeline})
     runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
     if not runs:
         raise SslkdError(f"no finished evaluate runs in experiment {destination.experiment!r}"

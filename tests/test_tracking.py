@@ -6,15 +6,21 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from sslkd import tracking
+from sslkd import tracking, tracking_upload
 from sslkd.cli import main
 from sslkd.errors import SslkdError
 
 from conftest import make_workspace
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -39,7 +45,9 @@ def study(tmp_path, monkeypatch):
 def stage_runs(study, name: str):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking.target(study, "tiny").uri)
+    destination = tracking.target(study, "tiny")
+    tracking.upload_pending(destination)  # what the background uploader may not have sent yet
+    client = MlflowClient(destination.uri)
     experiment = client.get_experiment_by_name("sslkd-tiny")
     return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
 
@@ -104,6 +112,7 @@ def test_switched_off_no_store_is_written(study, monkeypatch):
     assert main(["init"]) == 2  # fails inside the stage: still no run, no store
     assert (study / "artifacts" / "data" / "dataset.pt").is_file()
     assert not (study / "mlflow.db").exists() and not (study / "mlartifacts").exists()
+    assert not (study / tracking.SPOOL).exists()
 
 
 def test_a_failed_stage_is_marked_failed_and_its_rerun_continues_that_run(study):
@@ -143,12 +152,42 @@ def test_metrics_go_in_batches_of_at_most_1000_and_a_failed_batch_stays_pending(
                 raise OSError("server down")
             self.batches.append([(metric.key, metric.step) for metric in metrics])
 
-    run = tracking.StageRun(tracking.Target("sqlite:///unused.db", "e"), "stage", {}, {}, {})
-    run._client, run.run_id = Store(), "run"
-    for step in range(2500):
-        run.metric("loss", 1.0 / (step + 1), step)
+    store = Store()
+    pending = [("loss", 1.0 / (step + 1), 0, step) for step in range(2500)]
     with pytest.raises(OSError):
-        run._flush()
-    run._flush()
-    assert [len(batch) for batch in run._client.batches] == [1000, 1000, 500] and not run._metrics
-    assert [step for batch in run._client.batches for _, step in batch] == list(range(2500))
+        tracking_upload.send_metrics(store, "run", pending)
+    assert len(pending) == 2500
+    tracking_upload.send_metrics(store, "run", pending)
+    assert [len(batch) for batch in store.batches] == [1000, 1000, 500] and not pending
+    assert [step for batch in store.batches for _, step in batch] == list(range(2500))
+
+
+def test_a_stage_never_imports_mlflow_and_its_run_reaches_the_store_through_the_uploader(study):
+    code = ("import sys; from sslkd.cli import main; status = main(['data']); "
+            "assert 'mlflow' not in sys.modules, 'the stage imported mlflow'; sys.exit(status)")
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode == 0
+    spool = study / tracking.SPOOL
+    deadline = time.monotonic() + 120
+    while tracking_upload.entries(spool) or tracking_upload.uploader_running(spool):  # the uploader's own work
+        assert time.monotonic() < deadline, (spool / "uploader.log").read_text()
+        time.sleep(0.5)
+    [run] = stage_runs(study, "data")
+    assert run.info.status == "FINISHED" and run.data.tags["sslkd.stage"] == "data"
+
+
+def test_an_entry_whose_stage_died_ends_failed_and_a_torn_last_line_waits(study, monkeypatch):
+    destination = tracking.target(study, "tiny")
+    run = tracking.StageRun(destination, "killed", {"sslkd.stage": "killed"}, {}, {"a": "1"})
+    monkeypatch.setattr(tracking, "start_uploader", lambda spool: None)
+    run.start()
+    run.metric("loss", 0.5, 3)
+    run._events.write('{"event": "metric", "key": "lo')  # the stage died mid-write
+    run._events.flush()
+    tracking.upload_pending(destination)  # a live stage: the run is open, the entry stays
+    assert tracking_upload.entries(destination.spool) == [run.entry]
+    [opened] = stage_runs(study, "killed")
+    assert opened.info.status == "RUNNING" and opened.data.metrics == {"loss": 0.5}
+    stale = time.time() - tracking_upload.STALE_SECONDS - 1
+    os.utime(run.entry / tracking_upload.EVENTS, (stale, stale))  # no heartbeat: the stage is gone
+    [failed] = stage_runs(study, "killed")
+    assert failed.info.status == "FAILED" and not tracking_upload.entries(destination.spool)

@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 
+from sslkd import tracking
 from sslkd.cli import main
 
 from conftest import make_workspace
@@ -180,6 +181,7 @@ def test_a_crash_mid_stage_marks_the_run_failed_and_a_rerun_continues_it(pipelin
         diverging = ["distill", "--bind", "sslkd.distill.lr_images = 1e30"]  # the loss turns non-finite
         assert main(diverging) == 2
         assert main(diverging) == 2
+        tracking.upload_pending(tracking.target(crash_study, "tiny"))  # what the uploader may not have sent yet
     experiment = rest(server, "experiments/get-by-name", experiment_name="crash")["experiment"]
     [run] = rest(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
     assert run["info"]["status"] == "FAILED" and tags(run)["sslkd.attempts"] == "2"

@@ -182,6 +182,7 @@ class StageRun:
 
     def image(self, name: str, draw: Callable[[Path], None], folder: str | None = None) -> None:
         file = Path(folder or ".") / name
+        (self.entry / upload.FILES / file).parent.mkdir(parents=True, exist_ok=True)
         draw(self.entry / upload.FILES / file)
         self._write(event="artifact", file=str(file), folder=folder)
 

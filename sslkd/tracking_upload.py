@@ -142,8 +142,9 @@ class Uploader:
         return self.clients[uri]
 
     def upload(self, spool: Path, final: bool) -> int:
-        """One pass over the spool; returns how many entries are still there. ``final``: send every
-        pending metric now, and retry entries that failed recently."""
+        """One pass over the spool; returns how many entries are still there and live (their stage
+        wrote or beat within STALE_SECONDS). ``final``: send every pending metric now, and retry entries
+        that failed recently."""
         spool.mkdir(parents=True, exist_ok=True)
         with open(spool / PASS_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -158,7 +159,7 @@ class Uploader:
                     log.warning("%s: not sent yet (%s)", entry.name, " ".join(str(error).split())[:300])
                     if final:
                         raise
-            return len(entries(spool))
+            return sum(1 for entry in entries(spool) if _live(entry))
 
     def upload_entry(self, entry: Path, final: bool) -> None:
         state_path = entry / STATE
@@ -193,6 +194,13 @@ class Uploader:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+def _live(entry: Path) -> bool:
+    try:
+        return time.time() - (entry / EVENTS).stat().st_mtime <= STALE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
 def _write_json(path: Path, value: Any) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(value))
@@ -207,7 +215,8 @@ def upload_pending(spool: Path) -> None:
 
 
 def serve(spool: Path) -> None:
-    """The uploader's loop: passes over the spool until it has been empty for IDLE_SECONDS."""
+    """The uploader's loop: passes over the spool until no entry has been live for IDLE_SECONDS (what a
+    store that is down leaves behind waits for the next uploader, or ``--drain``)."""
     uploader = Uploader()
     idle_since = time.monotonic()
     while True:

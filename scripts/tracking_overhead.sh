@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Wall and CPU time of the default `dvc repro` with tracking on (embedded SQLite store, created by the
-# run) and off, each in a fresh clone of this repository's HEAD.
+# run) and off, each in a fresh clone of this repository's HEAD. With tracking on, the wall time includes
+# the upload of every run (--drain waits for and sends what is left), and the CPU time adds the detached
+# uploader's own, which it logs when it exits.
 #
 #   scripts/tracking_overhead.sh [ROUNDS]     (default 2: four complete runs of the digits default)
 #
@@ -20,11 +22,25 @@ one_run() {  # $1: on | off, $2: round
     local dir="$work/$1-$2"
     git clone -q "$repo" "$dir"
     # PYTHONPATH: the clone's sslkd even where the installed one is an editable install of another tree
+    # Tracking on: the time includes sending every run (the uploader works while, and after, dvc repro
+    # runs: --drain waits for and sends what is left); the next run starts once the uploader has exited.
+    local command="dvc repro"
+    [ "$1" = on ] && command="dvc repro && python3 -m sslkd.tracking_upload --drain .sslkd-tracking"
     /usr/bin/time -f "%e %U %S" -o "$work/$1-$2.time" \
-        env -C "$dir" SSLKD_TRACKING="$1" PYTHONPATH="$dir" dvc repro >"$work/$1-$2.log" 2>&1 \
+        env -C "$dir" SSLKD_TRACKING="$1" PYTHONPATH="$dir" sh -c "$command" >"$work/$1-$2.log" 2>&1 \
         || { tail -20 "$work/$1-$2.log" >&2; return 1; }
+    if [ "$1" = on ]; then
+        env -C "$dir" PYTHONPATH="$dir" python3 -c "import time; from pathlib import Path
+from sslkd.tracking_upload import uploader_running
+while uploader_running(Path('.sslkd-tracking')): time.sleep(1)"
+        sed -n 's/.*uploader exits: \([0-9.]*\) s CPU.*/\1/p' "$dir/.sslkd-tracking/uploader.log" \
+            | awk '{s += $1} END {print s + 0}' > "$work/$1-$2.uploader_cpu"
+    fi
+    [ -f "$work/$1-$2.uploader_cpu" ] || echo 0 > "$work/$1-$2.uploader_cpu"
     python3 -c "import sys; wall, user, system = map(float, open(sys.argv[1]).read().split()[-3:]); \
-print(f'$1 $2 wall {wall:.1f} s cpu {user + system:.1f} s')" "$work/$1-$2.time"
+uploader = float(open(sys.argv[2]).read()); \
+print(f'$1 $2 wall {wall:.1f} s cpu {user + system + uploader:.1f} s (uploader {uploader:.1f} s)')" \
+        "$work/$1-$2.time" "$work/$1-$2.uploader_cpu"
 }
 
 for round in $(seq "$rounds"); do

@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 fcntl.flock(lock, fcntl.LOCK_UN)
             # A stage that found the lock held just before it was released started no uploader: look again.
             if not entries(spool):
+                log.info("uploader exits: %.2f s CPU", time.process_time())
                 return 0
 
 

@@ -14,7 +14,7 @@
 #                reuses the kept base image and build cache
 #
 # Needs root, apt (docker.io and debootstrap are installed when missing) and ~15 GB of free disk (the
-# image is ~6 GB). Cost on 2 shared cores: ~1 min engine + base image, ~3-5 min build, ~3-5 min study.
+# image is 6.9 GB). Measured on an idle 2-core machine: base image 49 s, build 208 s, study 181 s.
 set -euo pipefail
 
 # The script is one brace group, which bash reads whole before running it: editing this file during

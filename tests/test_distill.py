@@ -31,16 +31,17 @@ def test_functional_unroll_equals_torch_sgd_steps(steps, lr, seed):
     student, layout, images, targets = make_tiny_problem()
     sampler = MinibatchSampler(len(images), 5, torch.Generator().manual_seed(seed))
     batches = [sampler.next() for _ in range(steps)]
-    start = layout.flatten(student)
     steps = KDSteps(student, layout, compile=False)
-    unrolled = unroll_sgd(steps, start, images, targets, torch.tensor(lr), batches, create_graph=False)
-
     optimiser = torch.optim.SGD(student.parameters(), lr=lr)
+    # Step by step from the same θ_k: over several steps, a last-bit difference can cross a ReLU kink
+    # and grow (hypothesis found such a case), which says nothing about the step itself.
     for batch in batches:
+        unrolled = unroll_sgd(steps, layout.flatten(student), images, targets, torch.tensor(lr), [batch],
+                              create_graph=False)
         optimiser.zero_grad()
         kd_mse_loss(student(images[batch]), targets[batch]).backward()
         optimiser.step()
-    torch.testing.assert_close(unrolled.detach(), layout.flatten(student), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(unrolled.detach(), layout.flatten(student), rtol=1e-5, atol=1e-6)
 
 
 def test_unroll_is_differentiable_in_images_representations_and_lr(tiny_problem):

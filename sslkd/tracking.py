@@ -151,7 +151,7 @@ class StageRun:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> "StageRun":
-        spool = self.destination.spool
+        spool = self.destination.spool or Path.cwd().resolve() / SPOOL
         self.entry = spool / f"{time.time_ns():020d}-{os.getpid()}"
         (self.entry / upload.FILES).mkdir(parents=True)
         self._events = open(self.entry / upload.EVENTS, "a")
@@ -205,7 +205,7 @@ class StageRun:
         finally:
             self._stop.set()
             self._events.close()
-        start_uploader(self.destination.spool)
+        start_uploader(self.entry.parent)
 
 
 def start_uploader(spool: Path) -> None:

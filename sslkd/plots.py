@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported on first use: seconds to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +40,7 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 1) -> torch.Te
 def plot_synthetic_set(initial: torch.Tensor, distilled: torch.Tensor, path: Path, max_images: int = 100) -> None:
     """Side-by-side grids of the first ``max_images`` initial and distilled images, both [M, C, H, W]
     in [0, 1] pixel space (clipped), written as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     count = min(len(initial), max_images)
     columns = math.ceil(math.sqrt(count))
     figure, axes = plt.subplots(1, 2, figsize=(10, 5.4))
@@ -57,7 +58,7 @@ def plot_synthetic_set(initial: torch.Tensor, distilled: torch.Tensor, path: Pat
 
 def plot_distillation_curve(matching_losses: list[float], learning_rates: list[float], path: Path) -> None:
     """Matching loss and inner learning rate α against the outer iteration, written as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (loss_axis, lr_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
     loss_axis.plot(range(len(matching_losses)), matching_losses, linewidth=1)
     loss_axis.set_ylabel("matching loss ‖θ_N − θ*‖² / ‖θ₀ − θ*‖²")

@@ -180,25 +180,24 @@ class StageRun:
         """Attach a file; it is copied when the stage ends."""
         self._artifacts.append((Path(path), folder))
 
-    def image(self, name: str, draw: Callable[[Path], None], folder: str | None = None) -> None:
+    def _spool_file(self, write: Callable[[Path], None], name: str, folder: str | None) -> None:
+        """Write an artifact of the run into the entry (``write(path)``) and record it."""
         file = Path(folder or ".") / name
         (self.entry / upload.FILES / file).parent.mkdir(parents=True, exist_ok=True)
-        draw(self.entry / upload.FILES / file)
+        write(self.entry / upload.FILES / file)
         self._write(event="artifact", file=str(file), folder=folder)
+
+    def image(self, name: str, draw: Callable[[Path], None], folder: str | None = None) -> None:
+        self._spool_file(draw, name, folder)
 
     def close(self, status: str, operative_config: str) -> None:
         """Spool the artifacts, the operative config and the end with ``status``; a failure here is a
         warning: the stage's artifacts are the record, the run only shows them."""
         try:
-            files = self.entry / upload.FILES
-            (files / "operative_config.gin").write_text(operative_config)
-            self._write(event="artifact", file="operative_config.gin", folder=None)
+            self._spool_file(lambda copy: copy.write_text(operative_config), "operative_config.gin", None)
             for path, folder in self._artifacts:
                 if path.is_file():
-                    file = Path(folder or ".") / path.name
-                    (files / file).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, files / file)
-                    self._write(event="artifact", file=str(file), folder=folder)
+                    self._spool_file(lambda copy: shutil.copyfile(path, copy), path.name, folder)
             self._write(event="end", status=status)
         except OSError as error:
             log.warning("tracking: the run of %s is incomplete: %s", self.stage, error)

@@ -175,7 +175,7 @@ class Uploader:
             _write_json(state_path, state)
         new = events[max(state["lines"], 1):]
         end = next((event for event in new if event["event"] == "end"), None)
-        stale = end is None and time.time() - (entry / EVENTS).stat().st_mtime > STALE_SECONDS
+        stale = end is None and not _live(entry)
         metrics = [(e["key"], e["value"], e["time"], e["step"]) for e in new if e["event"] == "metric"]
         due = final or end is not None or stale or time.time() - state["flushed"] > FLUSH_SECONDS
         if metrics and due:
@@ -202,6 +202,8 @@ def _live(entry: Path) -> bool:
 
 
 def _write_json(path: Path, value: Any) -> None:
+    """Atomic, like sslkd.artifacts.write_json_atomic, which would import torch into the uploader; one
+    fixed temporary name is enough under the pass lock."""
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(value))
     os.replace(temporary, path)

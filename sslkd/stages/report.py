@@ -7,6 +7,7 @@ import logging
 
 from sslkd import config, tracking
 from sslkd.artifacts import atomic_write, load_json_artifact, write_json_atomic, write_text_atomic
+from sslkd.plots import pyplot
 from sslkd.report import markdown_table, paired_differences, summarise
 from sslkd.workspace import Workspace
 
@@ -14,11 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def plot_accuracy(summary: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
     for method, rows in summary.items():
         fractions = sorted(rows, key=float)

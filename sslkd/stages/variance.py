@@ -20,6 +20,7 @@ from sslkd.artifacts import atomic_write, save_json_artifact
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
 from sslkd.models import ConvNet
+from sslkd.plots import pyplot
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, training_data
@@ -134,11 +135,7 @@ def summarise(variance_config: VarianceConfig, gradients: GradientVariance, runs
 
 
 def plot(results: dict, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figures = []
     figure, axis = plt.subplots(figsize=(5.5, 4))
     grads = results["gradient_variance"]

@@ -153,8 +153,12 @@ class StageRun:
     def start(self) -> "StageRun":
         spool = self.destination.spool or Path.cwd().resolve() / SPOOL
         self.entry = spool / f"{time.time_ns():020d}-{os.getpid()}"
-        (self.entry / upload.FILES).mkdir(parents=True)
-        self._events = open(self.entry / upload.EVENTS, "a")
+        try:
+            (self.entry / upload.FILES).mkdir(parents=True)
+            self._events = open(self.entry / upload.EVENTS, "a")
+        except OSError as error:
+            raise SslkdError(f"cannot write the tracking spool {spool} ({error.strerror or error}): make it "
+                             f"writable, or run with {SWITCH_ENV}=off") from None
         self._write(event="start", uri=self.destination.uri, experiment=self.destination.experiment,
                     artifact_location=self.destination.artifact_location, stage=self.stage,
                     identity=self.identity, tags=self.tags, params=self.params, pid=os.getpid())

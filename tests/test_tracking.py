@@ -106,6 +106,14 @@ def test_an_unreachable_server_fails_before_any_compute_in_one_line(study, monke
     assert not (study / "artifacts").exists()
 
 
+def test_an_unwritable_spool_fails_before_any_compute_in_one_line(study, capsys):
+    (study / tracking.SPOOL).write_text("a file where the spool folder goes")
+    assert main(["data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the tracking spool" in err[0] and "SSLKD_TRACKING=off" in err[0], err
+    assert not (study / "artifacts").exists()
+
+
 def test_switched_off_no_store_is_written(study, monkeypatch):
     assert main(["data", "--no-tracking"]) == 0
     monkeypatch.setenv("SSLKD_TRACKING", "off")

@@ -10,6 +10,7 @@ this one does not (tests/test_evaluation.py).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +26,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """KD pre-training on a set: SGD with momentum and weight decay, constant lr, ``epochs`` passes.
+    """KD pre-training on a set: SGD with momentum and weight decay, constant lr, ``epochs`` passes, or
+    more passes where a set is so small that ``epochs`` would give fewer than ``min_steps`` SGD steps.
 
-    lr is used for every set except MKDT's, which pre-trains with its learned α; compile: torch.compile
-    the training step once per stage.
+    lr is used for every set except MKDT's, which pre-trains with its learned α; min_steps: 0 keeps
+    METHOD.md's protocol (20 epochs whatever the size: 20 steps for 200 images at batch 256); compile:
+    torch.compile the training step once per stage.
     """
 
     epochs: int
@@ -37,10 +40,16 @@ class PretrainConfig:
     momentum: float
     weight_decay: float
     compile: bool
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise SslkdError("pretraining needs epochs >= 0, batch_size >= 1 and lr > 0")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.min_steps < 0:
+            raise SslkdError("pretraining needs epochs >= 0, batch_size >= 1, lr > 0 and min_steps >= 0")
+
+    def epochs_for(self, set_size: int) -> int:
+        """Passes over a set of ``set_size`` images: ``epochs``, raised until at least min_steps steps."""
+        steps_per_epoch = math.ceil(set_size / self.batch_size)
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch)) if self.epochs else 0
 
 
 @dataclass(frozen=True)
@@ -72,10 +81,11 @@ def pretrain_kd(
     layout = ParameterLayout.of(student)
     steps = steps or KDSteps(student, layout, compile=config.compile)
     parameters, losses = layout.flatten(student), []
+    num_epochs = config.epochs_for(len(images))
     epochs = train_kd(steps, parameters, images, targets, lr=lr, momentum=config.momentum,
-                      weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs,
+                      weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=num_epochs,
                       generator=generator)
-    for parameters, _, loss in tqdm(epochs, total=config.epochs, desc="pre-train", leave=False, disable=None):
+    for parameters, _, loss in tqdm(epochs, total=num_epochs, desc="pre-train", leave=False, disable=None):
         losses.append(loss)
     layout.load_into(student, parameters)
     return losses

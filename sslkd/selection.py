@@ -1,5 +1,6 @@
 """Which real images start the synthetic set: the highest-KD-loss examples under the epoch-1 experts
-(MKDT's initialisation), or a seeded random subset."""
+(MKDT's initialisation; over the whole set, or per class, which reads the labels), or a seeded random
+subset."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sslkd.losses import per_example_kd_loss
 from sslkd.models import ConvNet, ParameterLayout
 
 INIT_METHODS = ("high_loss", "random")
+HIGH_LOSS_SCOPES = ("global", "per_class")
 
 
 @torch.no_grad()
@@ -45,6 +47,35 @@ def high_loss_indices(losses: torch.Tensor, size: int) -> torch.Tensor:
         raise SslkdError(f"synthetic set size {size} must lie in 1..{len(losses)} (the training images)")
     ranked = torch.sort(losses, descending=True, stable=True).indices
     return torch.sort(ranked[:size]).values
+
+
+def class_balanced_high_loss_indices(losses: torch.Tensor, labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of the highest losses [N] within each class of ``labels`` [N], in dataset order.
+
+    Every class gets size // C examples; the size % C left over go to the classes in label order. A class
+    with fewer members than its share gives all it has and the rest goes to the next ranked examples
+    overall, so exactly ``size`` distinct indices come back.
+    """
+    if not 0 < size <= len(losses):
+        raise SslkdError(f"synthetic set size {size} must lie in 1..{len(losses)} (the training images)")
+    if labels.shape != losses.shape:
+        raise SslkdError(f"labels {tuple(labels.shape)} and losses {tuple(losses.shape)} must have the same shape")
+    classes = torch.unique(labels, sorted=True)
+    share, extra = divmod(size, len(classes))
+    chosen = []
+    for position, label in enumerate(classes.tolist()):
+        members = torch.nonzero(labels == label).flatten()
+        quota = share + (1 if position < extra else 0)
+        ranked = members[torch.sort(losses[members], descending=True, stable=True).indices]
+        chosen.append(ranked[:quota])
+    picked = torch.cat(chosen)
+    if len(picked) < size:  # small classes: top up with the highest remaining losses overall
+        remaining = torch.ones(len(losses), dtype=torch.bool)
+        remaining[picked] = False
+        candidates = torch.nonzero(remaining).flatten()
+        ranked = candidates[torch.sort(losses[candidates], descending=True, stable=True).indices]
+        picked = torch.cat([picked, ranked[: size - len(picked)]])
+    return torch.sort(picked).values
 
 
 def random_indices(count: int, size: int, generator: torch.Generator) -> torch.Tensor:

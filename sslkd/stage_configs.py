@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sslkd.errors import SslkdError
 from sslkd.evaluation import PretrainConfig, ProbeConfig
 from sslkd.models import ConvNetConfig
-from sslkd.selection import INIT_METHODS
+from sslkd.selection import HIGH_LOSS_SCOPES, INIT_METHODS
 
 METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt")
 
@@ -21,15 +21,21 @@ class RepresentConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """size: M, the synthetic set's size; method: high_loss | random; seed: for ``random``."""
+    """size: M, the synthetic set's size; method: high_loss | random (which set starts distillation);
+    high_loss_scope: global (the M highest losses, METHOD.md) | per_class (the highest M/C of each class:
+    uses the labels, which an SSL pipeline otherwise never reads); seed: for ``random``."""
 
     size: int
     method: str
+    high_loss_scope: str
     seed: int
 
     def __post_init__(self) -> None:
         if self.method not in INIT_METHODS:
             raise SslkdError(f"unknown init method {self.method!r}; choose one of {', '.join(INIT_METHODS)}")
+        if self.high_loss_scope not in HIGH_LOSS_SCOPES:
+            raise SslkdError(
+                f"unknown init.high_loss_scope {self.high_loss_scope!r}; choose one of {', '.join(HIGH_LOSS_SCOPES)}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sslkd.datasets import Normalisation, class_balanced_split, load_digits_images
-from sslkd.evaluation import ProbeConfig, labelled_subset, linear_probe_accuracy, trunk_features
+from sslkd.errors import SslkdError
+from sslkd.evaluation import PretrainConfig, ProbeConfig, labelled_subset, linear_probe_accuracy, pretrain_kd, trunk_features
 from sslkd.experts import build_student
 from sslkd.models import ConvNetConfig
 
@@ -51,3 +52,27 @@ def test_labelled_subset_is_stratified_seeded_and_shared():
     assert torch.bincount(labels[first]).tolist() == [5] * 10
     assert torch.equal(first, labelled_subset(labels, 0.1, torch.Generator().manual_seed(4)))
     assert torch.bincount(labels[labelled_subset(labels, 0.001, torch.Generator())]).tolist() == [1] * 10
+
+
+def _pretrain_config(epochs: int, min_steps: int) -> PretrainConfig:
+    return PretrainConfig(epochs=epochs, batch_size=4, lr=0.05, momentum=0.9, weight_decay=1e-4, compile=False,
+                          min_steps=min_steps)
+
+
+def test_min_steps_raises_the_epochs_of_small_sets_only():
+    config = _pretrain_config(epochs=2, min_steps=12)
+    assert config.epochs_for(4) == 12  # one batch an epoch: 12 epochs give 12 steps
+    assert config.epochs_for(10) == 4  # three batches an epoch (4 + 4 + 2)
+    assert config.epochs_for(400) == 2  # 100 batches an epoch: the configured epochs already exceed it
+    assert _pretrain_config(epochs=2, min_steps=0).epochs_for(4) == 2
+    assert _pretrain_config(epochs=0, min_steps=12).epochs_for(4) == 0  # no pre-training stays none
+    with pytest.raises(SslkdError, match="min_steps"):
+        _pretrain_config(epochs=2, min_steps=-1)
+
+
+def test_pretraining_runs_the_raised_number_of_epochs():
+    student = build_student(ConvNetConfig(width=4, depth=1), (1, 8, 8), 3, seed=0)
+    images, targets = torch.randn(6, 1, 8, 8), torch.randn(6, 3)
+    losses = pretrain_kd(student, images, targets, 0.05, _pretrain_config(epochs=1, min_steps=5),
+                         torch.Generator().manual_seed(0))
+    assert len(losses) == 3  # two batches an epoch, at least five steps

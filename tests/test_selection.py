@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 
 from sslkd.errors import SslkdError
-from sslkd.selection import high_loss_indices, mean_expert_kd_loss, random_indices
+from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
 
 
 @given(st.lists(st.integers(0, 5), min_size=2, max_size=60), st.data())
@@ -47,3 +47,25 @@ def test_random_indices_are_distinct_sorted_and_seeded():
 def test_subset_size_must_fit(size):
     with pytest.raises(SslkdError, match="must lie in"):
         high_loss_indices(torch.rand(10), size)
+
+
+def test_class_balanced_high_loss_takes_each_class_top_share_in_dataset_order():
+    losses = torch.tensor([9.0, 1.0, 8.0, 2.0, 3.0, 7.0, 0.5, 6.0])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    # global top 4 would be class 0's 9, 8 and class 1's 7, 6; per class: two of each
+    assert class_balanced_high_loss_indices(losses, labels, 4).tolist() == [0, 2, 5, 7]
+    # odd size: the extra one goes to the first class
+    assert class_balanced_high_loss_indices(losses, labels, 3).tolist() == [0, 2, 5]
+
+
+def test_class_balanced_high_loss_tops_up_small_classes_to_the_exact_size():
+    losses = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 10.0])
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])
+    picked = class_balanced_high_loss_indices(losses, labels, 4)
+    assert picked.tolist() == [0, 1, 2, 5]
+    assert len(set(picked.tolist())) == 4
+
+
+def test_class_balanced_high_loss_refuses_mismatched_labels():
+    with pytest.raises(SslkdError, match="same shape"):
+        class_balanced_high_loss_indices(torch.rand(5), torch.zeros(4, dtype=torch.long), 2)

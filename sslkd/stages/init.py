@@ -9,7 +9,7 @@ from __future__ import annotations
 from sslkd import config
 from sslkd.artifacts import save_artifact
 from sslkd.seeding import generator
-from sslkd.selection import high_loss_indices, mean_expert_kd_loss, random_indices
+from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
 from sslkd.stages.inputs import expert_trajectories, representations, training_data
 from sslkd.workspace import Workspace
 
@@ -20,7 +20,10 @@ def main(workspace: Workspace) -> None:
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=1)
     losses = mean_expert_kd_loss(experts.student, experts.layout, experts.snapshots[:, 1], data.images, targets)
-    high_loss = high_loss_indices(losses, init_config.size)
+    if init_config.high_loss_scope == "per_class":
+        high_loss = class_balanced_high_loss_indices(losses, data.labels, init_config.size)
+    else:
+        high_loss = high_loss_indices(losses, init_config.size)
     random = random_indices(len(data.images), init_config.size, generator(init_config.seed))
     save_artifact(
         workspace.init_indices,
@@ -34,5 +37,5 @@ def main(workspace: Workspace) -> None:
         },
         config=config.operative_config(),
         inputs={"representations": workspace.representations, "trajectories": workspace.trajectories},
-        extra={"size": init_config.size, "method": init_config.method},
+        extra={"size": init_config.size, "method": init_config.method, "high_loss_scope": init_config.high_loss_scope},
     )

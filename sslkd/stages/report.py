@@ -1,5 +1,10 @@
 """``sslkd report``: results/summary.json, results/summary.md, results/paired_differences.json and a plot
-of accuracy against label fraction, from every method's evaluation."""
+of accuracy against label fraction, from every method's evaluation.
+
+summary.json maps each method and each paired difference ("mkdt - random", "mkdt - high_loss",
+"mkdt - no_pretrain": MKDT's run at an evaluation seed minus the baseline's run at that seed, for every
+distilled set) to ``{label_fraction: {"mean", "std", "n"}}``.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ def main(workspace: Workspace) -> None:
         for baseline in ("random", "high_loss", "no_pretrain") if "mkdt" in runs and baseline in runs
     }
     results = workspace.results
-    write_json_atomic(results / "summary.json", summary)
+    # summary.json: every method, then each paired difference under its name ("mkdt - random"), same schema
+    write_json_atomic(results / "summary.json", {**summary, **paired})
     write_json_atomic(results / "paired_differences.json", paired)
     table = markdown_table(summary, paired)
     write_text_atomic(results / "summary.md", "# sslkd results: linear-probe accuracy (%)\n\n" + table)

@@ -1,6 +1,7 @@
 """Benchmark of sslkd's inner loops on this machine, in one run: trajectory-matching iterations
-(full vs adjoint unroll, eager and compiled) at two syn_steps, expert training (eager vs compiled),
-and a dense-matmul GFLOP/s reference that says how close to the machine's limit they run.
+(full vs adjoint unroll, eager and compiled, the adjoint keeping all or every ⌈√N⌉-th snapshot) at two
+syn_steps, expert training (eager vs compiled), and a dense-matmul GFLOP/s reference that says how close
+to the machine's limit they run.
 
     python benchmarks/run.py --out benchmark.json                  # CPU: width 32, batch 64, 32×32, D 512
     python benchmarks/run.py --out benchmark.json --threads 1      # CPU shared with other work (below)
@@ -12,8 +13,12 @@ is; ``time_basis`` in the JSON says which. Compile seconds are the first call mi
 a fresh (cold) inductor cache per worker. Every measurement runs in a fresh subprocess (``--worker``) so that peak memory is its own: on CPU the
 peak RSS (VmHWM) after a warm-up iteration, the heap trimmed (malloc_trim) and the peak reset
 (/proc/self/clear_refs), minus the RSS at that moment; on CUDA torch.cuda.max_memory_allocated minus
-the allocated memory at the same point. FLOPs are counted with torch.utils.flop_counter.FlopCounterMode
-on one eager call (the compiled variant does the same arithmetic).
+the allocated memory at the same point. On CPU that peak (``peak_mb``) includes what glibc's allocator
+keeps of freed blocks, which varies by ±15 MB from call to call here; ``peak_live_mb`` is the same
+measurement in a second worker whose allocator returns every freed block of 128 KiB or more at once
+(MALLOC_MMAP_THRESHOLD_): the memory the computation holds, within a few MB from run to run, but with
+allocation too slow to time (on CUDA both are the allocated peak). FLOPs are counted with
+torch.utils.flop_counter.FlopCounterMode on one eager call (the compiled variant does the same arithmetic).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -39,7 +45,14 @@ from sslkd.kd_steps import KDSteps  # noqa: E402
 from sslkd.models import ConvNetConfig, ParameterLayout  # noqa: E402
 from sslkd.unroll import match_trajectory  # noqa: E402
 
-VARIANTS = {"full": ("full", False), "adjoint": ("adjoint", False), "adjoint_compiled": ("adjoint", True)}
+VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots)
+    "full": ("full", False, "all"),
+    "adjoint": ("adjoint", False, "all"),
+    "adjoint_compiled": ("adjoint", True, "all"),
+    "adjoint_sqrt": ("adjoint", False, "sqrt"),
+    "adjoint_compiled_sqrt": ("adjoint", True, "sqrt"),
+}
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: mmap (and unmap when freed) blocks ≥ 128 KiB
 PRESETS = {  # width, batch_syn, synthetic set size M, image size, D, syn_steps, expert batch
     "cpu": dict(width=32, batch=64, size=256, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256),
     "paper": dict(width=128, batch=256, size=1000, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256),
@@ -126,9 +139,10 @@ def student_for(args: argparse.Namespace, device: torch.device):
     return student.to(device), ParameterLayout.of(student)
 
 
-def distill_worker(args: argparse.Namespace, device: torch.device) -> dict:
-    """s/iteration and peak memory of trajectory-matching iterations (gradients of X, Y, α)."""
-    unroll, compiled = VARIANTS[args.variant]
+def distill_iteration(args: argparse.Namespace, device: torch.device, compiled: bool) -> Callable[[], None]:
+    """One trajectory-matching iteration of ``args.variant`` (gradients of X, Y, α), on tensors seeded alike
+    for every call."""
+    unroll, _, snapshots = VARIANTS[args.variant]
     generator = torch.Generator().manual_seed(0)
     student, layout = student_for(args, device)
     steps = KDSteps(student, layout, compile=compiled)
@@ -143,16 +157,29 @@ def distill_worker(args: argparse.Namespace, device: torch.device) -> dict:
     def iteration() -> None:
         for tensor in (images, representations, lr):
             tensor.grad = None
-        match_trajectory(unroll, steps, start, target, images, representations, lr, batches)
+        match_trajectory(unroll, steps, start, target, images, representations, lr, batches, snapshots)
 
+    return iteration
+
+
+def distill_worker(args: argparse.Namespace, device: torch.device) -> dict:
+    """s/iteration and peak memory of trajectory-matching iterations (gradients of X, Y, α)."""
+    iteration = distill_iteration(args, device, VARIANTS[args.variant][1])
     first = timed(iteration, 1, device)  # the warm-up compiles the compiled variant
     baseline = reset_peak_memory(device)
     steady = timed(iteration, args.iterations, device)
     peak = peak_memory(device) - baseline
-    eager_unroll = KDSteps(student, layout, compile=False)
-    flops = count_flops(lambda: match_trajectory(unroll, eager_unroll, start, target, images, representations,
-                                                 lr, batches))
+    flops = count_flops(distill_iteration(args, device, compiled=False))
     return {"first": first, "steady": steady, "peak_mb": peak, "gflop": flops / 1e9}
+
+
+def distill_memory_worker(args: argparse.Namespace, device: torch.device) -> dict:
+    """Peak memory of one iteration after a warm-up: run with LIVE_MEMORY_ENV, the memory it holds."""
+    iteration = distill_iteration(args, device, VARIANTS[args.variant][1])
+    iteration()
+    baseline = reset_peak_memory(device)
+    iteration()
+    return {"peak_live_mb": peak_memory(device) - baseline}
 
 
 def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
@@ -185,24 +212,39 @@ def matmul_seconds(device: torch.device, size: int = 2048, repeats: int = 10) ->
     return 2 * size**3 / 1e9, timed(lambda: a @ b, repeats, device)
 
 
+WORKERS = {"distill": distill_worker, "distill_memory": distill_memory_worker, "experts": experts_worker}
+
+
 # --- driver ------------------------------------------------------------------------------------------
 
-def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int = 0) -> dict:
+def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int = 0,
+               cache: str | None = None, env: dict[str, str] | None = None) -> dict:
+    """The JSON a ``--worker kind`` subprocess prints; ``cache``: its inductor cache (default: a fresh one)."""
+    if cache is None:
+        with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as fresh:  # a cold compile
+            return run_worker(args, kind, variant, syn_steps, fresh, env)
     command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--syn-steps", str(syn_steps),
                "--device", args.device, "--width", str(args.width), "--batch", str(args.batch),
                "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
                "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
                "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
-    env = {**os.environ}
+    env = {**os.environ, **(env or {})}
     if torch.get_num_threads() == 1:  # the CPU-time basis: the C++ compiler runs as a waited-for child, so its time counts
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     # (otherwise inductor's default compile workers, as in a stage run)
-    with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as cache:  # every compile is a cold one
-        result = subprocess.run(command, capture_output=True, text=True,
-                                env={**env, "TORCHINDUCTOR_CACHE_DIR": cache})
+    result = subprocess.run(command, capture_output=True, text=True, env={**env, "TORCHINDUCTOR_CACHE_DIR": cache})
     if result.returncode != 0:
         sys.exit(f"worker {kind}/{variant}/{syn_steps} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_distill(args: argparse.Namespace, variant: str, syn_steps: int) -> dict:
+    """The timing worker (a cold compile), then (CPU) the live-memory worker on its warm inductor cache."""
+    with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as cache:
+        timing = run_worker(args, "distill", variant, syn_steps, cache)
+        if args.device != "cpu":
+            return {**timing, "peak_live_mb": timing["peak_mb"]}
+        return {**timing, **run_worker(args, "distill_memory", variant, syn_steps, cache, LIVE_MEMORY_ENV)}
 
 
 def summarise(basis: str, distill: dict, experts: dict, stage_images: int) -> tuple[dict, dict]:
@@ -213,7 +255,8 @@ def summarise(basis: str, distill: dict, experts: dict, stage_images: int) -> tu
         for steps, raw in by_steps.items():
             seconds = raw["steady"][basis]
             summary[variant][steps] = {
-                "s_per_iter": seconds, "peak_mb": raw["peak_mb"], "gflop_per_iter": raw["gflop"],
+                "s_per_iter": seconds, "peak_mb": raw["peak_mb"], "peak_live_mb": raw["peak_live_mb"],
+                "gflop_per_iter": raw["gflop"],
                 "gflops": raw["gflop"] / seconds, "compile_s": max(raw["first"][basis] - seconds, 0.0),
                 "wall_s_per_iter": raw["steady"]["wall"], "cpu_s_per_iter": raw["steady"]["cpu"],
             }
@@ -235,11 +278,12 @@ def table(results: dict) -> str:
     lines = [f"machine: {results['machine']}, {results['threads']} torch thread(s), torch {results['torch']}; "
              f"load average before / after: {results['load_before']} / {results['load_after']}",
              f"times: {results['time_basis']} seconds; dense matmul: {peak:.1f} GFLOP/s", "",
-             "| distill variant | syn_steps | s / iteration | peak MB | compile s | GFLOP/s | % of matmul |",
-             "|---|---|---|---|---|---|---|"]
+             "| distill variant | syn_steps | s / iteration | peak MB | peak live MB | compile s | GFLOP/s "
+             "| % of matmul |", "|---|---|---|---|---|---|---|---|"]
     for variant, by_steps in results["distill"].items():
         for steps, r in by_steps.items():
-            lines.append(f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {r['peak_mb']:.0f} | {r['compile_s']:.0f} | "
+            lines.append(f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {r['peak_mb']:.0f} | "
+                         f"{r['peak_live_mb']:.0f} | {r['compile_s']:.0f} | "
                          f"{r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% |")
     e = results["experts"]
     lines += ["", "| expert training | images/s | GFLOP/s | % of matmul | compile s |", "|---|---|---|---|---|",
@@ -259,7 +303,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--syn-steps", type=int, nargs="+")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--worker", choices=["distill", "experts"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -271,15 +315,14 @@ def main() -> None:
             setattr(args, key, value)
     if args.worker:
         args.syn_steps = args.syn_steps[0]
-        worker = distill_worker if args.worker == "distill" else experts_worker
-        print(json.dumps(worker(args, device)))
+        print(json.dumps(WORKERS[args.worker](args, device)))
         return
     if args.out is None:
         parser.error("--out is required")
     basis = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     matmul_gflop, matmul = matmul_seconds(device)
-    distill = {variant: {str(n): run_worker(args, "distill", variant, n) for n in args.syn_steps} for variant in VARIANTS}
+    distill = {variant: {str(n): run_distill(args, variant, n) for n in args.syn_steps} for variant in VARIANTS}
     experts = {kind: run_worker(args, "experts", kind) for kind in ("eager", "compiled")}
     summary, experts_summary = summarise(basis, distill, {**experts, "batch": args.expert_batch}, STAGE_IMAGES[preset])
     results = {

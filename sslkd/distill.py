@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ConvNet, ParameterLayout
-from sslkd.unroll import UNROLLS, match_trajectory
+from sslkd.unroll import SNAPSHOTS, UNROLLS, match_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ class DistillConfig:
     lr_init: initial inner lr α; lr_min: floor that keeps α positive; learn_representations: False freezes
     the targets at their initial (teacher) values; unroll: how gradients reach X, Y, α through the inner
     steps (``adjoint``: exact, memory independent of syn_steps; ``full``: the autograd reference, see
-    sslkd/unroll.py); compile: torch.compile the adjoint's inner step and gradient-of-gradient once per
-    run (the full unroll is always eager); seeds: one synthetic set per seed.
+    sslkd/unroll.py); adjoint_snapshots: which inner-step snapshots the adjoint keeps (``all``: the N
+    snapshots, fastest; ``sqrt``: every ⌈√N⌉-th, recomputing the others segment by segment in the
+    backward sweep — bit-identical gradients, ≈ 2√N snapshots alive instead of N, for fewer than N extra
+    inner SGD steps; ignored by the full unroll); compile: torch.compile the adjoint's inner step and
+    gradient-of-gradient once per run (the full unroll is always eager); seeds: one synthetic set per seed.
     """
 
     iterations: int
@@ -56,12 +59,16 @@ class DistillConfig:
     lr_min: float
     learn_representations: bool
     unroll: str
+    adjoint_snapshots: str
     compile: bool
     seeds: tuple[int, ...]
 
     def __post_init__(self) -> None:
         if self.unroll not in UNROLLS:
             raise SslkdError(f"unknown unroll {self.unroll!r}; choose one of {', '.join(UNROLLS)}")
+        if self.adjoint_snapshots not in SNAPSHOTS:
+            raise SslkdError(
+                f"unknown adjoint_snapshots {self.adjoint_snapshots!r}; choose one of {', '.join(SNAPSHOTS)}")
         if min(self.iterations, self.syn_steps, self.expert_epochs, self.max_start_epoch, self.batch_syn) < 1:
             raise SslkdError("iterations, syn_steps, expert_epochs, max_start_epoch and batch_syn must be >= 1")
         if not 0 < self.lr_min <= self.lr_init:
@@ -197,7 +204,8 @@ def distill(
         batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]
         for optimiser in optimisers:
             optimiser.zero_grad(set_to_none=True)
-        loss = match_trajectory(config.unroll, steps, start, target, images, representations, lr, batches)
+        loss = match_trajectory(config.unroll, steps, start, target, images, representations, lr, batches,
+                                config.adjoint_snapshots)
         if not torch.isfinite(loss):
             raise SslkdError(
                 f"matching loss became {loss.item()} at iteration {iteration}: lower distill.lr_images or lr_lr"

@@ -49,10 +49,11 @@ class KDSteps:
 
     Compiled, the training and inner SGD steps run the KD loss compiled by ``torch.compile`` (its backward
     compiled by AOTAutograd) on channels-last images, and the gradient-of-gradient runs compiled
-    ``torch.func.vjp(torch.func.grad(loss))`` (a compiled graph cannot be differentiated twice); on this
-    CPU these were the fastest of the variants tried (README "Performance"). Compiled steps are
-    specialised to the shapes of their first call (one compile each); a minibatch of another size — the
-    short last batch of an epoch — runs eagerly.
+    ``torch.func.vjp(torch.func.grad(loss))`` (a compiled graph cannot be differentiated twice), also on
+    channels-last images; on this CPU these were the fastest of the variants tried (README "Performance":
+    reverse-over-forward, ``grad`` of a ``jvp``, and one graph for the whole SGD step were slower).
+    Compiled steps are specialised to the shapes of their first call (one compile each); a minibatch of
+    another size — the short last batch of an epoch — runs eagerly.
     """
 
     def __init__(self, student: ConvNet, layout: ParameterLayout, compile: bool) -> None:
@@ -111,6 +112,7 @@ class KDSteps:
         ∂⟨λ, g⟩/∂X_b [B, C, H, W], ∂⟨λ, g⟩/∂Y_b [B, D]).
         """
         if self._use_compiled("gog", images):
+            images = images.contiguous(memory_format=torch.channels_last)
             return tuple(t.detach() for t in self._compiled["gog"](parameters, images, targets, cotangent))
         parameters, images, targets = (t.detach().requires_grad_(True) for t in (parameters, images, targets))
         (gradient,) = torch.autograd.grad(self.loss(parameters, images, targets), parameters, create_graph=True)

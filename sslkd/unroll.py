@@ -9,18 +9,29 @@
   reordered, so the gradients are the same (tests/test_unroll.py); TESLA's published variant drops the
   cross-step terms H_k and is not exact.
 
+  ``snapshots`` says which θ_k the forward sweep keeps: ``all`` keeps the N snapshots; ``sqrt`` keeps
+  every s-th (s = ⌈√N⌉, the checkpoints) and those of the last checkpoint segment, and the backward
+  sweep recomputes the other segments θ_{js}..θ_{js+s−1} one at a time from their checkpoints with the
+  same minibatches and α, so at most ⌈N/s⌉ + s − 1 ≈ 2√N snapshots are alive, for fewer than N extra
+  inner SGD steps (N − ⌈N/s⌉ − the last segment's length + 1). The recomputation runs the same step on
+  the same tensors as the forward sweep, so the snapshots, and the gradients, are bit-identical.
+
 Both accumulate into ``.grad`` of the tensors that require it, as ``loss.backward()`` would, and return
 the loss, so the outer optimisers do not care which unroll ran.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
 from sslkd.losses import trajectory_matching_loss
 
 UNROLLS = ("full", "adjoint")
+SNAPSHOTS = ("all", "sqrt")  # which θ_k the adjoint's forward sweep keeps (module doc)
 
 
 def unroll_sgd(
@@ -63,31 +74,58 @@ def full_matching(
     return loss.detach()
 
 
+def checkpoint_interval(num_steps: int, snapshots: str) -> int:
+    """s: the adjoint's forward sweep keeps θ_k for k = 0, s, 2s, … < N (1 for ``all``, ⌈√N⌉ for ``sqrt``)."""
+    if snapshots not in SNAPSHOTS:
+        raise SslkdError(f"unknown adjoint snapshots {snapshots!r}; choose one of {', '.join(SNAPSHOTS)}")
+    return 1 if snapshots == "all" else math.isqrt(max(num_steps - 1, 0)) + 1
+
+
+def sgd_steps(
+    steps: KDSteps, start: torch.Tensor, images: torch.Tensor, representations: torch.Tensor,
+    lr: torch.Tensor, batches: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """θ_0..θ_n for the n = len(batches) given minibatches, without a graph: start θ_0 [P]; images
+    [M, C, H, W], representations [M, D] and lr α (scalar) detached. Returns n + 1 tensors [P]; the same
+    inputs give bit-identical snapshots (the checkpointed adjoint's recomputation relies on it)."""
+    snapshots = [start]
+    for batch in batches:
+        snapshots.append(steps.sgd_step(snapshots[-1], images[batch], representations[batch], lr))
+    return snapshots
+
+
 def adjoint_matching(
     steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
-    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor],
+    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: str = "all",
 ) -> torch.Tensor:
     """The matching loss and its exact gradients by the adjoint recursion (module doc), accumulated into
     ``.grad`` of images X [M, C, H, W], representations Y [M, D] and lr α (scalar) where they require it.
 
-    start θ₀, target θ* [P] (constants); batches: one index tensor per inner step.
+    start θ₀, target θ* [P] (constants); batches: one index tensor per inner step; snapshots: ``all``
+    or ``sqrt`` (checkpointed: ≈ 2√N snapshots alive instead of N, for fewer than N extra inner steps).
     """
     alpha, data, targets = lr.detach(), images.detach(), representations.detach()
-    snapshots = [start.detach()]  # θ_0..θ_{N-1}: all the forward pass keeps
-    for batch in batches[:-1]:
-        snapshots.append(steps.sgd_step(snapshots[-1], data[batch], targets[batch], alpha))
-    end = steps.sgd_step(snapshots[-1], data[batches[-1]], targets[batches[-1]], alpha).requires_grad_(True)
+    interval = checkpoint_interval(len(batches), snapshots)
+    segments = [batches[first:first + interval] for first in range(0, len(batches), interval)]
+    checkpoints = [start.detach()]  # θ_0, θ_s, θ_2s, …: what the forward sweep keeps of all but the last segment
+    for segment in segments[:-1]:
+        checkpoints.append(sgd_steps(steps, checkpoints[-1], data, targets, alpha, segment)[-1])
+    segment_snapshots = sgd_steps(steps, checkpoints.pop(), data, targets, alpha, segments[-1])  # kept
+    end = segment_snapshots.pop().requires_grad_(True)
     loss = trajectory_matching_loss(end, start.detach(), target.detach())
     (adjoint,) = torch.autograd.grad(loss, end)
     grad_images, grad_targets = torch.zeros_like(data), torch.zeros_like(targets)
     grad_lr = torch.zeros_like(alpha)
-    for parameters, batch in zip(reversed(snapshots), reversed(batches)):
-        gradient, hvp, d_images, d_targets = steps.gradient_of_gradient(
-            parameters, data[batch], targets[batch], adjoint)
-        grad_lr -= torch.dot(adjoint, gradient)
-        grad_images.index_add_(0, batch, d_images)  # × −α at the end: α is the same in every step
-        grad_targets.index_add_(0, batch, d_targets)
-        adjoint = adjoint - alpha * hvp
+    for segment in reversed(segments):
+        if not segment_snapshots:  # θ_js..θ_js+s−1, recomputed from the segment's checkpoint
+            segment_snapshots = sgd_steps(steps, checkpoints.pop(), data, targets, alpha, segment[:-1])
+        for batch in reversed(segment):
+            gradient, hvp, d_images, d_targets = steps.gradient_of_gradient(
+                segment_snapshots.pop(), data[batch], targets[batch], adjoint)
+            grad_lr -= torch.dot(adjoint, gradient)
+            grad_images.index_add_(0, batch, d_images)  # × −α at the end: α is the same in every step
+            grad_targets.index_add_(0, batch, d_targets)
+            adjoint = adjoint - alpha * hvp
     _accumulate(images, -alpha * grad_images)
     _accumulate(representations, -alpha * grad_targets)
     _accumulate(lr, grad_lr)
@@ -96,8 +134,12 @@ def adjoint_matching(
 
 def match_trajectory(
     unroll: str, steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
-    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor],
+    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: str = "all",
 ) -> torch.Tensor:
-    """The matching loss of one segment with gradients accumulated into X, Y, α by the chosen unroll."""
-    match = {"full": full_matching, "adjoint": adjoint_matching}[unroll]
-    return match(steps, start, target, images, representations, lr, batches)
+    """The matching loss of one segment with gradients accumulated into X, Y, α by the chosen unroll;
+    ``snapshots`` (``all`` | ``sqrt``) is the adjoint's (the full unroll keeps its whole graph anyway)."""
+    if unroll == "adjoint":
+        return adjoint_matching(steps, start, target, images, representations, lr, batches, snapshots)
+    if unroll == "full":
+        return full_matching(steps, start, target, images, representations, lr, batches)
+    raise SslkdError(f"unknown unroll {unroll!r}; choose one of {', '.join(UNROLLS)}")

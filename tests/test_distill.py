@@ -19,8 +19,8 @@ def config(**overrides) -> DistillConfig:
     values = dict(
         iterations=4, syn_steps=3, expert_epochs=1, max_start_epoch=2, batch_syn=4, lr_images=10.0,
         momentum_images=0.5, lr_representations=1.0, momentum_representations=0.5, lr_lr=1e-4,
-        momentum_lr=0.5, lr_init=0.05, lr_min=1e-4, learn_representations=True, unroll="adjoint", compile=False,
-        seeds=(0,),
+        momentum_lr=0.5, lr_init=0.05, lr_min=1e-4, learn_representations=True, unroll="adjoint",
+        adjoint_snapshots="all", compile=False, seeds=(0,),
     )
     return DistillConfig(**{**values, **overrides})
 
@@ -134,7 +134,19 @@ def test_too_short_trajectories_are_refused(tiny_problem):
                 torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("field, value", [("unroll", "tesla"), ("lr_min", 0.0), ("iterations", 0), ("seeds", ())])
+def test_checkpointed_snapshots_give_the_same_distillation(tiny_problem):
+    student, layout, images, targets = tiny_problem
+    trajectories = fake_trajectories(student, layout, images, targets)
+    runs = [distill(student, layout, trajectories, images[:6], targets[:6],
+                    config(syn_steps=5, adjoint_snapshots=snapshots), torch.Generator().manual_seed(7))
+            for snapshots in ("all", "sqrt")]
+    assert torch.equal(runs[0].images, runs[1].images)
+    assert torch.equal(runs[0].representations, runs[1].representations)
+    assert runs[0].lr == runs[1].lr and runs[0].matching_losses == runs[1].matching_losses
+
+
+@pytest.mark.parametrize("field, value", [("unroll", "tesla"), ("lr_min", 0.0), ("iterations", 0), ("seeds", ()),
+                                          ("adjoint_snapshots", "checkpointed")])
 def test_invalid_distill_config_is_refused(field, value):
     with pytest.raises(SslkdError):
         config(**{field: value})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -11,7 +14,8 @@ from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps, train_kd
 from sslkd.losses import kd_mse_loss
 from sslkd.models import ConvNetConfig, ParameterLayout
-from sslkd.unroll import match_trajectory
+from sslkd.errors import SslkdError
+from sslkd.unroll import SNAPSHOTS, checkpoint_interval, match_trajectory
 
 
 def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):
@@ -26,25 +30,27 @@ def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):
     return student, layout, start, target, images, targets, generator
 
 
-def matching_gradients(unroll, steps, start, target, images, targets, lr, batches, learn_targets=True):
+def matching_gradients(unroll, steps, start, target, images, targets, lr, batches, learn_targets=True,
+                       snapshots="all"):
     images = images.clone().requires_grad_(True)
     targets = targets.clone().requires_grad_(learn_targets)
     lr = lr.clone().requires_grad_(True)
-    loss = match_trajectory(unroll, steps, start, target, images, targets, lr, batches)
+    loss = match_trajectory(unroll, steps, start, target, images, targets, lr, batches, snapshots)
     return loss, images.grad, targets.grad, lr.grad
 
 
 @settings(deadline=None, max_examples=20)
 @given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 6),
-       lr=st.floats(0.01, 1.0), learn_targets=st.booleans())
-def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, lr, learn_targets):
+       lr=st.floats(0.01, 1.0), learn_targets=st.booleans(), snapshots=st.sampled_from(SNAPSHOTS))
+def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, lr, learn_targets, snapshots):
     student, layout, start, target, images, targets, generator = random_problem(seed, size, 5, torch.float64)
     steps = KDSteps(student, layout, compile=False)
     # drawn with replacement: a batch may repeat an example, which must accumulate
     batches = [torch.randint(size, (batch,), generator=generator) for _ in range(syn_steps)]
     lr = torch.tensor(lr, dtype=torch.float64)
     full = matching_gradients("full", steps, start, target, images, targets, lr, batches, learn_targets)
-    adjoint = matching_gradients("adjoint", steps, start, target, images, targets, lr, batches, learn_targets)
+    adjoint = matching_gradients("adjoint", steps, start, target, images, targets, lr, batches, learn_targets,
+                                 snapshots)
     torch.testing.assert_close(adjoint[0], full[0], rtol=1e-12, atol=0)
     for name, got, want in zip(("images", "representations", "lr"), adjoint[1:], full[1:]):
         if name == "representations" and not learn_targets:
@@ -52,6 +58,55 @@ def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, l
             continue
         assert want.abs().max() > 0, f"{name}: the full unroll gave a zero gradient"
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item(), msg=name)
+
+
+class RecordingSteps(KDSteps):
+    """KDSteps that count inner SGD steps and the most of their results (snapshots) alive at once."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.sgd_calls, self.most_alive, self.alive = 0, 0, weakref.WeakSet()
+
+    def sgd_step(self, *args):
+        result = super().sgd_step(*args)
+        self.sgd_calls += 1
+        self.alive.add(result)
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return result
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 12))
+def test_checkpointed_adjoint_equals_the_plain_adjoint_bit_for_bit(seed, size, batch, syn_steps):
+    """syn_steps 1..12: one segment (N = 1), segments that divide N (4, 9) and a short last one (3, 5, 10)."""
+    student, layout, start, target, images, targets, generator = random_problem(seed, size, 5, torch.float32)
+    batches = [torch.randint(size, (batch,), generator=generator) for _ in range(syn_steps)]
+    lr = torch.tensor(0.3)
+    runs = {}
+    for snapshots in SNAPSHOTS:
+        steps = RecordingSteps(student, layout, False)
+        runs[snapshots] = matching_gradients("adjoint", steps, start, target, images, targets, lr, batches,
+                                             snapshots=snapshots), steps
+    for got, want in zip(runs["sqrt"][0], runs["all"][0]):
+        assert torch.equal(got, want)
+    interval = math.isqrt(syn_steps - 1) + 1  # ⌈√N⌉
+    segments = math.ceil(syn_steps / interval)
+    last = syn_steps - (segments - 1) * interval  # kept from the forward sweep, not recomputed
+    checkpointed, plain = runs["sqrt"][1], runs["all"][1]
+    assert plain.sgd_calls == syn_steps and plain.most_alive == syn_steps
+    assert checkpointed.sgd_calls == syn_steps + (syn_steps - segments) - (last - 1)
+    assert checkpointed.most_alive <= segments + interval - 1
+
+
+@pytest.mark.parametrize("syn_steps, snapshots, interval", [(1, "sqrt", 1), (10, "sqrt", 4), (9, "sqrt", 3),
+                                                            (40, "sqrt", 7), (40, "all", 1)])
+def test_checkpoint_interval_is_the_ceiling_of_the_square_root(syn_steps, snapshots, interval):
+    assert checkpoint_interval(syn_steps, snapshots) == interval
+
+
+def test_unknown_snapshots_are_refused_in_one_line():
+    with pytest.raises(SslkdError, match=r"^unknown adjoint snapshots 'some'; choose one of all, sqrt$"):
+        checkpoint_interval(10, "some")
 
 
 def test_adjoint_adds_to_existing_gradients_as_backward_does():
@@ -103,8 +158,10 @@ def test_compiled_steps_agree_with_eager_and_fall_back_for_other_batch_sizes():
         for got, want in zip(compiled.gradient_of_gradient(start, images[batch], targets[batch], cotangent),
                              eager.gradient_of_gradient(start, images[batch], targets[batch], cotangent)):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
-    batches = [torch.arange(8), torch.arange(4, 12)]
+    batches = [torch.arange(8), torch.arange(4, 12), torch.arange(2, 10)]
     full = matching_gradients("full", eager, start, target, images, targets, lr, batches)
-    adjoint = matching_gradients("adjoint", compiled, start, target, images, targets, lr, batches)
-    for got, want in zip(adjoint, full):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    for snapshots in SNAPSHOTS:
+        adjoint = matching_gradients("adjoint", compiled, start, target, images, targets, lr, batches,
+                                     snapshots=snapshots)
+        for got, want in zip(adjoint, full):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())

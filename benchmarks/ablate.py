@@ -75,8 +75,7 @@ def run_distill(args: argparse.Namespace) -> None:
                 "init": args.init, "matching_losses": result.matching_losses}, args.out)
 
 
-def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor, init: dict, eval_seed: int,
-                    lr: float):
+def pretraining_set(name: str, data, targets: torch.Tensor, init: dict, eval_seed: int, lr: float):
     """(images, targets, lr) of a baseline name or a saved synthetic set; None for no pre-training."""
     if name == "no_pretrain":
         return None
@@ -107,7 +106,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         started, accuracies = time.perf_counter(), []
         for seed in seeds:
             student = build_student(ConvNetConfig(args.width, 3), data.image_shape, targets.shape[1], derive_seed(seed, 0))
-            chosen = pretraining_set(name, workspace, data, targets, init, seed, pretrain.lr)
+            chosen = pretraining_set(name, data, targets, init, seed, pretrain.lr)
             if chosen is not None:
                 pretrain_kd(student, *chosen[:2], chosen[2], pretrain, generator(seed, 1))
             accuracy = probe_at_fractions(student, data.images, data.labels, data.test_images, data.test_labels,

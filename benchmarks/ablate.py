@@ -2,72 +2,74 @@
 thing changed, without rerunning the stages upstream of it. Not part of the pipeline or the tests.
 
     python benchmarks/ablate.py distill  --workdir W [--init random|high_loss|high_loss_per_class] \\
-        [--iterations 300] [--lr-images 1000] ... --out SET.pt
+        [--bind 'sslkd.distill.iterations = 300'] --out SET.pt
     python benchmarks/ablate.py evaluate --workdir W --sets random,high_loss_per_class,SET.pt \\
-        [--min-steps 800] [--epochs 20]
+        [--bind 'sslkd.pretrain.min_steps = 0']
 
-``distill`` runs :func:`sslkd.distill.distill` with the workspace's experts and representations and saves
-the synthetic set; ``evaluate`` pre-trains and probes exactly as ``sslkd evaluate`` does (same encoder
-init, random subset, labels and probe at each evaluation seed), for baseline names or saved sets, and
-prints accuracy at 1% / 5% labels with the spread over seeds.
+Hyperparameters come from the setting (``--setting``, default cifar10_cpu), params.yaml and ``--bind``,
+exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.distill.distill` on the workspace's
+experts and representations from the chosen start set, for the first distillation seed, and saves the
+synthetic set; ``evaluate`` pre-trains and probes as ``sslkd evaluate`` does (the same sets, encoder init,
+labels and probe at each evaluation seed) for method names, extra real subsets or saved sets, and prints
+the accuracy per label fraction with the spread over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sslkd import config
 from sslkd.artifacts import load_artifact
-from sslkd.distill import DistillConfig, distill
-from sslkd.evaluation import PretrainConfig, ProbeConfig, pretrain_kd, probe_at_fractions
+from sslkd.distill import distill
+from sslkd.errors import SslkdError
+from sslkd.evaluation import pretrain_kd, probe_at_fractions
 from sslkd.experts import build_student
-from sslkd.models import ConvNetConfig
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import class_balanced_high_loss_indices, random_indices
+from sslkd.stage_configs import METHODS
+from sslkd.stages.evaluate import PretrainingSet, pretraining_sets
 from sslkd.stages.inputs import expert_trajectories, representations, training_data
 from sslkd.workspace import Workspace
 
-log = logging.getLogger("ablate")
-BASELINES = ("no_pretrain", "random", "high_loss", "high_loss_per_class", "init_random", "full_data")
+BASELINES = tuple(method for method in METHODS if method != "mkdt")
+EXTRA_SETS = ("high_loss_per_class", "init_random", "random:N")
 
 
-def start_indices(name: str, init: dict, labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """The real images a set starts from: the init stage's global high-loss set, the per-class high-loss
-    set, or a random subset drawn with (seed, 99) — ``init_random`` at evaluation is that same subset."""
+def start_indices(name: str, init: dict, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """The real images a set starts from: the init stage's high-loss set, the per-class high-loss set, or
+    the random subset drawn with (0, 99) — ``init_random`` at evaluation is that same subset."""
     size = len(init["high_loss_indices"])
     if name == "high_loss":
         return init["high_loss_indices"]
     if name == "high_loss_per_class":
         return class_balanced_high_loss_indices(init["kd_losses"], labels, size)
-    return random_indices(count, size, generator(seed, 99))
+    return random_indices(count, size, generator(0, 99))
 
 
-def run_distill(args: argparse.Namespace) -> None:
-    workspace = Workspace(Path(args.workdir))
+def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
+    distill_config = config.build("distill")
+    seed = distill_config.seeds[0]
+    distill_config = dataclasses.replace(distill_config, seeds=(seed,))
     data = training_data(workspace)
     targets = representations(workspace, data)
-    config = DistillConfig(
-        iterations=args.iterations, syn_steps=args.syn_steps, expert_epochs=args.expert_epochs,
-        max_start_epoch=args.max_start_epoch, batch_syn=args.batch_syn, lr_images=args.lr_images,
-        momentum_images=0.5, lr_representations=args.lr_representations, momentum_representations=0.5,
-        lr_lr=args.lr_lr, momentum_lr=0.5, lr_init=args.lr_init, lr_min=1e-4,
-        learn_representations=args.lr_representations > 0, unroll="adjoint", adjoint_snapshots="all", compile=True,
-        seeds=(args.seed,))
-    experts = expert_trajectories(workspace, data, targets.shape[1], epochs=config.epochs_needed)
+    experts = expert_trajectories(workspace, data, targets.shape[1], epochs=distill_config.epochs_needed)
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
-    indices = start_indices(args.init, init, data.labels, len(data.images), args.seed)
+    indices = start_indices(args.init, init, data.labels, len(data.images))
     started = time.perf_counter()
     result = distill(experts.student, experts.layout, experts.snapshots, data.images[indices], targets[indices],
-                     config, generator(args.seed))
+                     distill_config, generator(seed))
     losses = np.asarray(result.matching_losses)
     blocks = [round(float(losses[i:i + 25].mean()), 4) for i in range(0, len(losses), 25)]
     print(f"{args.init}: {time.perf_counter() - started:.0f} s; matching loss, means of 25 iterations: {blocks}")
-    print(f"inner lr {config.lr_init} -> {result.lr:.4f}; rms change: images "
+    print(f"inner lr {distill_config.lr_init} -> {result.lr:.4f}; rms change: images "
           f"{float((result.images - data.images[indices]).pow(2).mean().sqrt()):.3f}, representations "
           f"{float((result.representations - targets[indices]).pow(2).mean().sqrt()):.4f} "
           f"(their rms {float(targets[indices].pow(2).mean().sqrt()):.3f})")
@@ -75,77 +77,70 @@ def run_distill(args: argparse.Namespace) -> None:
                 "init": args.init, "matching_losses": result.matching_losses}, args.out)
 
 
-def pretraining_set(name: str, data, targets: torch.Tensor, init: dict, eval_seed: int, lr: float):
-    """(images, targets, lr) of a baseline name or a saved synthetic set; None for no pre-training."""
-    if name == "no_pretrain":
-        return None
-    if name == "full_data":
-        return data.images, targets, lr
-    if name.split(":")[0] == "random":  # drawn afresh for every evaluation seed, as ``sslkd evaluate`` does
-        size = int(name.split(":")[1]) if ":" in name else len(init["high_loss_indices"])  # random:N: N images
-        indices = random_indices(len(data.images), size, generator(eval_seed, 3))
-    elif name in ("high_loss", "high_loss_per_class"):
-        indices = start_indices(name, init, data.labels, len(data.images), 0)
-    elif name == "init_random":
-        indices = start_indices("random", init, data.labels, len(data.images), 0)
+def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor, init: dict, eval_seed: int,
+                    baseline_lr: float) -> PretrainingSet | None:
+    """The set ``name`` pre-trains on at ``eval_seed`` (None: no pre-training): a method other than mkdt
+    as ``sslkd evaluate`` builds it, an extra real subset (EXTRA_SETS) or a set saved by ``distill``."""
+    if name in BASELINES:
+        return pretraining_sets(name, workspace, data.images, targets, baseline_lr, eval_seed)[0][0]
+    if name.startswith("random:"):  # N random images, drawn afresh per evaluation seed as ``random`` is
+        indices = random_indices(len(data.images), int(name.split(":")[1]), generator(eval_seed, 3))
+    elif name in ("high_loss_per_class", "init_random"):
+        indices = start_indices(name.removeprefix("init_"), init, data.labels, len(data.images))
     else:
+        if not Path(name).is_file():
+            raise SslkdError(f"unknown set {name!r}: neither {', '.join(BASELINES + EXTRA_SETS)} nor a saved set")
         synthetic = torch.load(name, weights_only=False)
-        return synthetic["images"], synthetic["representations"], float(synthetic["lr"])
-    return data.images[indices], targets[indices], lr
+        return PretrainingSet(synthetic["images"], synthetic["representations"], float(synthetic["lr"]))
+    return PretrainingSet(data.images[indices], targets[indices], baseline_lr)
 
 
-def run_evaluate(args: argparse.Namespace) -> None:
-    workspace = Workspace(Path(args.workdir))
+def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
+    evaluate_config = config.build("evaluate")
     data = training_data(workspace)
     targets = representations(workspace, data)
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
-    pretrain = PretrainConfig(args.epochs, 256, 0.1, 0.9, 1e-4, True, args.min_steps)
-    probe = ProbeConfig((0.01, 0.05), 1.0, 1000)
-    seeds = [int(seed) for seed in args.seeds.split(",")]
     for name in args.sets.split(","):
-        started, accuracies = time.perf_counter(), []
-        for seed in seeds:
-            student = build_student(ConvNetConfig(args.width, 3), data.image_shape, targets.shape[1], derive_seed(seed, 0))
-            chosen = pretraining_set(name, data, targets, init, seed, pretrain.lr)
+        started, rows = time.perf_counter(), []
+        for seed in evaluate_config.seeds:
+            student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1], derive_seed(seed, 0))
+            chosen = pretraining_set(name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr)
             if chosen is not None:
-                pretrain_kd(student, *chosen[:2], chosen[2], pretrain, generator(seed, 1))
+                pretrain_kd(student, chosen.images, chosen.targets, chosen.lr, evaluate_config.pretrain,
+                            generator(seed, 1))
             accuracy = probe_at_fractions(student, data.images, data.labels, data.test_images, data.test_labels,
-                                          probe, lambda index: generator(seed, 2, index))
-            accuracies.append([accuracy["0.01"], accuracy["0.05"]])
-        table = np.asarray(accuracies)
-        print(f"{name} (min_steps {args.min_steps}, epochs {args.epochs}): 1% {table[:, 0].mean():.1f} ± "
-              f"{table[:, 0].std(ddof=1):.1f}, 5% {table[:, 1].mean():.1f} ± {table[:, 1].std(ddof=1):.1f}; "
-              f"per seed {table.round(1).tolist()} ({time.perf_counter() - started:.0f} s)", flush=True)
+                                          evaluate_config.probe, lambda index: generator(seed, 2, index))
+            rows.append(list(accuracy.values()))
+        table = np.asarray(rows)
+        cells = ", ".join(f"{float(key) * 100:g}% {table[:, i].mean():.1f} ± {table[:, i].std(ddof=1):.1f}"
+                          for i, key in enumerate(accuracy))
+        print(f"{name}: {cells}; per seed {table.round(1).tolist()} ({time.perf_counter() - started:.0f} s)",
+              flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    d = commands.add_parser("distill")
-    d.add_argument("--workdir", required=True)
-    d.add_argument("--init", choices=("random", "high_loss", "high_loss_per_class"), default="random")
-    d.add_argument("--iterations", type=int, default=300)
-    d.add_argument("--syn-steps", type=int, default=10)
-    d.add_argument("--batch-syn", type=int, default=64)
-    d.add_argument("--expert-epochs", type=int, default=2)
-    d.add_argument("--max-start-epoch", type=int, default=2)
-    d.add_argument("--lr-images", type=float, default=1000.0)
-    d.add_argument("--lr-representations", type=float, default=1.0, help="0 keeps the teacher's")
-    d.add_argument("--lr-lr", type=float, default=1e-4)
-    d.add_argument("--lr-init", type=float, default=0.1)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", required=True)
-    e = commands.add_parser("evaluate")
-    e.add_argument("--workdir", required=True)
-    e.add_argument("--sets", required=True, help=f"comma-separated: {', '.join(BASELINES)}, random:N (N random images) or saved set paths")
-    e.add_argument("--epochs", type=int, default=20)
-    e.add_argument("--min-steps", type=int, default=0)
-    e.add_argument("--width", type=int, default=32)
-    e.add_argument("--seeds", default="0,1,2")
+    for name in ("distill", "evaluate"):
+        command = commands.add_parser(name)
+        command.add_argument("--workdir", type=Path, required=True, help="workspace holding the setting's artifacts")
+        command.add_argument("--setting", default="cifar10_cpu")
+        command.add_argument("--params", type=Path, default=Path("params.yaml"))
+        command.add_argument("--config-dir", type=Path, default=Path("gin"))
+        command.add_argument("--bind", action="append", default=[], help="extra gin binding (repeatable)")
+        if name == "distill":
+            command.add_argument("--init", choices=("random", "high_loss", "high_loss_per_class"), default="random")
+            command.add_argument("--out", required=True, help="where to save the synthetic set (torch.save)")
+        else:
+            command.add_argument("--sets", required=True,
+                                 help=f"comma-separated: {', '.join(BASELINES + EXTRA_SETS)} or saved sets")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    {"distill": run_distill, "evaluate": run_evaluate}[args.command](args)
+    try:
+        config.parse(args.config_dir, args.setting, [], config.read_params(args.params).bindings() + args.bind)
+        {"distill": run_distill, "evaluate": run_evaluate}[args.command](args, Workspace(args.workdir))
+    except SslkdError as error:
+        sys.exit(f"ablate: {error}")
 
 
 if __name__ == "__main__":

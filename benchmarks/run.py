@@ -6,6 +6,7 @@ to the machine's limit they run.
     python benchmarks/run.py --out benchmark.json                  # CPU: width 32, batch 64, 32×32, D 512
     python benchmarks/run.py --out benchmark.json --threads 1      # CPU shared with other work (below)
     python benchmarks/run.py --out benchmark.json --device cuda    # the paper setting: width 128, batch 256
+    python benchmarks/run.py --out tiny.json --device cuda --preset tinyimagenet_2pct --variants full,adjoint --no-experts
 
 Times are the fastest wall-clock call, or — with one CPU thread — the median CPU seconds of the process
 and of its finished children (the C++ compiler), which is what a call costs however busy the machine
@@ -53,13 +54,17 @@ VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots)
     "adjoint_compiled_sqrt": ("adjoint", True, "sqrt"),
 }
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: mmap (and unmap when freed) blocks ≥ 128 KiB
-PRESETS = {  # width, batch_syn, synthetic set size M, image size, D, syn_steps, expert batch
-    "cpu": dict(width=32, batch=64, size=256, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256),
-    "paper": dict(width=128, batch=256, size=1000, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256),
+PRESETS = {  # width, depth, batch_syn, synthetic set size M, image size, D, syn_steps, expert batch
+    "cpu": dict(width=32, depth=3, batch=64, size=256, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256),
+    "paper": dict(width=128, depth=3, batch=256, size=1000, image_size=32, dim=512, syn_steps=[10, 40],
+                  expert_batch=256),
+    # METHOD.md's TinyImageNet 2% row: 2000 images of 64×64, a depth-4 ConvNet, syn_steps 10
+    "tinyimagenet_2pct": dict(width=128, depth=4, batch=256, size=2000, image_size=64, dim=512, syn_steps=[10],
+                              expert_batch=256),
 }
 # A default-sized experts stage for the compile-included rate: the cifar10_cpu setting
-# (8 experts × 4 epochs × 10k images) on CPU, the paper's CIFAR experts (100 × 4 epochs × 50k) on CUDA.
-STAGE_IMAGES = {"cpu": 8 * 4 * 10_000, "paper": 100 * 4 * 50_000}
+# (8 experts × 4 epochs × 10k images) on CPU, the paper's experts (100 × 4 epochs × 50k or 100k) on CUDA.
+STAGE_IMAGES = {"cpu": 8 * 4 * 10_000, "paper": 100 * 4 * 50_000, "tinyimagenet_2pct": 100 * 4 * 100_000}
 
 
 # --- measurement helpers (run inside a worker) -------------------------------------------------------
@@ -135,7 +140,8 @@ def count_flops(run) -> int:
 
 
 def student_for(args: argparse.Namespace, device: torch.device):
-    student = build_student(ConvNetConfig(args.width, 3), (3, args.image_size, args.image_size), args.dim, seed=0)
+    student = build_student(ConvNetConfig(args.width, args.depth), (3, args.image_size, args.image_size), args.dim,
+                            seed=0)
     return student.to(device), ParameterLayout.of(student)
 
 
@@ -224,7 +230,8 @@ def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int
         with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as fresh:  # a cold compile
             return run_worker(args, kind, variant, syn_steps, fresh, env)
     command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--syn-steps", str(syn_steps),
-               "--device", args.device, "--width", str(args.width), "--batch", str(args.batch),
+               "--device", args.device, "--width", str(args.width), "--depth", str(args.depth),
+               "--batch", str(args.batch),
                "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
                "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
                "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -247,8 +254,9 @@ def run_distill(args: argparse.Namespace, variant: str, syn_steps: int) -> dict:
         return {**timing, **run_worker(args, "distill_memory", variant, syn_steps, cache, LIVE_MEMORY_ENV)}
 
 
-def summarise(basis: str, distill: dict, experts: dict, stage_images: int) -> tuple[dict, dict]:
-    """The figures on one time basis (wall or cpu): s/iteration, GFLOP/s, compile seconds, images/s."""
+def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int) -> tuple[dict, dict | None]:
+    """The figures on one time basis (wall or cpu): s/iteration, GFLOP/s, compile seconds, images/s
+    (experts: None when not measured)."""
     summary = {}
     for variant, by_steps in distill.items():
         summary[variant] = {}
@@ -260,6 +268,8 @@ def summarise(basis: str, distill: dict, experts: dict, stage_images: int) -> tu
                 "gflops": raw["gflop"] / seconds, "compile_s": max(raw["first"][basis] - seconds, 0.0),
                 "wall_s_per_iter": raw["steady"]["wall"], "cpu_s_per_iter": raw["steady"]["cpu"],
             }
+    if experts is None:
+        return summary, None
     eager, compiled = (experts[kind]["steady"][basis] for kind in ("eager", "compiled"))
     compile_s = max(experts["compiled"]["first"][basis] - compiled, 0.0)
     batch = experts["batch"]
@@ -286,6 +296,8 @@ def table(results: dict) -> str:
                          f"{r['peak_live_mb']:.0f} | {r['compile_s']:.0f} | "
                          f"{r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% |")
     e = results["experts"]
+    if e is None:
+        return "\n".join(lines)
     lines += ["", "| expert training | images/s | GFLOP/s | % of matmul | compile s |", "|---|---|---|---|---|",
               f"| eager | {e['eager_img_s']:.0f} | {e['eager_gflops']:.1f} | {100 * e['eager_gflops'] / peak:.0f}% | – |",
               f"| compiled | {e['compiled_img_s']:.0f} | {e['compiled_gflops']:.1f} | "
@@ -299,9 +311,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="JSON results file")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: the paper setting unless overridden)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: cpu on CPU, paper on CUDA")
-    for name in ("width", "batch", "size", "image-size", "dim", "iterations", "expert-batch", "expert-steps"):
+    for name in ("width", "depth", "batch", "size", "image-size", "dim", "iterations", "expert-batch", "expert-steps"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--syn-steps", type=int, nargs="+")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated distill variants (default: all of %(default)s)")
+    parser.add_argument("--experts", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure expert training, eager vs compiled (default: yes)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -319,17 +335,22 @@ def main() -> None:
         return
     if args.out is None:
         parser.error("--out is required")
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"unknown distill variants {unknown}; choose from {', '.join(VARIANTS)}")
     basis = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     matmul_gflop, matmul = matmul_seconds(device)
-    distill = {variant: {str(n): run_distill(args, variant, n) for n in args.syn_steps} for variant in VARIANTS}
-    experts = {kind: run_worker(args, "experts", kind) for kind in ("eager", "compiled")}
-    summary, experts_summary = summarise(basis, distill, {**experts, "batch": args.expert_batch}, STAGE_IMAGES[preset])
+    distill = {variant: {str(n): run_distill(args, variant, n) for n in args.syn_steps} for variant in variants}
+    experts = {kind: run_worker(args, "experts", kind) for kind in ("eager", "compiled")} if args.experts else None
+    summary, experts_summary = summarise(basis, distill, experts and {**experts, "batch": args.expert_batch},
+                                         STAGE_IMAGES[preset])
     results = {
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
         "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
         "time_basis": basis, "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
+        "preset": preset, "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
         "matmul_gflops": matmul_gflop / matmul[basis], "distill": summary, "experts": experts_summary,
         "raw": {"matmul_s": matmul, "distill": distill, "experts": experts},
     }

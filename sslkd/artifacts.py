@@ -2,7 +2,8 @@
 
 A write goes to a temporary file in the destination folder and is renamed into place, so a crash never
 leaves a half-written artifact and never destroys the previous one. The sidecar (``<name>.meta.json``)
-records the artifact kind, shapes, the operative config, hashes of the inputs and the code version.
+records the artifact kind, shapes, the operative config, hashes of the inputs, the code version and the
+device it was computed on; tensors are always saved on the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from sslkd import __version__
+from sslkd.devices import stage_device_name
 from sslkd.errors import SslkdError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -123,6 +125,17 @@ def _describe(value: Any) -> Any:
     return None
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists, tuples) on the CPU: artifacts load anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
 def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str, Path] | None,
              extra: dict[str, Any] | None) -> dict[str, Any]:
     metadata: dict[str, Any] = {
@@ -131,6 +144,7 @@ def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str,
         "shapes": shapes,
         "inputs": {name: {"path": str(p), "sha256": file_sha256(Path(p))} for name, p in (inputs or {}).items()},
         "operative_config": config,
+        "device": stage_device_name(),
         **(extra or {}),
         "sha256": file_sha256(path),
     }
@@ -152,6 +166,7 @@ def save_artifact(
     The sidecar is written after the artifact; a reader trusts an artifact only with its sidecar.
     """
     path = Path(path)
+    payload = on_cpu(payload)
     shapes = {key: desc for key, value in payload.items() if (desc := _describe(value)) is not None}
     torch_save_atomic(path, {"kind": kind, **payload})
     return _sidecar(path, kind, shapes, config, inputs, extra)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from sslkd.artifacts import file_sha256, source_digest, torch_save_atomic
+from sslkd.artifacts import file_sha256, on_cpu, source_digest, torch_save_atomic
 from sslkd.errors import SslkdError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class RunCheckpoints:
     def save(self, name: str, state: dict[str, Any]) -> None:
         """Write ``state`` now, atomically (a kill mid-write keeps the previous checkpoint)."""
         if self.enabled:
-            torch_save_atomic(self.path(name), state)
+            torch_save_atomic(self.path(name), on_cpu(state))  # resumable on any device
             self._last_write[name] = time.monotonic()
             log.debug("checkpoint %s", self.path(name))
 

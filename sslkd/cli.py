@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from sslkd.config import STAGES
+from sslkd import devices
 from sslkd.errors import SslkdError
 from sslkd.launchers import LAUNCHERS, chosen_launcher
 
@@ -58,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--launcher", choices=LAUNCHERS,
                              help="inline (this process), local (submitit job) or slurm (SLURM job); "
                                   "default: $SSLKD_LAUNCHER, else inline")
+        command.add_argument("--device",
+                             help="cpu, cuda, cuda:N or auto (CUDA when there is a GPU); "
+                                  "default: $SSLKD_DEVICE, else auto")
         if stage == "evaluate":
             command.add_argument("--method", required=True,
                                  help="no_pretrain | random | high_loss | full_data | mkdt")
@@ -97,6 +101,7 @@ def run_stage(args: argparse.Namespace) -> None:
 
     params = config.read_params(args.params)
     setting = args.setting or params.setting
+    devices.select(args.device)  # where the stage (or its launcher's job) computes
     destination = None if args.no_tracking or not tracking.enabled() else tracking.target(args.workdir, setting)
     if destination is not None:
         tracking.check_reachable(destination.uri)

@@ -93,9 +93,9 @@ def pretrain_kd(
 
 @torch.no_grad()
 def trunk_features(student: ConvNet, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Frozen trunk features (head dropped): images [N, C, H, W] -> [N, F]."""
+    """Frozen trunk features (head dropped): images [N, C, H, W] on the student's device -> [N, F] on the CPU."""
     student.eval()
-    return torch.cat([student.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return torch.cat([student.features(images[i:i + batch_size]).cpu() for i in range(0, len(images), batch_size)])
 
 
 def labelled_subset(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:

@@ -75,9 +75,11 @@ def train_expert(
     resume: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Train ``student`` for config.epochs epochs; returns (snapshots [epochs + 1, P], mean loss per epoch).
+    """Train ``student`` for config.epochs epochs; returns (snapshots [epochs + 1, P] on the CPU, mean loss
+    per epoch).
 
-    images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd). KD experts train
+    images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd); both on the student's
+    device. KD experts train
     with ``steps`` (pass one :class:`KDSteps` to every expert of a stage so that it compiles once;
     default: built here with config.compile). SSL objectives augment in pixel space (``normalisation``
     maps back and forth) and use the student's output as the projection. After each epoch
@@ -98,16 +100,17 @@ def _train_kd_expert(
 ) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
     steps = steps or KDSteps(student, layout, compile=config.compile)
-    snapshots, epoch_losses, velocity = [layout.flatten(student)], [], None
+    snapshots, epoch_losses, velocity = [layout.flatten(student).cpu()], [], None  # snapshots kept on the CPU
     if resume is not None:
         generator.set_state(resume["generator"])
-        snapshots, epoch_losses, velocity = list(resume["snapshots"]), list(resume["epoch_losses"]), resume["velocity"]
+        snapshots, epoch_losses = list(resume["snapshots"]), list(resume["epoch_losses"])
+        velocity = resume["velocity"].to(images.device)
     for parameters, velocity, loss in train_kd(
-        steps, snapshots[-1], images, targets, lr=config.lr, momentum=config.momentum,
+        steps, snapshots[-1].to(images.device), images, targets, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs - len(epoch_losses),
         generator=generator, velocity=velocity,
     ):
-        snapshots.append(parameters)
+        snapshots.append(parameters.cpu())
         epoch_losses.append(loss)
         if on_checkpoint is not None:
             on_checkpoint({"velocity": velocity, "generator": generator.get_state(),
@@ -125,7 +128,7 @@ def _train_ssl_expert(
     optimiser = torch.optim.SGD(
         student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    snapshots = [layout.flatten(student)]
+    snapshots = [layout.flatten(student).cpu()]
     epoch_losses: list[float] = []
     if resume is not None:
         student.load_state_dict(resume["student"])
@@ -147,7 +150,7 @@ def _train_ssl_expert(
             loss.backward()
             optimiser.step()
             total, count = total + loss.item(), count + 1
-        snapshots.append(layout.flatten(student))
+        snapshots.append(layout.flatten(student).cpu())
         epoch_losses.append(total / max(count, 1))
         if on_checkpoint is not None:
             on_checkpoint({

@@ -30,6 +30,7 @@ from submitit.core.utils import FailedJobError, pickle_load
 from sslkd import config
 from sslkd.artifacts import CODE_VERSION_STAMP, PACKAGE_DIR, code_version
 from sslkd.checkpoints import CheckpointPolicy
+from sslkd.devices import selected_device
 from sslkd.errors import SslkdError
 from sslkd.launchers import SlurmConfig
 from sslkd.stage_job import StageJob, StageRequest
@@ -97,7 +98,7 @@ def launch(launcher: str, args: argparse.Namespace, workspace: Workspace) -> Non
     request = StageRequest(
         stage=args.stage, method=getattr(args, "method", None), params=args.params, setting=args.setting,
         config_dir=args.config_dir, gin_files=tuple(args.gin), bindings=tuple(args.bind), workdir=args.workdir,
-        cwd=Path.cwd(),
+        cwd=Path.cwd(), device=selected_device(),
     )
     resources = stage_resources(args.stage)
     folder = workspace.jobs / args.stage / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

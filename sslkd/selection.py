@@ -26,14 +26,15 @@ def mean_expert_kd_loss(
     """Per-example KD loss averaged over experts, in dataset order.
 
     expert_parameters: [K, P] (e.g. every expert's epoch-1 snapshot); images: [N, C, H, W];
-    targets: [N, D]. Returns [N]; entry i belongs to image i (no shuffling anywhere).
+    targets: [N, D], on the student's device. Returns [N] on the CPU; entry i belongs to image i (no
+    shuffling anywhere).
     """
     total = torch.zeros(len(images), dtype=torch.float64)
     for parameters in expert_parameters:
         layout.load_into(student, parameters)
         for start in range(0, len(images), batch_size):
             stop = start + batch_size
-            total[start:stop] += per_example_kd_loss(student(images[start:stop]), targets[start:stop]).double()
+            total[start:stop] += per_example_kd_loss(student(images[start:stop]), targets[start:stop]).double().cpu()
     return (total / len(expert_parameters)).float()
 
 

@@ -20,6 +20,7 @@ import submitit
 import sslkd
 from sslkd import config
 from sslkd.checkpoints import CheckpointPolicy
+from sslkd import devices
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class StageRequest:
     bindings: tuple[str, ...]
     workdir: Path
     cwd: Path
+    device: str = "auto"  # sslkd.devices: resolved on the node that runs the job
 
     def parse_config(self) -> None:
         params = config.read_params(self.params)
@@ -61,6 +63,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> None:
         request = self.request
         os.chdir(request.cwd)
+        devices.select(request.device)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         logging.getLogger("submitit").propagate = False  # it has its own handler: no line twice

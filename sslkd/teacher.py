@@ -174,6 +174,8 @@ def import_encoder_state(encoder: ResNet18, checkpoint: Path) -> None:
 
 @torch.no_grad()
 def representations(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Teacher representations in eval mode, no augmentation: images [N, C, H, W] (normalised) -> [N, D]."""
+    """Teacher representations in eval mode, no augmentation: images [N, C, H, W] (normalised, on any
+    device; moved to the encoder's batch by batch) -> [N, D] on the CPU."""
     encoder.eval()
-    return torch.cat([encoder(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    device = next(encoder.parameters()).device
+    return torch.cat([encoder(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])

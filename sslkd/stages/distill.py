@@ -10,6 +10,7 @@ import torch
 from sslkd import config, tracking
 from sslkd.artifacts import load_artifact, save_artifact
 from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
+from sslkd.devices import stage_device
 from sslkd.distill import distill
 from sslkd.plots import plot_distillation_curve, plot_synthetic_set
 from sslkd.seeding import generator
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
     """``checkpoints``: save each seed's state periodically and resume from it (jobs of a launcher)."""
     distill_config = config.build("distill")
+    device = stage_device()
     data = training_data(workspace)
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=distill_config.epochs_needed)
@@ -30,11 +32,13 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
                           [workspace.dataset, workspace.representations, workspace.trajectories, workspace.init_indices])
     for seed in distill_config.seeds:
         result = distill(
-            experts.student, experts.layout, experts.snapshots, data.images[indices], targets[indices],
+            experts.student.to(device), experts.layout, experts.snapshots,
+            data.images[indices].to(device), targets[indices].to(device),
             distill_config, generator(seed), resume=run.load(f"seed{seed}"), on_checkpoint=run.saver(f"seed{seed}"),
             on_iteration=lambda iteration, loss, lr: tracking.log_metrics(
                 {f"matching_loss/seed_{seed}": loss, f"inner_lr/seed_{seed}": lr}, iteration),
         )
+        result.images, result.representations = result.images.cpu(), result.representations.cpu()
         log.info("seed %d: matching loss %.4f -> %.4f, lr %.4f", seed, result.matching_losses[0],
                  result.matching_losses[-1], result.lr)
         save_artifact(

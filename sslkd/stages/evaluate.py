@@ -16,6 +16,7 @@ import torch
 
 from sslkd import config, tracking
 from sslkd.artifacts import load_artifact, save_json_artifact
+from sslkd.devices import stage_device
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd, probe_at_fractions
 from sslkd.experts import build_student
@@ -78,25 +79,28 @@ def main(workspace: Workspace, method: str) -> None:
     if method not in METHODS:
         raise SslkdError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     evaluate_config = config.build("evaluate")
+    device = stage_device()
     data = training_data(workspace)
-    targets = representations(workspace, data)
+    images, test_images = data.images.to(device), data.test_images.to(device)
+    targets = representations(workspace, data).to(device)
     runs = []
     steps = None  # one KDSteps for every pre-training run: the step compiles once per stage
     for eval_seed in evaluate_config.seeds:
-        sets, inputs = pretraining_sets(method, workspace, data.images, targets, evaluate_config.pretrain.lr, eval_seed)
+        sets, inputs = pretraining_sets(method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed)
         for pretraining_set in sets:
             student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1],
-                                    derive_seed(eval_seed, 0))
+                                    derive_seed(eval_seed, 0)).to(device)
             losses: list[float] = []
             if pretraining_set is not None:
                 steps = steps or KDSteps(student, ParameterLayout.of(student), compile=evaluate_config.pretrain.compile)
-                losses = pretrain_kd(student, pretraining_set.images, pretraining_set.targets, pretraining_set.lr,
+                losses = pretrain_kd(student, pretraining_set.images.to(device), pretraining_set.targets.to(device),
+                                     pretraining_set.lr,
                                      evaluate_config.pretrain, generator(eval_seed, 1), steps)
                 distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
                 for epoch, loss in enumerate(losses, start=1):
                     tracking.log_metric(f"pretrain_loss/eval_seed_{eval_seed}{distilled}", loss, epoch)
             accuracy = probe_at_fractions(
-                student, data.images, data.labels, data.test_images, data.test_labels, evaluate_config.probe,
+                student, images, data.labels, test_images, data.test_labels, evaluate_config.probe,
                 lambda fraction_index: generator(eval_seed, 2, fraction_index),
             )
             log.info("%s eval seed %d%s: %s", method, eval_seed,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from sslkd import config, tracking
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
+from sslkd.devices import stage_device
 from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_expert
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
@@ -38,15 +39,18 @@ class ExpertsRun:
     data: TrainingData
     targets: torch.Tensor
     checkpoints: RunCheckpoints
+    device: torch.device
     steps: KDSteps | None = None  # one KDSteps for all experts of the run: the step compiles once
 
 
-def prepare(workspace: Workspace, checkpoints: CheckpointPolicy | None) -> ExpertsRun:
+def prepare(workspace: Workspace, checkpoints: CheckpointPolicy | None, device: torch.device) -> ExpertsRun:
+    """The run's config and inputs, the images and targets on ``device``."""
     experts_config = config.build("experts")
     data = training_data(workspace)
     targets = representations(workspace, data)
     run = run_checkpoints(checkpoints, "experts", experts_config, [workspace.dataset, workspace.representations])
-    return ExpertsRun(experts_config, data, targets, run)
+    data = dataclasses.replace(data, images=data.images.to(device))
+    return ExpertsRun(experts_config, data, targets.to(device), run, device)
 
 
 def part_name(index: int) -> str:
@@ -55,7 +59,7 @@ def part_name(index: int) -> str:
 
 def missing_experts(workspace: Workspace, checkpoints: CheckpointPolicy) -> list[int]:
     """Indices of the experts that have no finished part yet (what a job array still has to train)."""
-    run = prepare(workspace, checkpoints)
+    run = prepare(workspace, checkpoints, torch.device("cpu"))  # computes nothing: no device needed
     return [index for index in range(run.config.num_experts) if not run.checkpoints.has(part_name(index))]
 
 
@@ -67,7 +71,7 @@ def expert(run: ExpertsRun, index: int) -> dict:
         return part
     state_name = f"expert_{index:05d}"
     student = build_student(run.config.student, run.data.image_shape, run.targets.shape[1],
-                            expert_seed(run.config.seed, index))
+                            expert_seed(run.config.seed, index)).to(run.device)
     if run.config.objective == "kd" and run.steps is None:
         run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile)
     snapshots, epoch_losses = train_expert(
@@ -85,14 +89,14 @@ def expert(run: ExpertsRun, index: int) -> dict:
 
 def train_parts(workspace: Workspace, indices: Sequence[int], checkpoints: CheckpointPolicy) -> None:
     """One job of the array: train experts ``indices`` and keep each as a part file."""
-    run = prepare(workspace, checkpoints)
+    run = prepare(workspace, checkpoints, stage_device())
     for index in indices:
         expert(run, index)
 
 
 def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
     """All experts (merging finished parts when checkpointing) -> the trajectories artifact."""
-    run = prepare(workspace, checkpoints)
+    run = prepare(workspace, checkpoints, stage_device())
     experts_config = run.config
     parts = [expert(run, index) for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None)]
     layout = ParameterLayout.of(build_student(experts_config.student, run.data.image_shape, run.targets.shape[1], 0))

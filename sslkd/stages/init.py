@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
+from sslkd.devices import stage_device
 from sslkd.seeding import generator
 from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
 from sslkd.stages.inputs import expert_trajectories, representations, training_data
@@ -19,7 +20,9 @@ def main(workspace: Workspace) -> None:
     data = training_data(workspace)
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=1)
-    losses = mean_expert_kd_loss(experts.student, experts.layout, experts.snapshots[:, 1], data.images, targets)
+    device = stage_device()
+    losses = mean_expert_kd_loss(experts.student.to(device), experts.layout, experts.snapshots[:, 1],
+                                 data.images.to(device), targets.to(device))
     if init_config.high_loss_scope == "per_class":
         high_loss = class_balanced_high_loss_indices(losses, data.labels, init_config.size)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sslkd import config
 from sslkd.artifacts import load_artifact, save_artifact
+from sslkd.devices import stage_device
 from sslkd.errors import SslkdError
 from sslkd.models import ResNet18, ResNetConfig
 from sslkd.stages.inputs import training_data
@@ -22,7 +23,7 @@ def main(workspace: Workspace) -> None:
         )
     encoder = ResNet18(ResNetConfig(**payload["encoder"]), data.image_shape[0])
     encoder.load_state_dict(payload["state_dict"])
-    reps = representations(encoder, data.images, represent_config.batch_size)
+    reps = representations(encoder.to(stage_device()), data.images, represent_config.batch_size)
     save_artifact(
         workspace.representations,
         "representations",

@@ -11,6 +11,7 @@ import torch
 from sslkd import config, tracking
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
+from sslkd.devices import stage_device
 from sslkd.models import ResNet18, seeded_module
 from sslkd.seeding import derive_seed, generator
 from sslkd.stages.inputs import training_data
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
     """``checkpoints``: save the training state periodically and resume from it (jobs of a launcher)."""
     teacher_config = config.build("teacher")
+    device = stage_device()
     data = training_data(workspace)
     channels = data.image_shape[0]
     encoder = seeded_module(lambda: ResNet18(teacher_config.encoder, channels), derive_seed(teacher_config.seed, 0))
@@ -38,8 +40,9 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
         head = seeded_module(
             lambda: projector(encoder.representation_dim, teacher_config.ssl.projector_dim),
             derive_seed(teacher_config.seed, 1),
-        )
-        pixels = data.normalisation.invert(data.images)
+        ).to(device)
+        encoder.to(device)
+        pixels = data.normalisation.invert(data.images).to(device)
         losses = train_ssl(encoder, head, pixels, data.normalisation.apply, teacher_config.ssl,
                            generator(teacher_config.seed, 2), resume=run.load("training"),
                            on_checkpoint=run.saver("training"),

@@ -5,6 +5,7 @@ thing changed, without rerunning the stages upstream of it. Not part of the pipe
         [--bind 'sslkd.distill.iterations = 300'] --out SET.pt
     python benchmarks/ablate.py evaluate --workdir W --sets random,high_loss_per_class,SET.pt \\
         [--bind 'sslkd.pretrain.min_steps = 0']
+    python benchmarks/ablate.py evaluate --workdir W --sets teacher   # the teacher's own features, probed
 
 Hyperparameters come from the setting (``--setting``, default cifar10_cpu), params.yaml and ``--bind``,
 exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.distill.distill` on the workspace's
@@ -30,17 +31,20 @@ from sslkd import config
 from sslkd.artifacts import load_artifact
 from sslkd.distill import distill
 from sslkd.errors import SslkdError
-from sslkd.evaluation import pretrain_kd, probe_at_fractions
+from sslkd.evaluation import fraction_key, labelled_subset, linear_probe_accuracy, pretrain_kd, probe_at_fractions
 from sslkd.experts import build_student
+from sslkd.models import ResNet18, ResNetConfig
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import class_balanced_high_loss_indices, random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.evaluate import PretrainingSet, pretraining_sets
 from sslkd.stages.inputs import expert_trajectories, representations, training_data
+from sslkd.teacher import representations as teacher_representations
 from sslkd.workspace import Workspace
 
 BASELINES = tuple(method for method in METHODS if method != "mkdt")
 EXTRA_SETS = ("high_loss_per_class", "init_random", "random:N")
+TEACHER = "teacher"  # not a set: the probe on the teacher's own representations (its strength)
 
 
 def start_indices(name: str, init: dict, labels: torch.Tensor, count: int) -> torch.Tensor:
@@ -95,6 +99,25 @@ def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor
     return PretrainingSet(data.images[indices], targets[indices], baseline_lr)
 
 
+def teacher_test_features(workspace: Workspace, data) -> torch.Tensor:
+    """The teacher's representations of the test images [T, D] (those of the training images are the
+    represent stage's)."""
+    payload = load_artifact(workspace.teacher, "teacher", produced_by="teacher")
+    encoder = ResNet18(ResNetConfig(**payload["encoder"]), data.image_shape[0])
+    encoder.load_state_dict(payload["state_dict"])
+    return teacher_representations(encoder, data.test_images)
+
+
+def teacher_probe(data, targets: torch.Tensor, test_features: torch.Tensor, probe_config, seed: int) -> dict:
+    """The probe of ``sslkd evaluate`` (same labelled subsets at ``seed``) on the teacher's representations."""
+    accuracy = {}
+    for index, fraction in enumerate(probe_config.label_fractions):
+        subset = labelled_subset(data.labels, fraction, generator(seed, 2, index))
+        accuracy[fraction_key(fraction)] = linear_probe_accuracy(
+            targets[subset], data.labels[subset], test_features, data.test_labels, probe_config)
+    return accuracy
+
+
 def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
     evaluate_config = config.build("evaluate")
     data = training_data(workspace)
@@ -103,6 +126,11 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
     for name in args.sets.split(","):
         started, rows = time.perf_counter(), []
         for seed in evaluate_config.seeds:
+            if name == TEACHER:
+                test_features = teacher_test_features(workspace, data) if not rows else test_features
+                accuracy = teacher_probe(data, targets, test_features, evaluate_config.probe, seed)
+                rows.append(list(accuracy.values()))
+                continue
             student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1], derive_seed(seed, 0))
             chosen = pretraining_set(name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr)
             if chosen is not None:
@@ -133,7 +161,7 @@ def main() -> None:
             command.add_argument("--out", required=True, help="where to save the synthetic set (torch.save)")
         else:
             command.add_argument("--sets", required=True,
-                                 help=f"comma-separated: {', '.join(BASELINES + EXTRA_SETS)} or saved sets")
+                                 help=f"comma-separated: {', '.join(BASELINES + EXTRA_SETS + (TEACHER,))} or saved sets")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:

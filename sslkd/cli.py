@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from sslkd.config import STAGES
 from sslkd import devices
+from sslkd.config import STAGES
 from sslkd.errors import SslkdError
 from sslkd.launchers import LAUNCHERS, chosen_launcher
 

@@ -79,9 +79,8 @@ def train_expert(
     per epoch).
 
     images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd); both on the student's
-    device. KD experts train
-    with ``steps`` (pass one :class:`KDSteps` to every expert of a stage so that it compiles once;
-    default: built here with config.compile). SSL objectives augment in pixel space (``normalisation``
+    device. KD experts train with ``steps`` (pass one :class:`KDSteps` to every expert of a stage so that
+    it compiles once; default: built here with config.compile). SSL objectives augment in pixel space (``normalisation``
     maps back and forth) and use the student's output as the projection. After each epoch
     ``on_checkpoint`` gets the training state (parameters, optimiser momentum, generator, snapshots so
     far); passing it back as ``resume`` continues bit-identically.

@@ -18,9 +18,8 @@ from pathlib import Path
 import submitit
 
 import sslkd
-from sslkd import config
+from sslkd import config, devices
 from sslkd.checkpoints import CheckpointPolicy
-from sslkd import devices
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)

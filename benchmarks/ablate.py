@@ -31,14 +31,13 @@ from sslkd import config
 from sslkd.artifacts import load_artifact
 from sslkd.distill import distill
 from sslkd.errors import SslkdError
-from sslkd.evaluation import fraction_key, labelled_subset, linear_probe_accuracy, pretrain_kd, probe_at_fractions
+from sslkd.evaluation import pretrain_kd, probe_at_fractions, probe_features_at_fractions
 from sslkd.experts import build_student
-from sslkd.models import ResNet18, ResNetConfig
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import class_balanced_high_loss_indices, random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.evaluate import PretrainingSet, pretraining_sets
-from sslkd.stages.inputs import expert_trajectories, representations, training_data
+from sslkd.stages.inputs import expert_trajectories, representations, teacher_encoder, training_data
 from sslkd.teacher import representations as teacher_representations
 from sslkd.workspace import Workspace
 
@@ -99,25 +98,6 @@ def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor
     return PretrainingSet(data.images[indices], targets[indices], baseline_lr)
 
 
-def teacher_test_features(workspace: Workspace, data) -> torch.Tensor:
-    """The teacher's representations of the test images [T, D] (those of the training images are the
-    represent stage's)."""
-    payload = load_artifact(workspace.teacher, "teacher", produced_by="teacher")
-    encoder = ResNet18(ResNetConfig(**payload["encoder"]), data.image_shape[0])
-    encoder.load_state_dict(payload["state_dict"])
-    return teacher_representations(encoder, data.test_images)
-
-
-def teacher_probe(data, targets: torch.Tensor, test_features: torch.Tensor, probe_config, seed: int) -> dict:
-    """The probe of ``sslkd evaluate`` (same labelled subsets at ``seed``) on the teacher's representations."""
-    accuracy = {}
-    for index, fraction in enumerate(probe_config.label_fractions):
-        subset = labelled_subset(data.labels, fraction, generator(seed, 2, index))
-        accuracy[fraction_key(fraction)] = linear_probe_accuracy(
-            targets[subset], data.labels[subset], test_features, data.test_labels, probe_config)
-    return accuracy
-
-
 def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
     evaluate_config = config.build("evaluate")
     data = training_data(workspace)
@@ -125,10 +105,12 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
     for name in args.sets.split(","):
         started, rows = time.perf_counter(), []
+        if name == TEACHER:  # the represent stage's features of the training images; the test images' here
+            teacher_test_features = teacher_representations(teacher_encoder(workspace, data), data.test_images)
         for seed in evaluate_config.seeds:
-            if name == TEACHER:
-                test_features = teacher_test_features(workspace, data) if not rows else test_features
-                accuracy = teacher_probe(data, targets, test_features, evaluate_config.probe, seed)
+            if name == TEACHER:  # the same labelled subsets as every set at this seed
+                accuracy = probe_features_at_fractions(targets, data.labels, teacher_test_features, data.test_labels,
+                                                       evaluate_config.probe, lambda index: generator(seed, 2, index))
                 rows.append(list(accuracy.values()))
                 continue
             student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1], derive_seed(seed, 0))

@@ -143,8 +143,19 @@ def probe_at_fractions(
     ``seed_generator(fraction_index)`` returns the generator that picks the labelled subset, so every
     method sees the same labels at a given seed.
     """
-    train_features = trunk_features(student, train_images)
-    test_features = trunk_features(student, test_images)
+    return probe_features_at_fractions(trunk_features(student, train_images), train_labels,
+                                       trunk_features(student, test_images), test_labels, config, seed_generator)
+
+
+def probe_features_at_fractions(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    config: ProbeConfig,
+    seed_generator: "callable",
+) -> dict[str, float]:
+    """:func:`probe_at_fractions` on given features: train [N, F], test [T, F] (e.g. a teacher's)."""
     accuracies = {}
     for index, fraction in enumerate(config.label_fractions):
         subset = labelled_subset(train_labels, fraction, seed_generator(index))

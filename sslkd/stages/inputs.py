@@ -10,7 +10,7 @@ from sslkd.artifacts import load_artifact
 from sslkd.datasets import Normalisation
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
-from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout
+from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, ResNet18, ResNetConfig
 from sslkd.workspace import Workspace
 
 
@@ -39,6 +39,19 @@ def training_data(workspace: Workspace) -> TrainingData:
         payload["test_labels"],
         normalisation,
     )
+
+
+def teacher_encoder(workspace: Workspace, data: TrainingData) -> ResNet18:
+    """The teacher stage's encoder, checked against the dataset's channels."""
+    payload = load_artifact(workspace.teacher, "teacher", produced_by="teacher")
+    if payload["in_channels"] != data.image_shape[0]:
+        raise SslkdError(
+            f"teacher takes {payload['in_channels']}-channel images, the dataset has {data.image_shape[0]}: "
+            "rerun `sslkd teacher` for this dataset"
+        )
+    encoder = ResNet18(ResNetConfig(**payload["encoder"]), data.image_shape[0])
+    encoder.load_state_dict(payload["state_dict"])
+    return encoder
 
 
 def representations(workspace: Workspace, data: TrainingData) -> torch.Tensor:

@@ -37,7 +37,8 @@ from sslkd.seeding import derive_seed, generator
 from sslkd.selection import class_balanced_high_loss_indices, random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.evaluate import PretrainingSet, pretraining_sets
-from sslkd.stages.inputs import expert_trajectories, representations, teacher_encoder, training_data
+from sslkd.stages.inputs import (check_input_space, expert_trajectories, representations, student_data,
+                                 teacher_encoder, training_data)
 from sslkd.teacher import representations as teacher_representations
 from sslkd.workspace import Workspace
 
@@ -61,7 +62,7 @@ def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
     distill_config = config.build("distill")
     seed = distill_config.seeds[0]
     distill_config = dataclasses.replace(distill_config, seeds=(seed,))
-    data = training_data(workspace)
+    data = student_data(workspace)
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=distill_config.epochs_needed)
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
@@ -77,7 +78,7 @@ def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
           f"{float((result.representations - targets[indices]).pow(2).mean().sqrt()):.4f} "
           f"(their rms {float(targets[indices].pow(2).mean().sqrt()):.3f})")
     torch.save({"images": result.images, "representations": result.representations, "lr": result.lr,
-                "init": args.init, "matching_losses": result.matching_losses}, args.out)
+                "init": args.init, "matching_losses": result.matching_losses, "input_space": data.space.name}, args.out)
 
 
 def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor, init: dict, eval_seed: int,
@@ -85,7 +86,7 @@ def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor
     """The set ``name`` pre-trains on at ``eval_seed`` (None: no pre-training): a method other than mkdt
     as ``sslkd evaluate`` builds it, an extra real subset (EXTRA_SETS) or a set saved by ``distill``."""
     if name in BASELINES:
-        return pretraining_sets(name, workspace, data.images, targets, baseline_lr, eval_seed)[0][0]
+        return pretraining_sets(name, workspace, data.images, targets, baseline_lr, eval_seed, data.space)[0][0]
     if name.startswith("random:"):  # N random images, drawn afresh per evaluation seed as ``random`` is
         indices = random_indices(len(data.images), int(name.split(":")[1]), generator(eval_seed, 3))
     elif name in ("high_loss_per_class", "init_random"):
@@ -94,19 +95,22 @@ def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor
         if not Path(name).is_file():
             raise SslkdError(f"unknown set {name!r}: neither {', '.join(BASELINES + EXTRA_SETS)} nor a saved set")
         synthetic = torch.load(name, weights_only=False)
+        check_input_space(synthetic, data.space, name, "distill (benchmarks/ablate.py distill)")
         return PretrainingSet(synthetic["images"], synthetic["representations"], float(synthetic["lr"]))
     return PretrainingSet(data.images[indices], targets[indices], baseline_lr)
 
 
 def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
     evaluate_config = config.build("evaluate")
-    data = training_data(workspace)
+    data = student_data(workspace)
     targets = representations(workspace, data)
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
     for name in args.sets.split(","):
         started, rows = time.perf_counter(), []
         if name == TEACHER:  # the represent stage's features of the training images; the test images' here
-            teacher_test_features = teacher_representations(teacher_encoder(workspace, data), data.test_images)
+            standardised = training_data(workspace)  # what the teacher sees, whatever the students see
+            teacher_test_features = teacher_representations(teacher_encoder(workspace, standardised),
+                                                            standardised.test_images)
         for seed in evaluate_config.seeds:
             if name == TEACHER:  # the same labelled subsets as every set at this seed
                 accuracy = probe_features_at_fractions(targets, data.labels, teacher_test_features, data.test_labels,

@@ -27,7 +27,7 @@ STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluat
 def configurables() -> dict[str, type]:
     """Every registered name -> config class. Stage roots are named after their stage."""
     from sslkd.augmentations import AugmentConfig
-    from sslkd.datasets import DataConfig
+    from sslkd.datasets import DataConfig, StudentInputConfig
     from sslkd.distill import DistillConfig
     from sslkd.evaluation import PretrainConfig, ProbeConfig
     from sslkd.experts import ExpertsConfig
@@ -53,6 +53,7 @@ def configurables() -> dict[str, type]:
         "ssl": SSLConfig,
         "pretrain": PretrainConfig,
         "probe": ProbeConfig,
+        "student_input": StudentInputConfig,
         "slurm": SlurmConfig,
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -229,6 +230,18 @@ def load_dataset(config: DataConfig) -> ImageDataset:
     return ImageDataset(images, labels, test[0], test[1], names)
 
 
+class InputSpace(Protocol):
+    """Where networks see images: ``apply`` maps [N, C, H, W] pixels in [0, 1] into it, ``invert`` back;
+    ``name`` says which space (recorded with every artifact made of images in it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def invert(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class Normalisation:
     """Per-channel standardisation with the training statistics: mean, std [C] on the [0, 1] scale."""
@@ -253,3 +266,73 @@ class Normalisation:
     def from_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, C, H, W] -> standardised float32, the one tensor training loops index into."""
         return self.apply(images.float() / 255.0)
+
+    @property
+    def name(self) -> str:
+        return "standardised"
+
+
+@dataclass(frozen=True)
+class StudentInputConfig:
+    """What the students (experts, distillation, evaluation) see. zca: ZCA-whiten the standardised images
+    with a whitening fit on the training images (MTT's and MKDT's ``--zca`` for CIFAR; the teacher keeps
+    the standardised images); zca_regularisation: ε added to the covariance's eigenvalues."""
+
+    zca: bool
+    zca_regularisation: float
+
+    def __post_init__(self) -> None:
+        if not self.zca_regularisation > 0.0:
+            raise SslkdError(f"student_input.zca_regularisation must be > 0, got {self.zca_regularisation}")
+
+
+@dataclass(frozen=True)
+class ZCAWhitening:
+    """ZCA whitening of standardised images, composed with their standardisation.
+
+    With the training images' feature mean μ [F] (F = C·H·W) and covariance U diag(s) Uᵀ, an image x
+    (flattened) maps to (x − μ) W with W = U diag(1/√(s + ε)) Uᵀ; ``unwhiten`` applies the inverse
+    W⁻¹ = U diag(√(s + ε)) Uᵀ. ``apply``/``invert`` go between [0, 1] pixels and the whitened space, as
+    :class:`Normalisation`'s do between pixels and the standardised space.
+    """
+
+    normalisation: Normalisation
+    mean: torch.Tensor  # [F]
+    matrix: torch.Tensor  # [F, F], symmetric
+    inverse: torch.Tensor  # [F, F], symmetric
+    regularisation: float
+
+    @classmethod
+    def fit(cls, normalisation: Normalisation, standardised: torch.Tensor, regularisation: float) -> "ZCAWhitening":
+        """Fit on standardised training images [N, C, H, W] (float64 statistics, deterministic on the CPU)."""
+        flat = standardised.detach().cpu().flatten(1).double()
+        mean = flat.mean(dim=0)
+        centred = flat - mean
+        covariance = centred.T @ centred / max(len(flat) - 1, 1)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues = eigenvalues.clamp(min=0.0) + regularisation
+        matrix = (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
+        inverse = (eigenvectors * eigenvalues.sqrt()) @ eigenvectors.T
+        return cls(normalisation, mean.float(), matrix.float(), inverse.float(), regularisation)
+
+    @property
+    def name(self) -> str:
+        return f"zca(regularisation={self.regularisation:g})"
+
+    def whiten(self, standardised: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Standardised [N, C, H, W] -> whitened [N, C, H, W] (in batches: the matrix is F × F)."""
+        matrix, mean = self.matrix.to(standardised), self.mean.to(standardised)
+        return torch.cat([((chunk.flatten(1) - mean) @ matrix).view_as(chunk)
+                          for chunk in standardised.split(batch_size)]) if len(standardised) else standardised.clone()
+
+    def unwhiten(self, whitened: torch.Tensor) -> torch.Tensor:
+        """Whitened [N, C, H, W] -> standardised [N, C, H, W]."""
+        return (whitened.flatten(1) @ self.inverse.to(whitened) + self.mean.to(whitened)).view_as(whitened)
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] in [0, 1] -> whitened float32."""
+        return self.whiten(self.normalisation.apply(pixels))
+
+    def invert(self, images: torch.Tensor) -> torch.Tensor:
+        """Whitened [N, C, H, W] -> [0, 1] pixel scale."""
+        return self.normalisation.invert(self.unwhiten(images))

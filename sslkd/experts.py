@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sslkd.augmentations import two_views
-from sslkd.datasets import Normalisation
+from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps, train_kd
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, seeded_module
@@ -70,7 +70,7 @@ def train_expert(
     targets: torch.Tensor,
     config: ExpertsConfig,
     generator: torch.Generator,
-    normalisation: Normalisation | None = None,
+    input_space: InputSpace | None = None,
     steps: KDSteps | None = None,
     resume: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
@@ -80,16 +80,16 @@ def train_expert(
 
     images: [N, C, H, W] normalised; targets: [N, D] teacher representations (kd); both on the student's
     device. KD experts train with ``steps`` (pass one :class:`KDSteps` to every expert of a stage so that
-    it compiles once; default: built here with config.compile). SSL objectives augment in pixel space (``normalisation``
+    it compiles once; default: built here with config.compile). SSL objectives augment in pixel space (``input_space``
     maps back and forth) and use the student's output as the projection. After each epoch
     ``on_checkpoint`` gets the training state (parameters, optimiser momentum, generator, snapshots so
     far); passing it back as ``resume`` continues bit-identically.
     """
     if config.objective == "kd":
         return _train_kd_expert(student, images, targets, config, generator, steps, resume, on_checkpoint)
-    if normalisation is None:
-        raise ValueError("SSL experts need the normalisation to augment images")
-    return _train_ssl_expert(student, images, config, generator, normalisation, resume, on_checkpoint)
+    if input_space is None:
+        raise ValueError("SSL experts need the input space to augment images")
+    return _train_ssl_expert(student, images, config, generator, input_space, resume, on_checkpoint)
 
 
 def _train_kd_expert(
@@ -120,7 +120,7 @@ def _train_kd_expert(
 
 def _train_ssl_expert(
     student: ConvNet, images: torch.Tensor, config: ExpertsConfig, generator: torch.Generator,
-    normalisation: Normalisation, resume: dict[str, Any] | None,
+    input_space: InputSpace, resume: dict[str, Any] | None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
@@ -141,8 +141,8 @@ def _train_ssl_expert(
             batch = order[start:start + config.batch_size]
             if len(batch) < 2:  # the SSL losses standardise over the batch
                 continue
-            view1, view2 = two_views(normalisation.invert(images[batch]), config.ssl.augment, generator)
-            loss = ssl_loss(config.ssl, student(normalisation.apply(view1)), student(normalisation.apply(view2)))
+            view1, view2 = two_views(input_space.invert(images[batch]), config.ssl.augment, generator)
+            loss = ssl_loss(config.ssl, student(input_space.apply(view1)), student(input_space.apply(view2)))
             if not torch.isfinite(loss):
                 raise SslkdError(f"expert loss became {loss.item()}: lower experts.lr")
             optimiser.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sslkd.augmentations import two_views
-from sslkd.datasets import Normalisation
+from sslkd.datasets import InputSpace
 from sslkd.distill import DistillConfig, distill
 from sslkd.errors import SslkdError
 from sslkd.experts import ExpertsConfig, train_expert
@@ -192,7 +192,7 @@ def measure_gradient_variance(
     model: nn.Module,
     images: torch.Tensor,
     targets: torch.Tensor,
-    normalisation: Normalisation,
+    input_space: InputSpace,
     config: VarianceConfig,
     generator: torch.Generator,
 ) -> GradientVariance:
@@ -201,19 +201,19 @@ def measure_gradient_variance(
     images: [N, C, H, W] normalised; targets: [N, D] teacher representations.
     """
     result = GradientVariance(config.measured_batch_sizes, ssl={o: [] for o in config.ssl_objectives})
-    pixels = normalisation.invert(images)
+    pixels = input_space.invert(images)
     full = full_kd_gradient(model, images, targets)
     ssl_configs = {o: replace(config.experts.ssl, objective=o) for o in config.ssl_objectives}
     for batch in tqdm(result.batch_sizes, desc="gradient variance", leave=False, disable=None):
         minibatches = sample_minibatches(len(images), batch, config.minibatches, generator)
         result.kd.append(relative_variance(torch.stack([kd_gradient(model, images[b], targets[b]) for b in minibatches]), full))
         for objective, ssl in ssl_configs.items():
-            gradients = torch.stack([ssl_gradient(model, pixels[b], normalisation.apply, ssl, generator) for b in minibatches])
+            gradients = torch.stack([ssl_gradient(model, pixels[b], input_space.apply, ssl, generator) for b in minibatches])
             result.ssl[objective].append(relative_variance(gradients))
             if batch == config.experts.batch_size:
                 fixed = pixels[minibatches[0]]
                 gradients = torch.stack([
-                    ssl_gradient(model, fixed, normalisation.apply, ssl, generator) for _ in range(config.minibatches)
+                    ssl_gradient(model, fixed, input_space.apply, ssl, generator) for _ in range(config.minibatches)
                 ])
                 result.augmentation_only[objective] = relative_variance(gradients)
         log.info("batch %d: relative gradient variance kd %.4g, %s", batch, result.kd[-1],
@@ -228,7 +228,7 @@ def train_runs(
     images: torch.Tensor,
     targets: torch.Tensor,
     config: ExpertsConfig,
-    normalisation: Normalisation,
+    input_space: InputSpace,
 ) -> tuple[torch.Tensor, list[list[float]]]:
     """Run r trains ``make_student(init_seeds[r])`` with data order and augmentations from ``generators[r]``.
 
@@ -237,7 +237,7 @@ def train_runs(
     snapshots, losses = [], []
     for init_seed, generator in tqdm(list(zip(init_seeds, generators)), desc=f"{config.objective} runs",
                                      leave=False, disable=None):
-        run, epoch_losses = train_expert(make_student(init_seed), images, targets, config, generator, normalisation)
+        run, epoch_losses = train_expert(make_student(init_seed), images, targets, config, generator, input_space)
         snapshots.append(run)
         losses.append(epoch_losses)
     return torch.stack(snapshots), losses

@@ -1,12 +1,16 @@
-"""Datasets: the npz reader, splits, TinyImageNet's relabelled val folder, and clear errors offline."""
+"""Datasets: the npz reader, splits, TinyImageNet's relabelled val folder, clear errors offline, and the
+ZCA whitening students may see."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sslkd.datasets import DataConfig, class_balanced_split, load_dataset
+from sslkd.datasets import (DataConfig, Normalisation, StudentInputConfig, ZCAWhitening, class_balanced_split,
+                            load_dataset)
 from sslkd.errors import SslkdError
 
 
@@ -121,3 +125,32 @@ def test_unknown_dataset_and_bad_fraction_are_refused():
         data_config(dataset="mnist")
     with pytest.raises(SslkdError, match="holdout_fraction"):
         data_config(holdout_fraction=1.5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), regularisation=st.sampled_from([1e-6, 1e-2, 0.1, 1.0]))
+def test_zca_whitening_decorrelates_the_training_images_and_inverts_exactly(seed, regularisation):
+    """Whitened training images have covariance U diag(s / (s + ε)) Uᵀ (the identity as ε → 0), the
+    whitening is symmetric (ZCA, not PCA), and ``invert`` undoes ``apply``."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    pixels = (torch.rand(400, 12, generator=generator, dtype=torch.float64) @ mixing).view(400, 3, 2, 2)
+    pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+    normalisation = Normalisation.of((pixels * 255).round().to(torch.uint8))
+    standardised = normalisation.apply(pixels.float())
+    whitening = ZCAWhitening.fit(normalisation, standardised, regularisation)
+    whitened = whitening.whiten(standardised).flatten(1).double()
+    covariance = torch.cov(whitened.T)
+    flat = standardised.flatten(1).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(flat.T))
+    expected = (eigenvectors * (eigenvalues.clamp(min=0) / (eigenvalues.clamp(min=0) + regularisation))) @ eigenvectors.T
+    assert torch.allclose(covariance, expected, atol=2e-4)
+    assert torch.allclose(whitened.mean(0), torch.zeros(12, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(whitening.matrix, whitening.matrix.T)
+    assert torch.allclose(whitening.invert(whitening.apply(pixels.float())), pixels.float(), atol=1e-3)
+    assert whitening.name == f"zca(regularisation={regularisation:g})" and normalisation.name == "standardised"
+
+
+def test_student_input_needs_a_positive_zca_regularisation():
+    with pytest.raises(SslkdError, match="zca_regularisation must be > 0"):
+        StudentInputConfig(zca=True, zca_regularisation=0.0)

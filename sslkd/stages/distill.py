@@ -14,7 +14,7 @@ from sslkd.devices import stage_device
 from sslkd.distill import distill
 from sslkd.plots import plot_distillation_curve, plot_synthetic_set
 from sslkd.seeding import generator
-from sslkd.stages.inputs import expert_trajectories, representations, training_data
+from sslkd.stages.inputs import expert_trajectories, representations, student_data
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
     """``checkpoints``: save each seed's state periodically and resume from it (jobs of a launcher)."""
     distill_config = config.build("distill")
     device = stage_device()
-    data = training_data(workspace)
+    data = student_data(workspace)
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=distill_config.epochs_needed)
     indices = load_artifact(workspace.init_indices, "init", produced_by="init")["indices"]
@@ -51,15 +51,16 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
                 "init_indices": indices,
                 "matching_losses": torch.tensor(result.matching_losses),
                 "learning_rates": torch.tensor(result.learning_rates),
+                "input_space": data.space.name,
             },
             config=config.operative_config(),
             inputs={"trajectories": workspace.trajectories, "init": workspace.init_indices,
                     "representations": workspace.representations},
             extra={"seed": seed, "lr": result.lr, "distill": dataclasses.asdict(distill_config),
-                   "normalisation": "images in the dataset's standardised space (artifacts/data)",
+                   "input_space": data.space.name,
                    "matching_loss_first": result.matching_losses[0], "matching_loss_last": result.matching_losses[-1]},
         )
-        pixels = data.normalisation.invert
+        pixels = data.space.invert
         tracking.log_image(f"synthetic_seed{seed}.png", lambda path: plot_synthetic_set(
             pixels(data.images[indices]), pixels(result.images), path))
         tracking.log_image(f"distill_loss_seed{seed}.png", lambda path: plot_distillation_curve(

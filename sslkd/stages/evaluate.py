@@ -17,6 +17,7 @@ import torch
 from sslkd import config, tracking
 from sslkd.artifacts import load_artifact, save_json_artifact
 from sslkd.devices import stage_device
+from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd, probe_at_fractions
 from sslkd.experts import build_student
@@ -26,7 +27,7 @@ from sslkd.report import summarise
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stage_configs import METHODS
-from sslkd.stages.inputs import representations, training_data
+from sslkd.stages.inputs import check_input_space, representations, student_data
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ class PretrainingSet:
 
 
 def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, targets: torch.Tensor,
-                     baseline_lr: float, eval_seed: int) -> tuple[list[PretrainingSet | None], dict]:
-    """The sets ``method`` pre-trains on at ``eval_seed`` (None: no pre-training) and their source files."""
+                     baseline_lr: float, eval_seed: int, space: InputSpace) -> tuple[list[PretrainingSet | None], dict]:
+    """The sets ``method`` pre-trains on at ``eval_seed`` (None: no pre-training) and their source files;
+    ``images`` are in ``space``, and a distilled set must have been made in it."""
     if method == "no_pretrain":
         return [None], {}
     if method == "full_data":
@@ -61,6 +63,7 @@ def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, ta
         synthetic = load_artifact(path, "synthetic", produced_by="distill")
         if tuple(synthetic["images"].shape[1:]) != tuple(images.shape[1:]) or synthetic["representations"].shape[1] != targets.shape[1]:
             raise SslkdError(f"{path} does not match the dataset's image shape or representation size")
+        check_input_space(synthetic, space, path, "distill")
         seed = int(path.stem.removeprefix("synthetic_seed"))
         sets.append(PretrainingSet(synthetic["images"], synthetic["representations"], float(synthetic["lr"]), seed))
     return sets, {p.stem: p for p in paths}
@@ -80,13 +83,13 @@ def main(workspace: Workspace, method: str) -> None:
         raise SslkdError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     evaluate_config = config.build("evaluate")
     device = stage_device()
-    data = training_data(workspace)
+    data = student_data(workspace)
     images, test_images = data.images.to(device), data.test_images.to(device)
     targets = representations(workspace, data).to(device)
     runs = []
     steps = None  # one KDSteps for every pre-training run: the step compiles once per stage
     for eval_seed in evaluate_config.seeds:
-        sets, inputs = pretraining_sets(method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed)
+        sets, inputs = pretraining_sets(method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed, data.space)
         for pretraining_set in sets:
             student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1],
                                     derive_seed(eval_seed, 0)).to(device)

@@ -25,7 +25,7 @@ from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_exper
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.seeding import generator
-from sslkd.stages.inputs import TrainingData, representations, training_data
+from sslkd.stages.inputs import TrainingData, representations, student_data
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class ExpertsRun:
 def prepare(workspace: Workspace, checkpoints: CheckpointPolicy | None, device: torch.device) -> ExpertsRun:
     """The run's config and inputs, the images and targets on ``device``."""
     experts_config = config.build("experts")
-    data = training_data(workspace)
+    data = student_data(workspace)
     targets = representations(workspace, data)
     run = run_checkpoints(checkpoints, "experts", experts_config, [workspace.dataset, workspace.representations])
     data = dataclasses.replace(data, images=data.images.to(device))
@@ -76,7 +76,7 @@ def expert(run: ExpertsRun, index: int) -> dict:
         run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile)
     snapshots, epoch_losses = train_expert(
         student, run.data.images, run.targets, run.config, generator(run.config.seed, index, 1),
-        run.data.normalisation, run.steps, resume=run.checkpoints.load(state_name),
+        run.data.space, run.steps, resume=run.checkpoints.load(state_name),
         on_checkpoint=run.checkpoints.saver(state_name),
     )
     log.info("expert %d: %s loss per epoch %s", index, run.config.objective,
@@ -114,9 +114,11 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
             "image_shape": list(run.data.image_shape),
             "out_dim": run.targets.shape[1],
             "objective": experts_config.objective,
+            "input_space": run.data.space.name,
         },
         config=config.operative_config(),
         inputs={"dataset": workspace.dataset, "representations": workspace.representations},
-        extra={"parameters": layout.numel, "epochs": experts_config.epochs, "objective": experts_config.objective},
+        extra={"parameters": layout.numel, "epochs": experts_config.epochs, "objective": experts_config.objective,
+               "input_space": run.data.space.name},
     )
     run.checkpoints.clear()

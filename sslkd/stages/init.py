@@ -11,13 +11,13 @@ from sslkd.artifacts import save_artifact
 from sslkd.devices import stage_device
 from sslkd.seeding import generator
 from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
-from sslkd.stages.inputs import expert_trajectories, representations, training_data
+from sslkd.stages.inputs import expert_trajectories, representations, student_data
 from sslkd.workspace import Workspace
 
 
 def main(workspace: Workspace) -> None:
     init_config = config.build("init")
-    data = training_data(workspace)
+    data = student_data(workspace)
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=1)
     device = stage_device()

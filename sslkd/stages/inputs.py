@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sslkd import config
 from sslkd.artifacts import load_artifact
-from sslkd.datasets import Normalisation
+from sslkd.datasets import InputSpace, Normalisation, ZCAWhitening
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, ResNet18, ResNetConfig
@@ -16,13 +17,14 @@ from sslkd.workspace import Workspace
 
 @dataclass
 class TrainingData:
-    """images: the normalised training images [N, C, H, W] float32, built once; labels for evaluation."""
+    """images: the training images [N, C, H, W] float32 in ``space`` (standardised, or whitened for the
+    students), built once; labels for evaluation."""
 
     images: torch.Tensor
     labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    normalisation: Normalisation
+    space: InputSpace
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -39,6 +41,27 @@ def training_data(workspace: Workspace) -> TrainingData:
         payload["test_labels"],
         normalisation,
     )
+
+
+def student_data(workspace: Workspace) -> TrainingData:
+    """The training data as the students see them (``sslkd.student_input``): standardised, or ZCA-whitened
+    with a whitening fit on the training images."""
+    student_input = config.build("student_input")
+    data = training_data(workspace)
+    if not student_input.zca:
+        return data
+    whitening = ZCAWhitening.fit(data.space, data.images, student_input.zca_regularisation)
+    return TrainingData(whitening.whiten(data.images), data.labels, whitening.whiten(data.test_images),
+                        data.test_labels, whitening)
+
+
+def check_input_space(payload: dict, space: InputSpace, path: object, rerun: str) -> None:
+    """Refuse an artifact made of images in another space than ``space`` (artifacts without the key
+    predate ZCA whitening: standardised)."""
+    made_in = payload.get("input_space", "standardised")
+    if made_in != space.name:
+        raise SslkdError(f"{path} was made from {made_in} images, but the students now see {space.name} "
+                         f"images (sslkd.student_input): rerun `sslkd {rerun}`")
 
 
 def teacher_encoder(workspace: Workspace, data: TrainingData) -> ResNet18:
@@ -86,6 +109,7 @@ def expert_trajectories(workspace: Workspace, data: TrainingData, out_dim: int, 
             f"{workspace.trajectories} was trained on images {tuple(payload['image_shape'])} → D={payload['out_dim']}, "
             f"but the data are {data.image_shape} → D={out_dim}: rerun `sslkd experts`"
         )
+    check_input_space(payload, data.space, workspace.trajectories, "experts")
     layout = ParameterLayout.from_json(payload["layout"])
     student = build_student(config, data.image_shape, out_dim, seed=0)
     if ParameterLayout.of(student) != layout:

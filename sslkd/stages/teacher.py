@@ -42,8 +42,8 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
             derive_seed(teacher_config.seed, 1),
         ).to(device)
         encoder.to(device)
-        pixels = data.normalisation.invert(data.images).to(device)
-        losses = train_ssl(encoder, head, pixels, data.normalisation.apply, teacher_config.ssl,
+        pixels = data.space.invert(data.images).to(device)
+        losses = train_ssl(encoder, head, pixels, data.space.apply, teacher_config.ssl,
                            generator(teacher_config.seed, 2), resume=run.load("training"),
                            on_checkpoint=run.saver("training"),
                            on_epoch=lambda epoch, loss: tracking.log_metric("ssl_loss", loss, epoch))

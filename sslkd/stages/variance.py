@@ -23,7 +23,7 @@ from sslkd.models import ConvNet
 from sslkd.plots import pyplot
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
-from sslkd.stages.inputs import representations, training_data
+from sslkd.stages.inputs import representations, student_data
 from sslkd.variance import (
     GradientVariance, VarianceConfig, matching_losses, measure_gradient_variance, parameter_dispersion,
     relative_dispersion, tail_mean, train_runs,
@@ -45,7 +45,7 @@ def stopwatch(seconds: dict, part: str) -> Iterator[None]:
 
 def main(workspace: Workspace) -> None:
     variance_config = config.build("variance")
-    data = training_data(workspace)
+    data = student_data(workspace)
     targets = representations(workspace, data)
     if variance_config.measured_batch_sizes[-1] > len(data.images):
         raise SslkdError(f"variance batch sizes go up to {variance_config.measured_batch_sizes[-1]}, "
@@ -57,7 +57,7 @@ def main(workspace: Workspace) -> None:
 
     init_seed = derive_seed(seed, 0)
     with stopwatch(seconds, "gradient_variance"):
-        gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.normalisation,
+        gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.space,
                                               variance_config, generator(seed, 1))
     start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, 4))
     for kind, objective in {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}.items():
@@ -65,7 +65,7 @@ def main(workspace: Workspace) -> None:
             snapshots, losses = train_runs(
                 make_student, [init_seed] * variance_config.runs,
                 [generator(seed, 2, r) for r in range(variance_config.runs)],
-                data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.normalisation,
+                data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.space,
             )
             runs[kind] = {"absolute": parameter_dispersion(snapshots).tolist(),
                           "relative": relative_dispersion(snapshots).tolist(), "epoch_losses": losses}
@@ -73,7 +73,7 @@ def main(workspace: Workspace) -> None:
             count = variance_config.matching_experts
             experts, _ = train_runs(
                 make_student, [derive_seed(seed, 3, k) for k in range(count)], [generator(seed, 5, k) for k in range(count)],
-                data.images, targets, variance_config.trajectories(objective, count), data.normalisation,
+                data.images, targets, variance_config.trajectories(objective, count), data.space,
             )
             matching[kind] = matching_losses(make_student(init_seed), experts, data.images[start_indices],
                                              targets[start_indices], variance_config, generator(seed, 6))

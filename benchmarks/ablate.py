@@ -6,6 +6,7 @@ thing changed, without rerunning the stages upstream of it. Not part of the pipe
     python benchmarks/ablate.py evaluate --workdir W --sets random,high_loss_per_class,SET.pt \\
         [--bind 'sslkd.pretrain.min_steps = 0']
     python benchmarks/ablate.py evaluate --workdir W --sets teacher   # the teacher's own features, probed
+    python benchmarks/ablate.py evaluate --workdir W --sets SET.pt --distilled-lr 0.1   # not its learned lr
 
 Hyperparameters come from the setting (``--setting``, default cifar10_cpu), params.yaml and ``--bind``,
 exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.distill.distill` on the workspace's
@@ -82,7 +83,7 @@ def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
 
 
 def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor, init: dict, eval_seed: int,
-                    baseline_lr: float) -> PretrainingSet | None:
+                    baseline_lr: float, distilled_lr: float | None = None) -> PretrainingSet | None:
     """The set ``name`` pre-trains on at ``eval_seed`` (None: no pre-training): a method other than mkdt
     as ``sslkd evaluate`` builds it, an extra real subset (EXTRA_SETS) or a set saved by ``distill``."""
     if name in BASELINES:
@@ -96,7 +97,8 @@ def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor
             raise SslkdError(f"unknown set {name!r}: neither {', '.join(BASELINES + EXTRA_SETS)} nor a saved set")
         synthetic = torch.load(name, weights_only=False)
         check_input_space(synthetic, data.space, name, "distill (benchmarks/ablate.py distill)")
-        return PretrainingSet(synthetic["images"], synthetic["representations"], float(synthetic["lr"]))
+        lr = float(synthetic["lr"]) if distilled_lr is None else distilled_lr
+        return PretrainingSet(synthetic["images"], synthetic["representations"], lr)
     return PretrainingSet(data.images[indices], targets[indices], baseline_lr)
 
 
@@ -118,7 +120,8 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
                 rows.append(list(accuracy.values()))
                 continue
             student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1], derive_seed(seed, 0))
-            chosen = pretraining_set(name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr)
+            chosen = pretraining_set(name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr,
+                                     args.distilled_lr)
             if chosen is not None:
                 pretrain_kd(student, chosen.images, chosen.targets, chosen.lr, evaluate_config.pretrain,
                             generator(seed, 1))
@@ -148,6 +151,9 @@ def main() -> None:
         else:
             command.add_argument("--sets", required=True,
                                  help=f"comma-separated: {', '.join(BASELINES + EXTRA_SETS + (TEACHER,))} or saved sets")
+            command.add_argument("--distilled-lr", type=float, default=None,
+                                 help="pre-train saved distilled sets at this lr instead of their learned one "
+                                      "(real sets use sslkd.pretrain.lr)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:

@@ -111,7 +111,7 @@ def run_stage(args: argparse.Namespace) -> None:
     name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage  # dvc.yaml's stage name
     identity, tags = {}, {}
     if destination is not None:
-        config.build(args.stage)  # the stage's operative config (the run's params) is then known
+        config.build_stage(args.stage)  # the stage's operative config (the run's params) is then known
         identity, tags = _run_tags(args, setting, name)
     log.info("sslkd %s (setting %s)", name, setting)
     launcher = chosen_launcher(args.launcher)

@@ -22,6 +22,8 @@ import yaml
 from sslkd.errors import SslkdError
 
 STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "report", "variance")
+# Stages whose students read ``sslkd.student_input`` besides their root config.
+STUDENT_STAGES = ("experts", "init", "distill", "evaluate", "variance")
 
 
 def configurables() -> dict[str, type]:
@@ -139,6 +141,15 @@ def build(name: str) -> Any:
         raise SslkdError(f"config error: sslkd.{name} needs a binding for {missing}") from None
     except SslkdError as error:  # gin appends "In call to configurable ..." lines
         raise SslkdError(f"config error in sslkd.{name}: {str(error).splitlines()[0]}") from None
+
+
+def build_stage(stage: str) -> Any:
+    """Instantiate the stage's root config and what else it reads, so that the operative config is the
+    stage's whole configuration before it runs (what tracking records); returns the root config."""
+    root = build(stage)
+    if stage in STUDENT_STAGES:
+        build("student_input")
+    return root
 
 
 def operative_config() -> str:

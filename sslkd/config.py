@@ -22,8 +22,10 @@ import yaml
 from sslkd.errors import SslkdError
 
 STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "report", "variance")
-# Stages whose students read ``sslkd.student_input`` besides their root config.
+# Stages whose students read ``sslkd.student_input`` besides their root config; params.yaml may hold a
+# section of that name too (DVC tracks it for these stages).
 STUDENT_STAGES = ("experts", "init", "distill", "evaluate", "variance")
+PARAMS_SECTIONS = STAGES + ("student_input",)
 
 
 def configurables() -> dict[str, type]:
@@ -93,8 +95,9 @@ def read_params(path: Path) -> Params:
         raise SslkdError(f"{path} must be a mapping with a string 'setting' (the gin/settings/<name>.gin to use)")
     sections = {key: value for key, value in raw.items() if key != "setting"}
     for section, items in sections.items():
-        if section not in STAGES:
-            raise SslkdError(f"{path}: unknown section {section!r}; sections are stage names: {', '.join(STAGES)}")
+        if section not in PARAMS_SECTIONS:
+            raise SslkdError(f"{path}: unknown section {section!r}; sections are stage names or student_input: "
+                             f"{', '.join(PARAMS_SECTIONS)}")
         if not isinstance(items, dict):
             raise SslkdError(f"{path}: section {section!r} must map parameter names to values")
     return Params(raw["setting"], sections)

@@ -108,6 +108,10 @@ def test_dvc_stages_match_the_cli_and_track_their_params():
         assert {"sslkd", "gin"} <= set(body["deps"])
         if stage in params.sections:
             assert stage in body["params"], f"dvc stage {stage} does not track params.yaml section {stage}"
+        if stage in config.STUDENT_STAGES:
+            assert "student_input" in body["params"], f"dvc stage {stage} does not track what its students see"
+        else:
+            assert "student_input" not in body["params"], f"dvc stage {stage} does not read student_input"
     from sslkd.stage_configs import METHODS
 
     assert set(dvc["evaluate"]["foreach"]) == set(METHODS)

@@ -322,8 +322,7 @@ class ZCAWhitening:
     def whiten(self, standardised: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """Standardised [N, C, H, W] -> whitened [N, C, H, W] (in batches: the matrix is F × F)."""
         matrix, mean = self.matrix.to(standardised), self.mean.to(standardised)
-        return torch.cat([((chunk.flatten(1) - mean) @ matrix).view_as(chunk)
-                          for chunk in standardised.split(batch_size)]) if len(standardised) else standardised.clone()
+        return torch.cat([((chunk.flatten(1) - mean) @ matrix).view_as(chunk) for chunk in standardised.split(batch_size)])
 
     def unwhiten(self, whitened: torch.Tensor) -> torch.Tensor:
         """Whitened [N, C, H, W] -> standardised [N, C, H, W]."""

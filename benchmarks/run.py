@@ -1,12 +1,13 @@
 """Benchmark of sslkd's inner loops on this machine, in one run: trajectory-matching iterations
 (full vs adjoint unroll, eager and compiled, the adjoint keeping all or every ⌈√N⌉-th snapshot) at two
-syn_steps, expert training (eager vs compiled), and a dense-matmul GFLOP/s reference that says how close
-to the machine's limit they run.
+syn_steps, expert training (eager vs compiled, float32 and bfloat16 autocast), and dense-matmul GFLOP/s
+references (float32, bfloat16) that say how close to the machine's limit they run.
 
     python benchmarks/run.py --out benchmark.json                  # CPU: width 32, batch 64, 32×32, D 512
     python benchmarks/run.py --out benchmark.json --threads 1      # CPU shared with other work (below)
     python benchmarks/run.py --out benchmark.json --device cuda    # the paper setting: width 128, batch 256
     python benchmarks/run.py --out tiny.json --device cuda --preset tinyimagenet_2pct --variants full,adjoint --no-experts
+    python benchmarks/run.py --out experts.json --no-distill          # expert training only
 
 Times are the fastest wall-clock call, or — with one CPU thread — the median CPU seconds of the process
 and of its finished children (the C++ compiler), which is what a call costs however busy the machine
@@ -188,11 +189,18 @@ def distill_memory_worker(args: argparse.Namespace, device: torch.device) -> dic
     return {"peak_live_mb": peak_memory(device) - baseline}
 
 
+EXPERT_VARIANTS = {  # name -> (compiled, precision of the training step)
+    "eager": (False, "float32"), "compiled": (True, "float32"),
+    "eager_bfloat16": (False, "bfloat16"), "compiled_bfloat16": (True, "bfloat16"),
+}
+
+
 def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
     """Images/s of the expert training step (SGD with momentum and weight decay on the KD loss)."""
     generator = torch.Generator().manual_seed(0)
     student, layout = student_for(args, device)
-    steps = KDSteps(student, layout, compile=args.variant == "compiled")
+    compiled, precision = EXPERT_VARIANTS[args.variant]
+    steps = KDSteps(student, layout, compile=compiled, precision=precision)
     parameters = layout.flatten(student)
     velocity = torch.zeros_like(parameters)
     images = torch.randn(args.expert_batch, 3, args.image_size, args.image_size, generator=generator).to(device)
@@ -211,9 +219,10 @@ def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
     return {"first": first, "steady": steady, "gflop": flops / 1e9}
 
 
-def matmul_seconds(device: torch.device, size: int = 2048, repeats: int = 10) -> tuple[float, dict[str, float]]:
-    """(GFLOP, seconds) of one dense fp32 matmul: the machine's practical limit for these workloads."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_seconds(device: torch.device, size: int = 2048, repeats: int = 10,
+                   dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
+    """(GFLOP, seconds) of one dense matmul: the machine's practical limit for these workloads."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     return 2 * size**3 / 1e9, timed(lambda: a @ b, repeats, device)
 
@@ -270,17 +279,19 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
             }
     if experts is None:
         return summary, None
-    eager, compiled = (experts[kind]["steady"][basis] for kind in ("eager", "compiled"))
-    compile_s = max(experts["compiled"]["first"][basis] - compiled, 0.0)
-    batch = experts["batch"]
-    compiled_rate = batch / compiled
-    return summary, {
-        "eager_img_s": batch / eager, "compiled_img_s": compiled_rate, "compile_s": compile_s,
-        "eager_gflops": experts["eager"]["gflop"] / eager, "compiled_gflops": experts["compiled"]["gflop"] / compiled,
-        "stage_images": stage_images,
-        "compiled_img_s_with_compile": stage_images / (stage_images / compiled_rate + compile_s),
-        "batch": batch,
-    }
+    batch, figures = experts["batch"], {"stage_images": stage_images, "batch": experts["batch"]}
+    for variant, (compiled, _) in EXPERT_VARIANTS.items():
+        if variant not in experts:
+            continue
+        seconds = experts[variant]["steady"][basis]
+        figures[f"{variant}_img_s"] = batch / seconds
+        figures[f"{variant}_gflops"] = experts[variant]["gflop"] / seconds
+        if compiled:
+            compile_s = max(experts[variant]["first"][basis] - seconds, 0.0)
+            suffix = variant.removeprefix("compiled")
+            figures[f"compile{suffix}_s"] = compile_s
+            figures[f"{variant}_img_s_with_compile"] = stage_images / (stage_images * seconds / batch + compile_s)
+    return summary, figures
 
 
 def table(results: dict) -> str:
@@ -298,11 +309,23 @@ def table(results: dict) -> str:
     e = results["experts"]
     if e is None:
         return "\n".join(lines)
-    lines += ["", "| expert training | images/s | GFLOP/s | % of matmul | compile s |", "|---|---|---|---|---|",
-              f"| eager | {e['eager_img_s']:.0f} | {e['eager_gflops']:.1f} | {100 * e['eager_gflops'] / peak:.0f}% | – |",
-              f"| compiled | {e['compiled_img_s']:.0f} | {e['compiled_gflops']:.1f} | "
-              f"{100 * e['compiled_gflops'] / peak:.0f}% | {e['compile_s']:.0f} |",
-              f"| compiled, compile included ({e['stage_images']:,} images) | {e['compiled_img_s_with_compile']:.0f} | | | |"]
+    lines += ["", f"| expert training | images/s | × eager float32 | GFLOP/s | % of matmul (its precision) | "
+              f"compile s | images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for variant, (compiled, precision) in EXPERT_VARIANTS.items():
+        if f"{variant}_img_s" not in e:
+            continue
+        reference = results["matmul_gflops"] if precision == "float32" else results["matmul_bfloat16_gflops"]
+        rate, gflops = e[f"{variant}_img_s"], e[f"{variant}_gflops"]
+        row = (f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {gflops:.1f} | "
+               f"{100 * gflops / reference:.0f}% | ")
+        if compiled:
+            with_compile = e[f"{variant}_img_s_with_compile"]
+            row += (f"{e['compile' + variant.removeprefix('compiled') + '_s']:.0f} | {with_compile:.0f} | "
+                    f"{with_compile / e['eager_img_s']:.2f} |")
+        else:
+            row += "– | | |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -316,8 +339,10 @@ def main() -> None:
     parser.add_argument("--syn-steps", type=int, nargs="+")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated distill variants (default: all of %(default)s)")
+    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the distill variants (default: yes)")
     parser.add_argument("--experts", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure expert training, eager vs compiled (default: yes)")
+                        help="measure expert training, eager vs compiled, float32 and bfloat16 (default: yes)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -337,13 +362,15 @@ def main() -> None:
         parser.error("--out is required")
     variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or not variants:
+    if unknown or (args.distill and not variants):
         parser.error(f"unknown distill variants {unknown}; choose from {', '.join(VARIANTS)}")
     basis = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     matmul_gflop, matmul = matmul_seconds(device)
-    distill = {variant: {str(n): run_distill(args, variant, n) for n in args.syn_steps} for variant in variants}
-    experts = {kind: run_worker(args, "experts", kind) for kind in ("eager", "compiled")} if args.experts else None
+    _, matmul_bfloat16 = matmul_seconds(device, dtype=torch.bfloat16)
+    distill = {variant: {str(n): run_distill(args, variant, n) for n in args.syn_steps}
+               for variant in (variants if args.distill else [])}
+    experts = {kind: run_worker(args, "experts", kind) for kind in EXPERT_VARIANTS} if args.experts else None
     summary, experts_summary = summarise(basis, distill, experts and {**experts, "batch": args.expert_batch},
                                          STAGE_IMAGES[preset])
     results = {
@@ -351,8 +378,9 @@ def main() -> None:
         "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
         "time_basis": basis, "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "preset": preset, "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
-        "matmul_gflops": matmul_gflop / matmul[basis], "distill": summary, "experts": experts_summary,
-        "raw": {"matmul_s": matmul, "distill": distill, "experts": experts},
+        "matmul_gflops": matmul_gflop / matmul[basis], "matmul_bfloat16_gflops": matmul_gflop / matmul_bfloat16[basis],
+        "distill": summary, "experts": experts_summary,
+        "raw": {"matmul_s": matmul, "matmul_bfloat16_s": matmul_bfloat16, "distill": distill, "experts": experts},
     }
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps, train_kd
+from sslkd.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ParameterLayout
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class PretrainConfig:
 
     lr is used for every set except MKDT's, which pre-trains with its learned α; min_steps: 0 keeps
     METHOD.md's protocol (20 epochs whatever the size: 20 steps for 200 images at batch 256); compile:
-    torch.compile the training step once per stage.
+    torch.compile the training step once per stage; precision: 'float32', or 'bfloat16' for the forward
+    pass in bfloat16 autocast (kd_steps.PRECISIONS).
     """
 
     epochs: int
@@ -40,9 +41,11 @@ class PretrainConfig:
     momentum: float
     weight_decay: float
     compile: bool
+    precision: str
     min_steps: int = 0
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.min_steps < 0:
             raise SslkdError("pretraining needs epochs >= 0, batch_size >= 1, lr > 0 and min_steps >= 0")
 
@@ -79,7 +82,7 @@ def pretrain_kd(
     per epoch. Pass one :class:`KDSteps` to every run of a stage so that it compiles once (default:
     built here with config.compile)."""
     layout = ParameterLayout.of(student)
-    steps = steps or KDSteps(student, layout, compile=config.compile)
+    steps = steps or KDSteps(student, layout, compile=config.compile, precision=config.precision)
     parameters, losses = layout.flatten(student), []
     num_epochs = config.epochs_for(len(images))
     epochs = train_kd(steps, parameters, images, targets, lr=lr, momentum=config.momentum,

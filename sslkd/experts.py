@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from sslkd.augmentations import two_views
 from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps, train_kd
+from sslkd.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, seeded_module
 from sslkd.seeding import derive_seed
 from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
@@ -30,7 +30,9 @@ class ExpertsConfig:
     objective: kd (MKDT) or an SSL objective (barlow_twins, simclr: the "MTT with SSL" baseline, whose
     augmentations and loss settings come from ``ssl``); epochs: epochs trained and stored (distillation reads
     at most max_start_epoch + expert_epochs); compile: torch.compile the KD training step once per stage
-    (SSL experts train eagerly); seed: expert k's init and data order derive from (seed, k).
+    (SSL experts train eagerly); precision: 'float32', or 'bfloat16' for the KD step's forward pass in
+    bfloat16 autocast (mixed precision; kd_steps.PRECISIONS); seed: expert k's init and data order derive
+    from (seed, k).
     """
 
     student: ConvNetConfig
@@ -43,9 +45,11 @@ class ExpertsConfig:
     batch_size: int
     ssl: SSLConfig
     compile: bool
+    precision: str
     seed: int
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.objective not in EXPERT_OBJECTIVES:
             raise SslkdError(f"unknown expert objective {self.objective!r}; choose one of {', '.join(EXPERT_OBJECTIVES)}")
         if self.num_experts < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -98,7 +102,7 @@ def _train_kd_expert(
     on_checkpoint: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
-    steps = steps or KDSteps(student, layout, compile=config.compile)
+    steps = steps or KDSteps(student, layout, compile=config.compile, precision=config.precision)
     snapshots, epoch_losses, velocity = [layout.flatten(student).cpu()], [], None  # snapshots kept on the CPU
     if resume is not None:
         generator.set_state(resume["generator"])

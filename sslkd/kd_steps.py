@@ -7,6 +7,11 @@ Every step is a pure function of tensors (θ, momentum buffer, minibatch, lr), s
 serves every expert, pre-training run and distillation iteration of a stage. Compiled and eager results
 agree to float rounding, not bit for bit; each is deterministic on CPU for a given machine and thread
 count.
+
+The training step (experts, pre-training) can run its forward pass in bfloat16 autocast (``precision``):
+mixed precision as torch.autocast does it, float32 parameters, momentum and update, the loss in float32;
+on CPUs with AMX or AVX512-BF16 and on GPUs the convolutions then run on bfloat16 units. Distillation's
+inner step and gradient-of-gradient always run in float32: their gradients are matched, not only followed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from sslkd.models import ConvNet, ParameterLayout
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# precision name -> the autocast dtype of the training step's forward pass (None: plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise SslkdError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
 
 def kd_loss_of_parameters(student: ConvNet, layout: ParameterLayout) -> Loss:
     """ℓ(θ, X, Y) = MSE(f(X; θ), Y) for flat θ [P], images X [B, C, H, W], targets Y [B, D] -> scalar."""
@@ -31,6 +44,16 @@ def kd_loss_of_parameters(student: ConvNet, layout: ParameterLayout) -> Loss:
         return kd_mse_loss(functional_call(student, layout.unflatten(parameters), (images,)), targets)
 
     return loss
+
+
+def autocast_loss(loss: Loss, dtype: torch.dtype) -> Loss:
+    """``loss`` with its forward pass under torch.autocast(dtype) on the images' device type."""
+
+    def mixed_precision_loss(parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=images.device.type, dtype=dtype):
+            return loss(parameters, images, targets)
+
+    return mixed_precision_loss
 
 
 def momentum_update(
@@ -53,12 +76,16 @@ class KDSteps:
     channels-last images; on this CPU these were the fastest of the variants tried (README "Performance":
     reverse-over-forward, ``grad`` of a ``jvp``, and one graph for the whole SGD step were slower).
     Compiled steps are specialised to the shapes of their first call (one compile each); a minibatch of
-    another size — the short last batch of an epoch — runs eagerly.
+    another size — the short last batch of an epoch — runs eagerly. ``precision`` (a :data:`PRECISIONS`
+    name) applies to :meth:`train_step` only.
     """
 
-    def __init__(self, student: ConvNet, layout: ParameterLayout, compile: bool) -> None:
-        self.student, self.layout, self.compiled = student, layout, compile
+    def __init__(self, student: ConvNet, layout: ParameterLayout, compile: bool, precision: str = "float32") -> None:
+        check_precision(precision)
+        self.student, self.layout, self.compiled, self.precision = student, layout, compile, precision
         self.loss = kd_loss_of_parameters(student, layout)
+        autocast_dtype = PRECISIONS[precision]
+        self.training_loss = self.loss if autocast_dtype is None else autocast_loss(self.loss, autocast_dtype)
         self._compiled: dict[str, Callable] = {}
         self._shapes: dict[str, torch.Size] = {}
         if compile:
@@ -70,12 +97,16 @@ class KDSteps:
 
             self._compiled = {"loss": torch.compile(self.loss, dynamic=False),
                               "gog": torch.compile(gradient_of_gradient, dynamic=False)}
+            if autocast_dtype is not None:
+                self._compiled["training_loss"] = torch.compile(self.training_loss, dynamic=False)
 
-    def _loss_for(self, images: torch.Tensor) -> tuple[Loss, torch.Tensor]:
-        """The (compiled or eager) loss to differentiate for this minibatch, and the images it takes."""
-        if self._use_compiled("loss", images):
-            return self._compiled["loss"], images.contiguous(memory_format=torch.channels_last)
-        return self.loss, images
+    def _loss_for(self, images: torch.Tensor, training: bool = False) -> tuple[Loss, torch.Tensor]:
+        """The (compiled or eager) loss to differentiate for this minibatch, and the images it takes:
+        ``training`` selects the training step's loss (in its precision)."""
+        kind = "training_loss" if training and self.training_loss is not self.loss else "loss"
+        if self._use_compiled(kind, images):
+            return self._compiled[kind], images.contiguous(memory_format=torch.channels_last)
+        return (self.training_loss if training else self.loss), images
 
     def _use_compiled(self, kind: str, images: torch.Tensor) -> bool:
         if kind not in self._compiled:
@@ -87,8 +118,9 @@ class KDSteps:
         lr: torch.Tensor, momentum: float, weight_decay: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One SGD-with-momentum step on the KD loss: θ, v [P], images [B, C, H, W], targets [B, D], lr
-        scalar tensor -> (θ', v', loss before the step), all without autograd history."""
-        loss, images = self._loss_for(images)
+        scalar tensor -> (θ', v', loss before the step), all without autograd history. The forward pass runs
+        in the steps' ``precision``; θ, v, the gradient and the loss are float32."""
+        loss, images = self._loss_for(images, training=True)
         parameters = parameters.detach().requires_grad_(True)
         value = loss(parameters, images, targets)
         (gradient,) = torch.autograd.grad(value, parameters)

@@ -68,7 +68,8 @@ def test_distill_resumes_bit_identically(tmp_path, stop_at):
 def test_expert_training_resumes_bit_identically(tmp_path):
     _, _, images, targets = make_tiny_problem()
     cfg = ExpertsConfig(student=ConvNetConfig(width=4, depth=2), objective="kd", num_experts=1, epochs=4, lr=0.1,
-                        momentum=0.9, weight_decay=1e-4, batch_size=5, ssl=None, compile=False, seed=0)
+                        momentum=0.9, weight_decay=1e-4, batch_size=5, ssl=None, compile=False, precision="float32",
+                        seed=0)
     run = lambda **hooks: train_expert(build_student(cfg.student, (3, 8, 8), 6, seed=3), images, targets, cfg,
                                        torch.Generator().manual_seed(11), **hooks)
     reference = run()

@@ -55,7 +55,7 @@ def test_labelled_subset_is_stratified_seeded_and_shared():
 
 
 def _pretrain_config(epochs: int, min_steps: int) -> PretrainConfig:
-    return PretrainConfig(epochs=epochs, batch_size=4, lr=0.05, momentum=0.9, weight_decay=1e-4, compile=False,
+    return PretrainConfig(epochs=epochs, batch_size=4, lr=0.05, momentum=0.9, weight_decay=1e-4, compile=False, precision="float32",
                           min_steps=min_steps)
 
 

@@ -165,3 +165,29 @@ def test_compiled_steps_agree_with_eager_and_fall_back_for_other_batch_sizes():
                                      snapshots=snapshots)
         for got, want in zip(adjoint, full):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_bfloat16_training_step_is_mixed_precision_and_leaves_distillation_steps_in_float32():
+    student, layout, start, _, images, targets, generator = random_problem(2, 16, 8, torch.float32)
+    single, mixed = KDSteps(student, layout, compile=False), KDSteps(student, layout, compile=False, precision="bfloat16")
+    lr, velocity = torch.tensor(0.2), torch.randn(start.shape, generator=generator)
+    batch = (start, velocity, images[:8], targets[:8], lr, 0.9, 1e-4)
+    want, got, again = single.train_step(*batch), mixed.train_step(*batch), mixed.train_step(*batch)
+    assert all(t.dtype == torch.float32 for t in got)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)  # deterministic
+    step_want, step_got = want[0] - start, got[0] - start
+    relative = ((step_got - step_want).norm() / step_want.norm()).item()
+    assert 0 < relative < 0.05  # the forward ran in bfloat16: close to, not equal to, the float32 step
+    assert abs(got[2].item() - want[2].item()) < 0.02 * abs(want[2].item())
+    cotangent = torch.randn(start.shape, generator=generator)
+    assert torch.equal(mixed.sgd_step(start, images[:8], targets[:8], lr), single.sgd_step(start, images[:8], targets[:8], lr))
+    for a, b in zip(mixed.gradient_of_gradient(start, images[:8], targets[:8], cotangent),
+                    single.gradient_of_gradient(start, images[:8], targets[:8], cotangent)):
+        assert torch.equal(a, b)
+
+
+def test_unknown_precision_is_refused_in_one_line():
+    student, layout, *_ = random_problem(0, 4, 2, torch.float32)
+    with pytest.raises(SslkdError, match=r"^unknown precision 'float16'; choose one of float32, bfloat16$"):
+        KDSteps(student, layout, compile=False, precision="float16")

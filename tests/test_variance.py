@@ -149,7 +149,7 @@ def test_relative_dispersion_needs_a_shared_init():
 def tiny_training(objective: str) -> tuple[ExpertsConfig, torch.Tensor, torch.Tensor, Normalisation]:
     augment = AugmentConfig((0.5, 1.0), True, 0.8, 0.4, 0.4, 0.2, 0.2, 0.2)
     ssl = SSLConfig(objective if objective != "kd" else "barlow_twins", 16, 1, 8, 1e-3, 0.0, 5e-3, 0.5, augment)
-    experts = ExpertsConfig(ConvNetConfig(4, 2), objective, 1, 2, 0.01, 0.9, 1e-4, 8, ssl, False, 0)
+    experts = ExpertsConfig(ConvNetConfig(4, 2), objective, 1, 2, 0.01, 0.9, 1e-4, 8, ssl, False, "float32", 0)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(24, 3, 8, 8, generator=generator)
     return experts, images, torch.randn(24, 6, generator=generator), Normalisation(torch.full((3,), 0.5), torch.full((3,), 0.25))

@@ -95,7 +95,8 @@ def main(workspace: Workspace, method: str) -> None:
                                     derive_seed(eval_seed, 0)).to(device)
             losses: list[float] = []
             if pretraining_set is not None:
-                steps = steps or KDSteps(student, ParameterLayout.of(student), compile=evaluate_config.pretrain.compile)
+                steps = steps or KDSteps(student, ParameterLayout.of(student), compile=evaluate_config.pretrain.compile,
+                                         precision=evaluate_config.pretrain.precision)
                 losses = pretrain_kd(student, pretraining_set.images.to(device), pretraining_set.targets.to(device),
                                      pretraining_set.lr,
                                      evaluate_config.pretrain, generator(eval_seed, 1), steps)

@@ -73,7 +73,8 @@ def expert(run: ExpertsRun, index: int) -> dict:
     student = build_student(run.config.student, run.data.image_shape, run.targets.shape[1],
                             expert_seed(run.config.seed, index)).to(run.device)
     if run.config.objective == "kd" and run.steps is None:
-        run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile)
+        run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile,
+                            precision=run.config.precision)
     snapshots, epoch_losses = train_expert(
         student, run.data.images, run.targets, run.config, generator(run.config.seed, index, 1),
         run.data.space, run.steps, resume=run.checkpoints.load(state_name),

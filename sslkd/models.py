@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from sslkd.errors import SslkdError
 
@@ -84,6 +83,10 @@ class ResNet18(nn.Module):
     """
 
     def __init__(self, config: ResNetConfig, in_channels: int) -> None:
+        # imported here: torchvision.models pulls in torch._dynamo (~1.5 s), which only the stages that
+        # build a teacher need
+        from torchvision.models.resnet import BasicBlock
+
         super().__init__()
         width = config.width
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)

@@ -50,7 +50,9 @@ def student_data(workspace: Workspace) -> TrainingData:
     data = training_data(workspace)
     if not student_input.zca:
         return data
-    whitening = ZCAWhitening.fit(data.space, data.images, student_input.zca_regularisation)
+    standardisation = data.space
+    assert isinstance(standardisation, Normalisation)  # training_data() always standardises
+    whitening = ZCAWhitening.fit(standardisation, data.images, student_input.zca_regularisation)
     return TrainingData(whitening.whiten(data.images), data.labels, whitening.whiten(data.test_images),
                         data.test_labels, whitening)
 

@@ -195,6 +195,11 @@ EXPERT_VARIANTS = {  # name -> (compiled, precision of the training step)
 }
 
 
+def compile_key(variant: str) -> str:
+    """The summary key of a compiled expert variant's compile seconds: compile_s, compile_bfloat16_s."""
+    return f"compile{variant.removeprefix('compiled')}_s"
+
+
 def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
     """Images/s of the expert training step (SGD with momentum and weight decay on the KD loss)."""
     generator = torch.Generator().manual_seed(0)
@@ -288,8 +293,7 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
         figures[f"{variant}_gflops"] = experts[variant]["gflop"] / seconds
         if compiled:
             compile_s = max(experts[variant]["first"][basis] - seconds, 0.0)
-            suffix = variant.removeprefix("compiled")
-            figures[f"compile{suffix}_s"] = compile_s
+            figures[compile_key(variant)] = compile_s
             figures[f"{variant}_img_s_with_compile"] = stage_images / (stage_images * seconds / batch + compile_s)
     return summary, figures
 
@@ -321,7 +325,7 @@ def table(results: dict) -> str:
                f"{100 * gflops / reference:.0f}% | ")
         if compiled:
             with_compile = e[f"{variant}_img_s_with_compile"]
-            row += (f"{e['compile' + variant.removeprefix('compiled') + '_s']:.0f} | {with_compile:.0f} | "
+            row += (f"{e[compile_key(variant)]:.0f} | {with_compile:.0f} | "
                     f"{with_compile / e['eager_img_s']:.2f} |")
         else:
             row += "– | | |"

@@ -82,10 +82,14 @@ class KDSteps:
 
     def __init__(self, student: ConvNet, layout: ParameterLayout, compile: bool, precision: str = "float32") -> None:
         check_precision(precision)
-        self.student, self.layout, self.compiled, self.precision = student, layout, compile, precision
+        self.student, self.layout, self.compiled = student, layout, compile
         self.loss = kd_loss_of_parameters(student, layout)
         autocast_dtype = PRECISIONS[precision]
-        self.training_loss = self.loss if autocast_dtype is None else autocast_loss(self.loss, autocast_dtype)
+        # the losses by kind; in float32 the training step shares the plain loss (and its compiled graph)
+        self._eager: dict[str, Loss] = {"loss": self.loss}
+        self._training_kind = "loss"
+        if autocast_dtype is not None:
+            self._eager["training_loss"], self._training_kind = autocast_loss(self.loss, autocast_dtype), "training_loss"
         self._compiled: dict[str, Callable] = {}
         self._shapes: dict[str, torch.Size] = {}
         if compile:
@@ -95,18 +99,15 @@ class KDSteps:
                 g, pullback = vjp(gradient, parameters, images, targets)
                 return (g, *pullback(cotangent))
 
-            self._compiled = {"loss": torch.compile(self.loss, dynamic=False),
-                              "gog": torch.compile(gradient_of_gradient, dynamic=False)}
-            if autocast_dtype is not None:
-                self._compiled["training_loss"] = torch.compile(self.training_loss, dynamic=False)
+            self._compiled = {kind: torch.compile(loss, dynamic=False) for kind, loss in self._eager.items()}
+            self._compiled["gog"] = torch.compile(gradient_of_gradient, dynamic=False)
 
-    def _loss_for(self, images: torch.Tensor, training: bool = False) -> tuple[Loss, torch.Tensor]:
-        """The (compiled or eager) loss to differentiate for this minibatch, and the images it takes:
-        ``training`` selects the training step's loss (in its precision)."""
-        kind = "training_loss" if training and self.training_loss is not self.loss else "loss"
+    def _loss_for(self, kind: str, images: torch.Tensor) -> tuple[Loss, torch.Tensor]:
+        """The (compiled or eager) loss of ``kind`` to differentiate for this minibatch, and the images it
+        takes."""
         if self._use_compiled(kind, images):
             return self._compiled[kind], images.contiguous(memory_format=torch.channels_last)
-        return (self.training_loss if training else self.loss), images
+        return self._eager[kind], images
 
     def _use_compiled(self, kind: str, images: torch.Tensor) -> bool:
         if kind not in self._compiled:
@@ -120,7 +121,7 @@ class KDSteps:
         """One SGD-with-momentum step on the KD loss: θ, v [P], images [B, C, H, W], targets [B, D], lr
         scalar tensor -> (θ', v', loss before the step), all without autograd history. The forward pass runs
         in the steps' ``precision``; θ, v, the gradient and the loss are float32."""
-        loss, images = self._loss_for(images, training=True)
+        loss, images = self._loss_for(self._training_kind, images)
         parameters = parameters.detach().requires_grad_(True)
         value = loss(parameters, images, targets)
         (gradient,) = torch.autograd.grad(value, parameters)
@@ -130,7 +131,7 @@ class KDSteps:
     def sgd_step(self, parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
                  lr: torch.Tensor) -> torch.Tensor:
         """θ − α ∇ℓ(θ; X_b, Y_b) without a graph: θ [P], images [B, C, H, W], targets [B, D], lr scalar."""
-        loss, images = self._loss_for(images)
+        loss, images = self._loss_for("loss", images)
         parameters = parameters.detach().requires_grad_(True)
         (gradient,) = torch.autograd.grad(loss(parameters, images, targets), parameters)
         return (parameters - lr * gradient).detach()

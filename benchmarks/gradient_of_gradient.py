@@ -1,6 +1,7 @@
 """Micro-benchmark of the adjoint's per-step kernels and the alternatives tried for them (issue 7), on one
 CPU thread: the gradient-of-gradient as reverse-over-reverse (the eager default), torch.func.vjp of
-torch.func.grad (the compiled default, on contiguous and channels-last images) and reverse-over-forward
+torch.func.grad (compiled on contiguous and channels-last images, and as KDSteps compiles it: channels-last
+with the student's instance norms written out) and reverse-over-forward
 (torch.func.grad of a torch.func.jvp: ⟨λ, ∇ℓ⟩ is the directional derivative of ℓ along λ); the inner SGD
 step as KDSteps runs it (compiled loss, AOTAutograd backward) and as one compiled graph with the update;
 and one step of the full create-graph unroll, its share of the final backward included.
@@ -86,6 +87,9 @@ def variants() -> dict[str, Callable[[], object]]:
         "eager_reverse_over_forward": lambda: reverse_over_forward(loss)(theta, images, targets, cotangent),
         "compiled_vjp_grad": lambda: vjp_grad(theta, images, targets, cotangent),
         "compiled_vjp_grad_channels_last": lambda: vjp_grad(theta, channels_last, targets, cotangent),
+        # KDSteps' compiled default: the same on channels-last images with the instance norms written out
+        "compiled_vjp_grad_channels_last_written_out_norms": lambda: compiled.gradient_of_gradient(
+            theta, images, targets, cotangent),
         "compiled_reverse_over_forward": lambda: forward(theta, images, targets, cotangent),
         "eager_sgd_step": lambda: eager.sgd_step(theta, images, targets, lr),
         "compiled_sgd_step": lambda: compiled.sgd_step(theta, images, targets, lr),

@@ -1,7 +1,12 @@
 """Benchmark of sslkd's inner loops on this machine, in one run: trajectory-matching iterations
-(full vs adjoint unroll, eager and compiled, the adjoint keeping all or every ⌈√N⌉-th snapshot) at two
-syn_steps, expert training (eager vs compiled, float32 and bfloat16 autocast), and dense-matmul GFLOP/s
-references (float32, bfloat16) that say how close to the machine's limit they run.
+(full vs adjoint unroll, eager and compiled, the adjoint keeping all snapshots, every ⌈√N⌉-th or at
+most 14) at two syn_steps, expert training (eager vs compiled, float32 and bfloat16 autocast), and
+dense-matmul GFLOP/s references (float32, bfloat16) that say how close to the machine's limit they run.
+Each distill row also gives the targets' ratios: × the full unroll at the same syn_steps, of the times
+above (``speedup_vs_full``) and the median over rounds of the ratio within a round
+(``speedup_vs_full_paired``: each round times every variant back to back, so a slow spell of the
+machine falls on both sides of the ratio), and the growth of its peak live memory from the smallest
+syn_steps measured (``peak_live_growth``).
 
     python benchmarks/run.py --out benchmark.json                  # CPU: width 32, batch 64, 32×32, D 512
     python benchmarks/run.py --out benchmark.json --threads 1      # CPU shared with other work (below)
@@ -12,7 +17,11 @@ references (float32, bfloat16) that say how close to the machine's limit they ru
 Times are the fastest wall-clock call, or — with one CPU thread — the median CPU seconds of the process
 and of its finished children (the C++ compiler), which is what a call costs however busy the machine
 is; ``time_basis`` in the JSON says which. Compile seconds are the first call minus a steady call, with
-a fresh (cold) inductor cache per worker. Every measurement runs in a fresh subprocess (``--worker``) so that peak memory is its own: on CPU the
+a fresh (cold) inductor cache per worker. Every measurement runs in a fresh subprocess (``--worker``) so
+that peak memory is its own; the distill variants' workers (at each syn_steps) and the expert variants'
+run side by side, idle but for one timed call at a time, in turn, for ``--iterations`` (distill) or
+``--expert-steps`` (experts) rounds: a slower or faster spell of the machine falls on every variant alike,
+and the "paired" ratios, the median over rounds of the ratio within a round, hold. Peak memory: on CPU the
 peak RSS (VmHWM) after a warm-up iteration, the heap trimmed (malloc_trim) and the peak reset
 (/proc/self/clear_refs), minus the RSS at that moment; on CUDA torch.cuda.max_memory_allocated minus
 the allocated memory at the same point. On CPU that peak (``peak_mb``) includes what glibc's allocator
@@ -26,10 +35,12 @@ torch.utils.flop_counter.FlopCounterMode on one eager call (the compiled variant
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +64,9 @@ VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots)
     "adjoint_compiled": ("adjoint", True, "all"),
     "adjoint_sqrt": ("adjoint", False, "sqrt"),
     "adjoint_compiled_sqrt": ("adjoint", True, "sqrt"),
+    # at most 14 snapshots alive: the 10 of syn_steps 10 and 4 more (4.5 MB, ≈ +7% of the CPU preset's
+    # 65-70 MB live at syn_steps 10), for 26 recomputed steps at syn_steps 40 where sqrt recomputes 30
+    "adjoint_compiled_budget14": ("adjoint", True, 14),
 }
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: mmap (and unmap when freed) blocks ≥ 128 KiB
 PRESETS = {  # width, depth, batch_syn, synthetic set size M, image size, D, syn_steps, expert batch
@@ -169,15 +183,27 @@ def distill_iteration(args: argparse.Namespace, device: torch.device, compiled: 
     return iteration
 
 
-def distill_worker(args: argparse.Namespace, device: torch.device) -> dict:
-    """s/iteration and peak memory of trajectory-matching iterations (gradients of X, Y, α)."""
-    iteration = distill_iteration(args, device, VARIANTS[args.variant][1])
-    first = timed(iteration, 1, device)  # the warm-up compiles the compiled variant
+def serve(call: Callable[[], None], device: torch.device) -> float:
+    """Time ``call`` on the driver's demand, so that the variants' calls interleave: the first call (the
+    compile) is timed and reported at once; then each ``time`` line on stdin times one more call and
+    reports it, until stdin ends. Returns the memory in use after the first call (the baseline of the
+    peak-memory window that starts there, :func:`reset_peak_memory`)."""
+    print(json.dumps({"first": timed(call, 1, device)}), flush=True)
     baseline = reset_peak_memory(device)
-    steady = timed(iteration, args.iterations, device)
+    for line in sys.stdin:
+        if line.strip() != "time":
+            raise SystemExit(f"unknown request {line.strip()!r}")
+        print(json.dumps(timed(call, 1, device)), flush=True)
+    return baseline
+
+
+def distill_worker(args: argparse.Namespace, device: torch.device) -> dict:
+    """Trajectory-matching iterations (gradients of X, Y, α), served (:func:`serve`); at the end, the peak
+    memory over the timed calls and the FLOPs of one call."""
+    baseline = serve(distill_iteration(args, device, VARIANTS[args.variant][1]), device)
     peak = peak_memory(device) - baseline
     flops = count_flops(distill_iteration(args, device, compiled=False))
-    return {"first": first, "steady": steady, "peak_mb": peak, "gflop": flops / 1e9}
+    return {"peak_mb": peak, "gflop": flops / 1e9}
 
 
 def distill_memory_worker(args: argparse.Namespace, device: torch.device) -> dict:
@@ -201,7 +227,8 @@ def compile_key(variant: str) -> str:
 
 
 def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
-    """Images/s of the expert training step (SGD with momentum and weight decay on the KD loss)."""
+    """Expert training steps (SGD with momentum and weight decay on the KD loss, one batch), served
+    (:func:`serve`); at the end, the FLOPs of one step."""
     generator = torch.Generator().manual_seed(0)
     student, layout = student_for(args, device)
     compiled, precision = EXPERT_VARIANTS[args.variant]
@@ -216,12 +243,10 @@ def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
         nonlocal parameters, velocity
         parameters, velocity, _ = steps.train_step(parameters, velocity, images, targets, lr, 0.9, 1e-4)
 
-    first = timed(step, 1, device)
-    step()
-    steady = timed(step, args.expert_steps, device)
+    serve(step, device)
     flops = count_flops(lambda: KDSteps(student, layout, compile=False).train_step(
         parameters, velocity, images, targets, lr, 0.9, 1e-4))
-    return {"first": first, "steady": steady, "gflop": flops / 1e9}
+    return {"gflop": flops / 1e9}
 
 
 def matmul_seconds(device: torch.device, size: int = 2048, repeats: int = 10,
@@ -237,35 +262,82 @@ WORKERS = {"distill": distill_worker, "distill_memory": distill_memory_worker, "
 
 # --- driver ------------------------------------------------------------------------------------------
 
+def worker_command(args: argparse.Namespace, kind: str, variant: str, syn_steps: int) -> list[str]:
+    return [sys.executable, __file__, "--worker", kind, "--variant", variant, "--syn-steps", str(syn_steps),
+            "--device", args.device, "--width", str(args.width), "--depth", str(args.depth),
+            "--batch", str(args.batch),
+            "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
+            "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
+            "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+
+
+def worker_env(cache: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker with inductor cache ``cache``."""
+    env = {**os.environ, **(env or {}), "TORCHINDUCTOR_CACHE_DIR": cache}
+    if torch.get_num_threads() == 1:  # the CPU-time basis: the C++ compiler runs as a waited-for child, so its time counts
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    # (otherwise inductor's default compile workers, as in a stage run)
+    return env
+
+
 def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int = 0,
                cache: str | None = None, env: dict[str, str] | None = None) -> dict:
     """The JSON a ``--worker kind`` subprocess prints; ``cache``: its inductor cache (default: a fresh one)."""
     if cache is None:
         with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as fresh:  # a cold compile
             return run_worker(args, kind, variant, syn_steps, fresh, env)
-    command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--syn-steps", str(syn_steps),
-               "--device", args.device, "--width", str(args.width), "--depth", str(args.depth),
-               "--batch", str(args.batch),
-               "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
-               "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
-               "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
-    env = {**os.environ, **(env or {})}
-    if torch.get_num_threads() == 1:  # the CPU-time basis: the C++ compiler runs as a waited-for child, so its time counts
-        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
-    # (otherwise inductor's default compile workers, as in a stage run)
-    result = subprocess.run(command, capture_output=True, text=True, env={**env, "TORCHINDUCTOR_CACHE_DIR": cache})
+    result = subprocess.run(worker_command(args, kind, variant, syn_steps), capture_output=True, text=True,
+                            env=worker_env(cache, env))
     if result.returncode != 0:
         sys.exit(f"worker {kind}/{variant}/{syn_steps} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_distill(args: argparse.Namespace, variant: str, syn_steps: int) -> dict:
-    """The timing worker (a cold compile), then (CPU) the live-memory worker on its warm inductor cache."""
-    with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as cache:
-        timing = run_worker(args, "distill", variant, syn_steps, cache)
-        if args.device != "cpu":
-            return {**timing, "peak_live_mb": timing["peak_mb"]}
-        return {**timing, **run_worker(args, "distill_memory", variant, syn_steps, cache, LIVE_MEMORY_ENV)}
+def reply(worker: subprocess.Popen, errors, name: str) -> dict:
+    """The next JSON line a distill worker prints; exits with its stderr (the file ``errors``) if it died."""
+    line = worker.stdout.readline()
+    if not line:
+        worker.wait()
+        errors.seek(0)
+        sys.exit(f"distill worker {name} failed:\n{errors.read()[-3000:]}")
+    return json.loads(line)
+
+
+def run_interleaved(args: argparse.Namespace, kind: str, variants: list[str], syn_steps: int,
+                    rounds: int) -> dict[str, dict]:
+    """The ``kind`` workers of ``variants`` side by side, each in a process of its own (its peak memory
+    its own) with a cold inductor cache: they start and compile one after the other, then time one call
+    each in turn for ``rounds`` rounds, so that a slower or faster spell of the machine falls on every
+    variant alike and the ratios between them hold. Returns per variant the first call, every timed call
+    (``calls``), ``steady`` (the fastest wall-clock and the median CPU time of those), what the worker
+    reported at the end, and its inductor cache directory (``cache``, removed with the ExitStack)."""
+    results = {}
+    with contextlib.ExitStack() as stack:
+        workers = {}
+        for variant in variants:
+            cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-"))
+            errors = stack.enter_context(tempfile.TemporaryFile(mode="w+"))  # a file: a full pipe would block it
+            worker = stack.enter_context(subprocess.Popen(
+                worker_command(args, kind, variant, syn_steps), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=errors, text=True, env=worker_env(cache)))
+            raw = {"first": reply(worker, errors, variant)["first"], "calls": []}
+            workers[variant] = worker, errors, cache, raw
+        for _ in range(rounds):
+            for variant, (worker, errors, _, raw) in workers.items():
+                worker.stdin.write("time\n")
+                worker.stdin.flush()
+                raw["calls"].append(reply(worker, errors, variant))
+        for variant, (worker, errors, cache, raw) in workers.items():
+            worker.stdin.close()
+            raw.update(reply(worker, errors, variant))
+            worker.wait()
+            walls, cpus = sorted(c["wall"] for c in raw["calls"]), sorted(c["cpu"] for c in raw["calls"])
+            raw["steady"] = {"wall": walls[0], "cpu": cpus[len(cpus) // 2]}  # as timed() reports several calls
+            if kind == "distill":  # the live-memory worker, on the warm inductor cache
+                raw.update(run_worker(args, "distill_memory", variant, syn_steps, cache, LIVE_MEMORY_ENV)
+                           if args.device == "cpu" else {"peak_live_mb": raw["peak_mb"]})
+            results[variant] = raw
+    return results
 
 
 def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int) -> tuple[dict, dict | None]:
@@ -282,6 +354,15 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
                 "gflops": raw["gflop"] / seconds, "compile_s": max(raw["first"][basis] - seconds, 0.0),
                 "wall_s_per_iter": raw["steady"]["wall"], "cpu_s_per_iter": raw["steady"]["cpu"],
             }
+    for variant, by_steps in summary.items():  # the targets' ratios: × the full unroll, live-memory growth
+        smallest = by_steps[min(by_steps, key=int)]["peak_live_mb"]
+        for steps, figures in by_steps.items():
+            if steps in summary.get("full", {}):
+                figures["speedup_vs_full"] = summary["full"][steps]["s_per_iter"] / figures["s_per_iter"]
+                figures["speedup_vs_full_paired"] = statistics.median(
+                    full[basis] / call[basis] for full, call in zip(distill["full"][steps]["calls"],
+                                                                     distill[variant][steps]["calls"]))
+            figures["peak_live_growth"] = figures["peak_live_mb"] / smallest - 1
     if experts is None:
         return summary, None
     batch, figures = experts["batch"], {"stage_images": stage_images, "batch": experts["batch"]}
@@ -291,6 +372,10 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
         seconds = experts[variant]["steady"][basis]
         figures[f"{variant}_img_s"] = batch / seconds
         figures[f"{variant}_gflops"] = experts[variant]["gflop"] / seconds
+        if "eager" in experts:  # the median over rounds of the within-round ratio to eager float32
+            figures[f"{variant}_x_eager_paired"] = statistics.median(
+                eager[basis] / call[basis]
+                for eager, call in zip(experts["eager"]["calls"], experts[variant]["calls"]))
         if compiled:
             compile_s = max(experts[variant]["first"][basis] - seconds, 0.0)
             figures[compile_key(variant)] = compile_s
@@ -303,25 +388,28 @@ def table(results: dict) -> str:
     lines = [f"machine: {results['machine']}, {results['threads']} torch thread(s), torch {results['torch']}; "
              f"load average before / after: {results['load_before']} / {results['load_after']}",
              f"times: {results['time_basis']} seconds; dense matmul: {peak:.1f} GFLOP/s", "",
-             "| distill variant | syn_steps | s / iteration | peak MB | peak live MB | compile s | GFLOP/s "
-             "| % of matmul |", "|---|---|---|---|---|---|---|---|"]
+             "| distill variant | syn_steps | s / iteration | × full | × full, paired | peak MB | peak live MB "
+             "| live growth | compile s | GFLOP/s | % of matmul |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, by_steps in results["distill"].items():
         for steps, r in by_steps.items():
-            lines.append(f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {r['peak_mb']:.0f} | "
-                         f"{r['peak_live_mb']:.0f} | {r['compile_s']:.0f} | "
+            speedup = (f"{r['speedup_vs_full']:.2f} | {r['speedup_vs_full_paired']:.2f}" if "speedup_vs_full" in r
+                       else "– | –")
+            lines.append(f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {speedup} | {r['peak_mb']:.0f} | "
+                         f"{r['peak_live_mb']:.0f} | {100 * r['peak_live_growth']:+.1f}% | {r['compile_s']:.0f} | "
                          f"{r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% |")
     e = results["experts"]
     if e is None:
         return "\n".join(lines)
-    lines += ["", f"| expert training | images/s | × eager float32 | GFLOP/s | % of matmul (its precision) | "
-              f"compile s | images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| expert training | images/s | × eager float32 | × eager, paired | GFLOP/s "
+              f"| % of matmul (its precision) | compile s | images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for variant, (compiled, precision) in EXPERT_VARIANTS.items():
         if f"{variant}_img_s" not in e:
             continue
         reference = results["matmul_gflops"] if precision == "float32" else results["matmul_bfloat16_gflops"]
         rate, gflops = e[f"{variant}_img_s"], e[f"{variant}_gflops"]
-        row = (f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {gflops:.1f} | "
+        paired = e[f"{variant}_x_eager_paired"]
+        row = (f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {paired:.2f} | {gflops:.1f} | "
                f"{100 * gflops / reference:.0f}% | ")
         if compiled:
             with_compile = e[f"{variant}_img_s_with_compile"]
@@ -372,9 +460,12 @@ def main() -> None:
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     matmul_gflop, matmul = matmul_seconds(device)
     _, matmul_bfloat16 = matmul_seconds(device, dtype=torch.bfloat16)
-    distill = {variant: {str(n): run_distill(args, variant, n) for n in args.syn_steps}
+    by_steps = {str(n): run_interleaved(args, "distill", variants, n, args.iterations)
+                for n in (args.syn_steps if args.distill else [])}
+    distill = {variant: {n: results[variant] for n, results in by_steps.items()}
                for variant in (variants if args.distill else [])}
-    experts = {kind: run_worker(args, "experts", kind) for kind in EXPERT_VARIANTS} if args.experts else None
+    experts = (run_interleaved(args, "experts", list(EXPERT_VARIANTS), 0, args.expert_steps)
+               if args.experts else None)
     summary, experts_summary = summarise(basis, distill, experts and {**experts, "batch": args.expert_batch},
                                          STAGE_IMAGES[preset])
     results = {

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ConvNet, ParameterLayout
-from sslkd.unroll import SNAPSHOTS, UNROLLS, match_trajectory
+from sslkd.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class DistillConfig:
     sslkd/unroll.py); adjoint_snapshots: which inner-step snapshots the adjoint keeps (``all``: the N
     snapshots, fastest; ``sqrt``: every ⌈√N⌉-th, recomputing the others segment by segment in the
     backward sweep — bit-identical gradients, ≈ 2√N snapshots alive instead of N, for fewer than N extra
-    inner SGD steps; ignored by the full unroll); compile: torch.compile the adjoint's inner step and
+    inner SGD steps; a number K: at most K snapshots alive whatever N, for N − K recomputed steps; ignored
+    by the full unroll); compile: torch.compile the adjoint's inner step and
     gradient-of-gradient once per run (the full unroll is always eager); seeds: one synthetic set per seed.
     """
 
@@ -59,16 +60,14 @@ class DistillConfig:
     lr_min: float
     learn_representations: bool
     unroll: str
-    adjoint_snapshots: str
+    adjoint_snapshots: Snapshots
     compile: bool
     seeds: tuple[int, ...]
 
     def __post_init__(self) -> None:
         if self.unroll not in UNROLLS:
             raise SslkdError(f"unknown unroll {self.unroll!r}; choose one of {', '.join(UNROLLS)}")
-        if self.adjoint_snapshots not in SNAPSHOTS:
-            raise SslkdError(
-                f"unknown adjoint_snapshots {self.adjoint_snapshots!r}; choose one of {', '.join(SNAPSHOTS)}")
+        check_snapshots(self.adjoint_snapshots, self.syn_steps)
         if min(self.iterations, self.syn_steps, self.expert_epochs, self.max_start_epoch, self.batch_syn) < 1:
             raise SslkdError("iterations, syn_steps, expert_epochs, max_start_epoch and batch_syn must be >= 1")
         if not 0 < self.lr_min <= self.lr_init:

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vjp
 
 from sslkd.errors import SslkdError
 from sslkd.losses import kd_mse_loss
-from sslkd.models import ConvNet, ParameterLayout
+from sslkd.models import ConvNet, ParameterLayout, write_out_instance_norms
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -73,8 +73,10 @@ class KDSteps:
     Compiled, the training and inner SGD steps run the KD loss compiled by ``torch.compile`` (its backward
     compiled by AOTAutograd) on channels-last images, and the gradient-of-gradient runs compiled
     ``torch.func.vjp(torch.func.grad(loss))`` (a compiled graph cannot be differentiated twice), also on
-    channels-last images; on this CPU these were the fastest of the variants tried (README "Performance":
-    reverse-over-forward, ``grad`` of a ``jvp``, and one graph for the whole SGD step were slower).
+    channels-last images and with the student's instance norms written out (models.write_out_instance_norms:
+    faster differentiated twice, while the training step is faster with ATen's group norm); on this CPU
+    these were the fastest of the variants tried (README "Performance": reverse-over-forward, ``grad`` of a
+    ``jvp``, and one graph for the whole SGD step were slower).
     Compiled steps are specialised to the shapes of their first call (one compile each); a minibatch of
     another size — the short last batch of an epoch — runs eagerly. ``precision`` (a :data:`PRECISIONS`
     name) applies to :meth:`train_step` only.
@@ -93,7 +95,10 @@ class KDSteps:
         self._compiled: dict[str, Callable] = {}
         self._shapes: dict[str, torch.Size] = {}
         if compile:
-            gradient = grad(self.loss)
+            # the gradient-of-gradient differentiates the student twice: with its instance norms written out,
+            # inductor fuses that into fewer passes over the activations (an adjoint iteration ~1.2× faster on
+            # the CPU benchmark; README "Performance")
+            gradient = grad(kd_loss_of_parameters(write_out_instance_norms(student), layout))
 
             def gradient_of_gradient(parameters, images, targets, cotangent):
                 g, pullback = vjp(gradient, parameters, images, targets)

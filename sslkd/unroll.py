@@ -13,8 +13,11 @@
   every s-th (s = ⌈√N⌉, the checkpoints) and those of the last checkpoint segment, and the backward
   sweep recomputes the other segments θ_{js}..θ_{js+s−1} one at a time from their checkpoints with the
   same minibatches and α, so at most ⌈N/s⌉ + s − 1 ≈ 2√N snapshots are alive, for fewer than N extra
-  inner SGD steps (N − ⌈N/s⌉ − the last segment's length + 1). The recomputation runs the same step on
-  the same tensors as the forward sweep, so the snapshots, and the gradients, are bit-identical.
+  inner SGD steps (N − ⌈N/s⌉ − the last segment's length + 1). A number K is a budget: at most K
+  snapshots alive for any N, and N − K recomputed steps (the fewest possible: the backward sweep starts
+  with at most K of the N), from segments that grow towards the start by the checkpoints already freed
+  (:func:`segment_lengths`). The recomputation runs the same step on the same tensors as the forward
+  sweep, so the snapshots, and the gradients, are bit-identical.
 
 Both accumulate into ``.grad`` of the tensors that require it, as ``loss.backward()`` would, and return
 the loss, so the outer optimisers do not care which unroll ran.
@@ -22,6 +25,7 @@ the loss, so the outer optimisers do not care which unroll ran.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -74,11 +78,41 @@ def full_matching(
     return loss.detach()
 
 
-def checkpoint_interval(num_steps: int, snapshots: str) -> int:
-    """s: the adjoint's forward sweep keeps θ_k for k = 0, s, 2s, … < N (1 for ``all``, ⌈√N⌉ for ``sqrt``)."""
-    if snapshots not in SNAPSHOTS:
-        raise SslkdError(f"unknown adjoint snapshots {snapshots!r}; choose one of {', '.join(SNAPSHOTS)}")
-    return 1 if snapshots == "all" else math.isqrt(max(num_steps - 1, 0)) + 1
+Snapshots = str | int  # an adjoint snapshot policy: a SNAPSHOTS name or a budget K (module doc)
+
+
+def check_snapshots(snapshots: Snapshots, num_steps: int) -> None:
+    """A one-line error unless ``snapshots`` is a SNAPSHOTS name or a budget K >= 1 that can unroll N =
+    ``num_steps`` steps recomputing each at most once (N <= K(K + 1) / 2)."""
+    if isinstance(snapshots, str) and snapshots in SNAPSHOTS:
+        return
+    if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 1:
+        raise SslkdError(f"unknown adjoint snapshots {snapshots!r}; choose one of {', '.join(SNAPSHOTS)} "
+                         "or a number of snapshots >= 1")
+    if snapshots * (snapshots + 1) // 2 < num_steps:
+        least = next(k for k in range(1, num_steps + 1) if k * (k + 1) // 2 >= num_steps)
+        raise SslkdError(f"an adjoint snapshot budget of {snapshots} cannot unroll {num_steps} inner steps "
+                         f"(a budget K unrolls at most K(K + 1)/2; {num_steps} needs {least} or more)")
+
+
+def segment_lengths(num_steps: int, snapshots: Snapshots) -> list[int]:
+    """The adjoint's checkpoint segments, in step order (they sum to N = ``num_steps``): the forward sweep
+    keeps the first snapshot of each segment and every snapshot of the last; the backward sweep recomputes
+    the rest of each earlier segment from its first. ``all``: N segments of one step; ``sqrt``: segments of
+    ⌈√N⌉ steps (the last one shorter); a budget K: at most K snapshots alive and N − K steps recomputed
+    (none when N <= K), with the fewest segments m whose lengths, counted from the last, are at most
+    K − m + 1, K − m + 2, …, K (a segment can be as long as the snapshots its processed successors free)."""
+    check_snapshots(snapshots, num_steps)
+    if snapshots in SNAPSHOTS:
+        interval = 1 if snapshots == "all" else math.isqrt(max(num_steps - 1, 0)) + 1
+        return [min(interval, num_steps - first) for first in range(0, num_steps, interval)]
+    budget = snapshots
+    segments = next(m for m in range(1, budget + 1) if m * (budget - m) + m * (m + 1) // 2 >= num_steps)
+    lengths, remaining = [], num_steps  # from the last segment backwards, each as long as it may be
+    for from_last in range(1, segments + 1):
+        lengths.append(min(budget - segments + from_last, remaining - (segments - from_last)))
+        remaining -= lengths[-1]
+    return lengths[::-1]
 
 
 def sgd_steps(
@@ -96,18 +130,19 @@ def sgd_steps(
 
 def adjoint_matching(
     steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
-    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: str = "all",
+    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: Snapshots = "all",
 ) -> torch.Tensor:
     """The matching loss and its exact gradients by the adjoint recursion (module doc), accumulated into
     ``.grad`` of images X [M, C, H, W], representations Y [M, D] and lr α (scalar) where they require it.
 
-    start θ₀, target θ* [P] (constants); batches: one index tensor per inner step; snapshots: ``all``
-    or ``sqrt`` (checkpointed: ≈ 2√N snapshots alive instead of N, for fewer than N extra inner steps).
+    start θ₀, target θ* [P] (constants); batches: one index tensor per inner step; snapshots: ``all``,
+    ``sqrt`` (checkpointed: ≈ 2√N snapshots alive instead of N, for fewer than N extra inner steps) or a
+    budget K (at most K alive, N − K extra inner steps).
     """
     alpha, data, targets = lr.detach(), images.detach(), representations.detach()
-    interval = checkpoint_interval(len(batches), snapshots)
-    segments = [batches[first:first + interval] for first in range(0, len(batches), interval)]
-    checkpoints = [start.detach()]  # θ_0, θ_s, θ_2s, …: what the forward sweep keeps of all but the last segment
+    bounds = list(itertools.accumulate(segment_lengths(len(batches), snapshots), initial=0))
+    segments = [batches[first:end] for first, end in itertools.pairwise(bounds)]
+    checkpoints = [start.detach()]  # each segment's first θ: what the forward sweep keeps of all but the last
     for segment in segments[:-1]:
         checkpoints.append(sgd_steps(steps, checkpoints[-1], data, targets, alpha, segment)[-1])
     segment_snapshots = sgd_steps(steps, checkpoints.pop(), data, targets, alpha, segments[-1])  # kept
@@ -134,10 +169,11 @@ def adjoint_matching(
 
 def match_trajectory(
     unroll: str, steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
-    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: str = "all",
+    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: Snapshots = "all",
 ) -> torch.Tensor:
     """The matching loss of one segment with gradients accumulated into X, Y, α by the chosen unroll;
-    ``snapshots`` (``all`` | ``sqrt``) is the adjoint's (the full unroll keeps its whole graph anyway)."""
+    ``snapshots`` (``all`` | ``sqrt`` | a budget K) is the adjoint's (the full unroll keeps its whole
+    graph anyway)."""
     if unroll == "adjoint":
         return adjoint_matching(steps, start, target, images, representations, lr, batches, snapshots)
     if unroll == "full":

@@ -139,14 +139,16 @@ def test_checkpointed_snapshots_give_the_same_distillation(tiny_problem):
     trajectories = fake_trajectories(student, layout, images, targets)
     runs = [distill(student, layout, trajectories, images[:6], targets[:6],
                     config(syn_steps=5, adjoint_snapshots=snapshots), torch.Generator().manual_seed(7))
-            for snapshots in ("all", "sqrt")]
-    assert torch.equal(runs[0].images, runs[1].images)
-    assert torch.equal(runs[0].representations, runs[1].representations)
-    assert runs[0].lr == runs[1].lr and runs[0].matching_losses == runs[1].matching_losses
+            for snapshots in ("all", "sqrt", 3)]
+    for run in runs[1:]:
+        assert torch.equal(runs[0].images, run.images)
+        assert torch.equal(runs[0].representations, run.representations)
+        assert runs[0].lr == run.lr and runs[0].matching_losses == run.matching_losses
 
 
 @pytest.mark.parametrize("field, value", [("unroll", "tesla"), ("lr_min", 0.0), ("iterations", 0), ("seeds", ()),
-                                          ("adjoint_snapshots", "checkpointed")])
+                                          ("adjoint_snapshots", "checkpointed"), ("adjoint_snapshots", 0),
+                                          ("adjoint_snapshots", 1)])  # a budget of 1 unrolls 1 step, not 3
 def test_invalid_distill_config_is_refused(field, value):
     with pytest.raises(SslkdError):
         config(**{field: value})

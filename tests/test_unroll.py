@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps, train_kd
 from sslkd.losses import kd_mse_loss
-from sslkd.models import ConvNetConfig, ParameterLayout
+from sslkd.models import ConvNetConfig, ParameterLayout, instance_norm, write_out_instance_norms
 from sslkd.errors import SslkdError
-from sslkd.unroll import SNAPSHOTS, checkpoint_interval, match_trajectory
+from sslkd.unroll import SNAPSHOTS, match_trajectory, segment_lengths
 
 
 def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):
@@ -41,7 +41,8 @@ def matching_gradients(unroll, steps, start, target, images, targets, lr, batche
 
 @settings(deadline=None, max_examples=20)
 @given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 6),
-       lr=st.floats(0.01, 1.0), learn_targets=st.booleans(), snapshots=st.sampled_from(SNAPSHOTS))
+       lr=st.floats(0.01, 1.0), learn_targets=st.booleans(),
+       snapshots=st.one_of(st.sampled_from(SNAPSHOTS), st.integers(3, 7)))  # a budget of 3 unrolls 6 steps
 def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, lr, learn_targets, snapshots):
     student, layout, start, target, images, targets, generator = random_problem(seed, size, 5, torch.float64)
     steps = KDSteps(student, layout, compile=False)
@@ -76,37 +77,60 @@ class RecordingSteps(KDSteps):
 
 
 @settings(deadline=None, max_examples=15)
-@given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 12))
-def test_checkpointed_adjoint_equals_the_plain_adjoint_bit_for_bit(seed, size, batch, syn_steps):
-    """syn_steps 1..12: one segment (N = 1), segments that divide N (4, 9) and a short last one (3, 5, 10)."""
+@given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 12),
+       budget=st.integers(5, 13))
+def test_checkpointed_adjoint_equals_the_plain_adjoint_bit_for_bit(seed, size, batch, syn_steps, budget):
+    """syn_steps 1..12: one segment (N = 1), segments that divide N (4, 9) and a short last one (3, 5, 10);
+    budgets 5..13 (5 unrolls up to 15 steps): below, at and above N."""
     student, layout, start, target, images, targets, generator = random_problem(seed, size, 5, torch.float32)
     batches = [torch.randint(size, (batch,), generator=generator) for _ in range(syn_steps)]
     lr = torch.tensor(0.3)
     runs = {}
-    for snapshots in SNAPSHOTS:
+    for snapshots in (*SNAPSHOTS, budget):
         steps = RecordingSteps(student, layout, False)
         runs[snapshots] = matching_gradients("adjoint", steps, start, target, images, targets, lr, batches,
                                              snapshots=snapshots), steps
-    for got, want in zip(runs["sqrt"][0], runs["all"][0]):
-        assert torch.equal(got, want)
+    for snapshots in ("sqrt", budget):
+        for got, want in zip(runs[snapshots][0], runs["all"][0]):
+            assert torch.equal(got, want)
     interval = math.isqrt(syn_steps - 1) + 1  # ⌈√N⌉
     segments = math.ceil(syn_steps / interval)
     last = syn_steps - (segments - 1) * interval  # kept from the forward sweep, not recomputed
-    checkpointed, plain = runs["sqrt"][1], runs["all"][1]
+    checkpointed, plain, budgeted = runs["sqrt"][1], runs["all"][1], runs[budget][1]
     assert plain.sgd_calls == syn_steps and plain.most_alive == syn_steps
     assert checkpointed.sgd_calls == syn_steps + (syn_steps - segments) - (last - 1)
     assert checkpointed.most_alive <= segments + interval - 1
+    # θ_1..θ_N (θ_N alive to the end): at most the budget of θ_0..θ_{N-1}, for N − K recomputed steps
+    assert budgeted.sgd_calls == syn_steps + max(syn_steps - budget, 0)
+    assert budgeted.most_alive <= budget + 1 if budget < syn_steps else budgeted.most_alive == syn_steps
 
 
-@pytest.mark.parametrize("syn_steps, snapshots, interval", [(1, "sqrt", 1), (10, "sqrt", 4), (9, "sqrt", 3),
-                                                            (40, "sqrt", 7), (40, "all", 1)])
-def test_checkpoint_interval_is_the_ceiling_of_the_square_root(syn_steps, snapshots, interval):
-    assert checkpoint_interval(syn_steps, snapshots) == interval
+@pytest.mark.parametrize("syn_steps, snapshots, lengths", [
+    (1, "sqrt", [1]), (10, "sqrt", [4, 4, 2]), (9, "sqrt", [3, 3, 3]), (40, "sqrt", [7, 7, 7, 7, 7, 5]),
+    (3, "all", [1, 1, 1]), (10, 16, [10]), (10, 10, [10]), (40, 16, [11, 15, 14]), (40, 10, [10, 9, 8, 7, 6]),
+    (3, 2, [2, 1])])
+def test_segment_lengths(syn_steps, snapshots, lengths):
+    assert segment_lengths(syn_steps, snapshots) == lengths
 
 
-def test_unknown_snapshots_are_refused_in_one_line():
-    with pytest.raises(SslkdError, match=r"^unknown adjoint snapshots 'some'; choose one of all, sqrt$"):
-        checkpoint_interval(10, "some")
+@given(syn_steps=st.integers(1, 300), budget=st.integers(1, 40))
+def test_a_snapshot_budget_holds_and_recomputes_n_minus_k_steps(syn_steps, budget):
+    if budget * (budget + 1) // 2 < syn_steps:
+        with pytest.raises(SslkdError, match=rf"^an adjoint snapshot budget of {budget} cannot unroll"):
+            segment_lengths(syn_steps, budget)
+        return
+    lengths = segment_lengths(syn_steps, budget)
+    assert sum(lengths) == syn_steps and min(lengths) >= 1
+    # the backward sweep holds the earlier segments' first snapshots and the whole segment it is in
+    assert all(index + length <= budget for index, length in enumerate(lengths))
+    assert sum(length - 1 for length in lengths[:-1]) == max(syn_steps - budget, 0)  # recomputed steps
+
+
+@pytest.mark.parametrize("snapshots", ["some", 0, -2, 2.5, True])
+def test_unknown_snapshots_are_refused_in_one_line(snapshots):
+    with pytest.raises(SslkdError, match=rf"^unknown adjoint snapshots {snapshots!r}; choose one of all, sqrt or a "
+                                         r"number of snapshots >= 1$"):
+        segment_lengths(10, snapshots)
 
 
 def test_adjoint_adds_to_existing_gradients_as_backward_does():
@@ -160,7 +184,7 @@ def test_compiled_steps_agree_with_eager_and_fall_back_for_other_batch_sizes():
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
     batches = [torch.arange(8), torch.arange(4, 12), torch.arange(2, 10)]
     full = matching_gradients("full", eager, start, target, images, targets, lr, batches)
-    for snapshots in SNAPSHOTS:
+    for snapshots in (*SNAPSHOTS, 2):
         adjoint = matching_gradients("adjoint", compiled, start, target, images, targets, lr, batches,
                                      snapshots=snapshots)
         for got, want in zip(adjoint, full):
@@ -191,3 +215,27 @@ def test_unknown_precision_is_refused_in_one_line():
     student, layout, *_ = random_problem(0, 4, 2, torch.float32)
     with pytest.raises(SslkdError, match=r"^unknown precision 'float16'; choose one of float32, bfloat16$"):
         KDSteps(student, layout, compile=False, precision="float16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_out_instance_norm_equals_group_norm_with_a_group_per_channel(dtype):
+    """instance_norm (the compiled gradient-of-gradient's) against ATen's group norm, under autocast too."""
+    generator = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(6, 6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=generator), norm.bias.normal_(generator=generator)
+    features = (3 * torch.randn(4, 6, 5, 5, generator=generator) + 2).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        want, got = norm(features), instance_norm(features, norm.weight, norm.bias, norm.eps)
+    assert got.dtype == want.dtype == dtype
+    tolerance = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_writing_out_instance_norms_keeps_the_parameters_and_the_function():
+    student, layout, start, _, images, _, _ = random_problem(3, 6, 5, torch.float64)
+    written_out = write_out_instance_norms(student)
+    assert ParameterLayout.of(written_out) == layout
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in written_out.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in student.modules()) == 2  # the original is untouched
+    torch.testing.assert_close(written_out(images), student(images), rtol=1e-12, atol=1e-12)

@@ -131,17 +131,22 @@ def cpu_seconds() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
+def steady(calls: list[dict[str, float]]) -> dict[str, float]:
+    """Seconds per call of timed calls ({"wall", "cpu"} each): the fastest wall-clock time (the call least
+    disturbed by other load) and the median CPU time (with one thread, what a call costs whatever else runs)."""
+    cpu = sorted(call["cpu"] for call in calls)
+    return {"wall": min(call["wall"] for call in calls), "cpu": cpu[len(cpu) // 2]}
+
+
 def timed(run, repeats: int, device: torch.device) -> dict[str, float]:
-    """Seconds per call of ``repeats`` calls: the fastest wall-clock time (the call least disturbed by
-    other load) and the median CPU time (with one thread, what a call costs whatever else runs)."""
-    wall, cpu = [], []
+    """:func:`steady` seconds per call of ``repeats`` calls."""
+    calls = []
     for _ in range(repeats):
         began, began_cpu = time.perf_counter(), cpu_seconds()
         run()
         synchronize(device)
-        wall.append(time.perf_counter() - began)
-        cpu.append(cpu_seconds() - began_cpu)
-    return {"wall": min(wall), "cpu": sorted(cpu)[len(cpu) // 2]}
+        calls.append({"wall": time.perf_counter() - began, "cpu": cpu_seconds() - began_cpu})
+    return steady(calls)
 
 
 def count_flops(run) -> int:
@@ -267,8 +272,7 @@ def worker_command(args: argparse.Namespace, kind: str, variant: str, syn_steps:
             "--device", args.device, "--width", str(args.width), "--depth", str(args.depth),
             "--batch", str(args.batch),
             "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
-            "--iterations", str(args.iterations), "--expert-batch", str(args.expert_batch),
-            "--expert-steps", str(args.expert_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+            "--expert-batch", str(args.expert_batch)] + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def worker_env(cache: str, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -294,12 +298,12 @@ def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int
 
 
 def reply(worker: subprocess.Popen, errors, name: str) -> dict:
-    """The next JSON line a distill worker prints; exits with its stderr (the file ``errors``) if it died."""
+    """The next JSON line a served worker prints; exits with its stderr (the file ``errors``) if it died."""
     line = worker.stdout.readline()
     if not line:
         worker.wait()
         errors.seek(0)
-        sys.exit(f"distill worker {name} failed:\n{errors.read()[-3000:]}")
+        sys.exit(f"worker {name} failed:\n{errors.read()[-3000:]}")
     return json.loads(line)
 
 
@@ -309,8 +313,8 @@ def run_interleaved(args: argparse.Namespace, kind: str, variants: list[str], sy
     its own) with a cold inductor cache: they start and compile one after the other, then time one call
     each in turn for ``rounds`` rounds, so that a slower or faster spell of the machine falls on every
     variant alike and the ratios between them hold. Returns per variant the first call, every timed call
-    (``calls``), ``steady`` (the fastest wall-clock and the median CPU time of those), what the worker
-    reported at the end, and its inductor cache directory (``cache``, removed with the ExitStack)."""
+    (``calls``), their :func:`steady` seconds, what the worker reported at the end and (distill) the
+    live-memory worker's peak."""
     results = {}
     with contextlib.ExitStack() as stack:
         workers = {}
@@ -331,13 +335,17 @@ def run_interleaved(args: argparse.Namespace, kind: str, variants: list[str], sy
             worker.stdin.close()
             raw.update(reply(worker, errors, variant))
             worker.wait()
-            walls, cpus = sorted(c["wall"] for c in raw["calls"]), sorted(c["cpu"] for c in raw["calls"])
-            raw["steady"] = {"wall": walls[0], "cpu": cpus[len(cpus) // 2]}  # as timed() reports several calls
+            raw["steady"] = steady(raw["calls"])
             if kind == "distill":  # the live-memory worker, on the warm inductor cache
                 raw.update(run_worker(args, "distill_memory", variant, syn_steps, cache, LIVE_MEMORY_ENV)
                            if args.device == "cpu" else {"peak_live_mb": raw["peak_mb"]})
             results[variant] = raw
     return results
+
+
+def paired_ratio(reference_calls: list[dict], calls: list[dict], basis: str) -> float:
+    """The median over rounds of the reference's seconds over the variant's in the same round."""
+    return statistics.median(reference[basis] / call[basis] for reference, call in zip(reference_calls, calls))
 
 
 def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int) -> tuple[dict, dict | None]:
@@ -359,9 +367,8 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
         for steps, figures in by_steps.items():
             if steps in summary.get("full", {}):
                 figures["speedup_vs_full"] = summary["full"][steps]["s_per_iter"] / figures["s_per_iter"]
-                figures["speedup_vs_full_paired"] = statistics.median(
-                    full[basis] / call[basis] for full, call in zip(distill["full"][steps]["calls"],
-                                                                     distill[variant][steps]["calls"]))
+                figures["speedup_vs_full_paired"] = paired_ratio(
+                    distill["full"][steps]["calls"], distill[variant][steps]["calls"], basis)
             figures["peak_live_growth"] = figures["peak_live_mb"] / smallest - 1
     if experts is None:
         return summary, None
@@ -373,9 +380,8 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
         figures[f"{variant}_img_s"] = batch / seconds
         figures[f"{variant}_gflops"] = experts[variant]["gflop"] / seconds
         if "eager" in experts:  # the median over rounds of the within-round ratio to eager float32
-            figures[f"{variant}_x_eager_paired"] = statistics.median(
-                eager[basis] / call[basis]
-                for eager, call in zip(experts["eager"]["calls"], experts[variant]["calls"]))
+            figures[f"{variant}_x_eager_paired"] = paired_ratio(
+                experts["eager"]["calls"], experts[variant]["calls"], basis)
         if compiled:
             compile_s = max(experts[variant]["first"][basis] - seconds, 0.0)
             figures[compile_key(variant)] = compile_s
@@ -401,7 +407,8 @@ def table(results: dict) -> str:
     if e is None:
         return "\n".join(lines)
     lines += ["", "| expert training | images/s | × eager float32 | × eager, paired | GFLOP/s "
-              f"| % of matmul (its precision) | compile s | images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
+              "| % of matmul (its precision) | compile s "
+              f"| images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
               "|---|---|---|---|---|---|---|---|---|"]
     for variant, (compiled, precision) in EXPERT_VARIANTS.items():
         if f"{variant}_img_s" not in e:

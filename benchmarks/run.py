@@ -53,20 +53,24 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sslkd import allocator  # noqa: E402
 from sslkd.experts import build_student  # noqa: E402
 from sslkd.kd_steps import KDSteps  # noqa: E402
 from sslkd.models import ConvNetConfig, ParameterLayout  # noqa: E402
 from sslkd.unroll import match_trajectory  # noqa: E402
 
-VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots)
-    "full": ("full", False, "all"),
-    "adjoint": ("adjoint", False, "all"),
-    "adjoint_compiled": ("adjoint", True, "all"),
-    "adjoint_sqrt": ("adjoint", False, "sqrt"),
-    "adjoint_compiled_sqrt": ("adjoint", True, "sqrt"),
+VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots, $SSLKD_MALLOC: sslkd/allocator.py)
+    "full": ("full", False, "all", "keep"),
+    "adjoint": ("adjoint", False, "all", "keep"),
+    "adjoint_compiled": ("adjoint", True, "all", "keep"),
+    "adjoint_sqrt": ("adjoint", False, "sqrt", "keep"),
+    "adjoint_compiled_sqrt": ("adjoint", True, "sqrt", "keep"),
     # at most 14 snapshots alive: the 10 of syn_steps 10 and 4 more (4.5 MB, ≈ +7% of the CPU preset's
     # 65-70 MB live at syn_steps 10), for 26 recomputed steps at syn_steps 40 where sqrt recomputes 30
-    "adjoint_compiled_budget14": ("adjoint", True, 14),
+    "adjoint_compiled_budget14": ("adjoint", True, 14, "keep"),
+    # glibc's default allocator (no stage runs so unless told to): what keeping freed memory gains
+    "full_system_malloc": ("full", False, "all", "system"),
+    "adjoint_compiled_system_malloc": ("adjoint", True, "all", "system"),
 }
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: mmap (and unmap when freed) blocks ≥ 128 KiB
 PRESETS = {  # width, depth, batch_syn, synthetic set size M, image size, D, syn_steps, expert batch
@@ -168,7 +172,7 @@ def student_for(args: argparse.Namespace, device: torch.device):
 def distill_iteration(args: argparse.Namespace, device: torch.device, compiled: bool) -> Callable[[], None]:
     """One trajectory-matching iteration of ``args.variant`` (gradients of X, Y, α), on tensors seeded alike
     for every call."""
-    unroll, _, snapshots = VARIANTS[args.variant]
+    unroll, _, snapshots, _ = VARIANTS[args.variant]
     generator = torch.Generator().manual_seed(0)
     student, layout = student_for(args, device)
     steps = KDSteps(student, layout, compile=compiled)
@@ -220,9 +224,10 @@ def distill_memory_worker(args: argparse.Namespace, device: torch.device) -> dic
     return {"peak_live_mb": peak_memory(device) - baseline}
 
 
-EXPERT_VARIANTS = {  # name -> (compiled, precision of the training step)
-    "eager": (False, "float32"), "compiled": (True, "float32"),
-    "eager_bfloat16": (False, "bfloat16"), "compiled_bfloat16": (True, "bfloat16"),
+EXPERT_VARIANTS = {  # name -> (compiled, precision of the training step, $SSLKD_MALLOC)
+    "eager": (False, "float32", "keep"), "compiled": (True, "float32", "keep"),
+    "eager_bfloat16": (False, "bfloat16", "keep"), "compiled_bfloat16": (True, "bfloat16", "keep"),
+    "eager_system_malloc": (False, "float32", "system"), "compiled_system_malloc": (True, "float32", "system"),
 }
 
 
@@ -236,7 +241,7 @@ def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
     (:func:`serve`); at the end, the FLOPs of one step."""
     generator = torch.Generator().manual_seed(0)
     student, layout = student_for(args, device)
-    compiled, precision = EXPERT_VARIANTS[args.variant]
+    compiled, precision, _ = EXPERT_VARIANTS[args.variant]
     steps = KDSteps(student, layout, compile=compiled, precision=precision)
     parameters = layout.flatten(student)
     velocity = torch.zeros_like(parameters)
@@ -275,9 +280,15 @@ def worker_command(args: argparse.Namespace, kind: str, variant: str, syn_steps:
             "--expert-batch", str(args.expert_batch)] + (["--threads", str(args.threads)] if args.threads else [])
 
 
-def worker_env(cache: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker with inductor cache ``cache``."""
-    env = {**os.environ, **(env or {}), "TORCHINDUCTOR_CACHE_DIR": cache}
+def variant_malloc(kind: str, variant: str) -> str:
+    """The $SSLKD_MALLOC of a variant's worker."""
+    return (EXPERT_VARIANTS[variant][2] if kind == "experts" else VARIANTS[variant][3])
+
+
+def worker_env(cache: str, malloc: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker with inductor cache ``cache`` and allocator ``malloc`` (as a stage sets
+    it, unless ``env`` tunes malloc itself)."""
+    env = {**os.environ, **(env or {}), "TORCHINDUCTOR_CACHE_DIR": cache, allocator.MALLOC_ENV: malloc}
     if torch.get_num_threads() == 1:  # the CPU-time basis: the C++ compiler runs as a waited-for child, so its time counts
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     # (otherwise inductor's default compile workers, as in a stage run)
@@ -291,7 +302,7 @@ def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int
         with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as fresh:  # a cold compile
             return run_worker(args, kind, variant, syn_steps, fresh, env)
     result = subprocess.run(worker_command(args, kind, variant, syn_steps), capture_output=True, text=True,
-                            env=worker_env(cache, env))
+                            env=worker_env(cache, variant_malloc(kind, variant), env))
     if result.returncode != 0:
         sys.exit(f"worker {kind}/{variant}/{syn_steps} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -323,7 +334,7 @@ def run_interleaved(args: argparse.Namespace, kind: str, variants: list[str], sy
             errors = stack.enter_context(tempfile.TemporaryFile(mode="w+"))  # a file: a full pipe would block it
             worker = stack.enter_context(subprocess.Popen(
                 worker_command(args, kind, variant, syn_steps), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=errors, text=True, env=worker_env(cache)))
+                stderr=errors, text=True, env=worker_env(cache, variant_malloc(kind, variant))))
             raw = {"first": reply(worker, errors, variant)["first"], "calls": []}
             workers[variant] = worker, errors, cache, raw
         for _ in range(rounds):
@@ -373,15 +384,16 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
     if experts is None:
         return summary, None
     batch, figures = experts["batch"], {"stage_images": stage_images, "batch": experts["batch"]}
-    for variant, (compiled, _) in EXPERT_VARIANTS.items():
+    for variant, (compiled, _, _) in EXPERT_VARIANTS.items():
         if variant not in experts:
             continue
         seconds = experts[variant]["steady"][basis]
         figures[f"{variant}_img_s"] = batch / seconds
         figures[f"{variant}_gflops"] = experts[variant]["gflop"] / seconds
-        if "eager" in experts:  # the median over rounds of the within-round ratio to eager float32
-            figures[f"{variant}_x_eager_paired"] = paired_ratio(
-                experts["eager"]["calls"], experts[variant]["calls"], basis)
+        for reference in ("eager", "eager_system_malloc"):  # the median over rounds of the within-round ratio
+            if reference in experts:
+                figures[f"{variant}_x_{reference}_paired"] = paired_ratio(
+                    experts[reference]["calls"], experts[variant]["calls"], basis)
         if compiled:
             compile_s = max(experts[variant]["first"][basis] - seconds, 0.0)
             figures[compile_key(variant)] = compile_s
@@ -406,17 +418,18 @@ def table(results: dict) -> str:
     e = results["experts"]
     if e is None:
         return "\n".join(lines)
-    lines += ["", "| expert training | images/s | × eager float32 | × eager, paired | GFLOP/s "
-              "| % of matmul (its precision) | compile s "
+    lines += ["", "| expert training | images/s | × eager float32 | × eager, paired "
+              "| × eager, system malloc, paired | GFLOP/s | % of matmul (its precision) | compile s "
               f"| images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for variant, (compiled, precision) in EXPERT_VARIANTS.items():
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for variant, (compiled, precision, _) in EXPERT_VARIANTS.items():
         if f"{variant}_img_s" not in e:
             continue
         reference = results["matmul_gflops"] if precision == "float32" else results["matmul_bfloat16_gflops"]
         rate, gflops = e[f"{variant}_img_s"], e[f"{variant}_gflops"]
-        paired = e[f"{variant}_x_eager_paired"]
-        row = (f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {paired:.2f} | {gflops:.1f} | "
+        paired = " | ".join(f"{e[key]:.2f}" if key in e else "–" for key in (
+            f"{variant}_x_eager_paired", f"{variant}_x_eager_system_malloc_paired"))
+        row = (f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {paired} | {gflops:.1f} | "
                f"{100 * gflops / reference:.0f}% | ")
         if compiled:
             with_compile = e[f"{variant}_img_s_with_compile"]
@@ -454,6 +467,7 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.worker:
+        allocator.keep_freed_memory()  # as the stages run: $SSLKD_MALLOC, from the driver
         args.syn_steps = args.syn_steps[0]
         print(json.dumps(WORKERS[args.worker](args, device)))
         return

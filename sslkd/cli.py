@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from sslkd import devices
+from sslkd import allocator, devices
 from sslkd.config import STAGES
 from sslkd.errors import SslkdError
 from sslkd.launchers import LAUNCHERS, chosen_launcher
@@ -102,6 +102,7 @@ def run_stage(args: argparse.Namespace) -> None:
     params = config.read_params(args.params)
     setting = args.setting or params.setting
     devices.select(args.device)  # where the stage (or its launcher's job) computes
+    allocator.keep_freed_memory()  # (a launcher's job sets it again in its own process)
     destination = None if args.no_tracking or not tracking.enabled() else tracking.target(args.workdir, setting)
     if destination is not None:
         tracking.check_reachable(destination.uri)

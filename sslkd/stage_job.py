@@ -18,7 +18,7 @@ from pathlib import Path
 import submitit
 
 import sslkd
-from sslkd import config, devices
+from sslkd import allocator, config, devices
 from sslkd.checkpoints import CheckpointPolicy
 from sslkd.workspace import Workspace
 
@@ -63,6 +63,7 @@ class StageJob(submitit.helpers.Checkpointable):
         request = self.request
         os.chdir(request.cwd)
         devices.select(request.device)
+        allocator.keep_freed_memory()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         logging.getLogger("submitit").propagate = False  # it has its own handler: no line twice

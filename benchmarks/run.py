@@ -30,6 +30,9 @@ measurement in a second worker whose allocator returns every freed block of 128 
 (MALLOC_MMAP_THRESHOLD_): the memory the computation holds, within a few MB from run to run, but with
 allocation too slow to time (on CUDA both are the allocated peak). FLOPs are counted with
 torch.utils.flop_counter.FlopCounterMode on one eager call (the compiled variant does the same arithmetic).
+Every worker sets the host allocator as the stages do (sslkd/allocator.py: glibc malloc keeping freed
+memory); the ``*_system_malloc`` variants keep glibc's defaults, and the expert rows give their ratio to
+eager training with glibc's defaults too.
 """
 
 from __future__ import annotations
@@ -282,7 +285,7 @@ def worker_command(args: argparse.Namespace, kind: str, variant: str, syn_steps:
 
 def variant_malloc(kind: str, variant: str) -> str:
     """The $SSLKD_MALLOC of a variant's worker."""
-    return (EXPERT_VARIANTS[variant][2] if kind == "experts" else VARIANTS[variant][3])
+    return EXPERT_VARIANTS[variant][2] if kind == "experts" else VARIANTS[variant][3]
 
 
 def worker_env(cache: str, malloc: str, env: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,7 +20,6 @@ another allocator (``LD_PRELOAD``, e.g. jemalloc or tcmalloc) keeps that choice.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -55,11 +54,9 @@ def tuned_elsewhere(environ: dict[str, str] | os._Environ = os.environ) -> str |
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library this process runs on, if it is glibc."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's global symbols, the C library's among them
         libc.gnu_get_libc_version  # noqa: B018 (raises AttributeError elsewhere than glibc)
     except (OSError, AttributeError):
         return None

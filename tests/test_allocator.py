@@ -91,7 +91,7 @@ def test_an_unknown_choice_fails_the_stage_in_one_line(tmp_path, monkeypatch, ca
 
 @pytest.mark.parametrize("variable, value, tuned", [
     ("MALLOC_MMAP_THRESHOLD_", "131072", True),
-    ("MALLOC_ARENA_MAX", "2", False),  # not a glibc variable (those end in "_")
+    ("MALLOC_ARENA_MAX", "2", False),  # the number of arenas: none of what keep sets
     ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0", True),
     ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2", False),
     ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", True),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Mapping
 
 from sslkd.errors import SslkdError
 
@@ -44,11 +45,13 @@ def chosen_malloc() -> str:
     return choice
 
 
-def tuned_elsewhere(environ: dict[str, str] | os._Environ = os.environ) -> str | None:
+def tuned_elsewhere(environ: Mapping[str, str] = os.environ) -> str | None:
     """The environment variable that already configures this process's allocator, if any."""
     for name, value in environ.items():
-        if (name.startswith("MALLOC_") and name.endswith("_")) or (
-                name == "GLIBC_TUNABLES" and "malloc" in value) or (name == "LD_PRELOAD" and "alloc" in value):
+        glibc_variable = name.startswith("MALLOC_") and name.endswith("_")
+        glibc_tunable = name == "GLIBC_TUNABLES" and "malloc" in value
+        preloaded = name == "LD_PRELOAD" and "alloc" in value
+        if glibc_variable or glibc_tunable or preloaded:
             return name
     return None
 

@@ -298,12 +298,9 @@ def worker_env(cache: str, malloc: str, env: dict[str, str] | None = None) -> di
     return env
 
 
-def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int = 0,
-               cache: str | None = None, env: dict[str, str] | None = None) -> dict:
-    """The JSON a ``--worker kind`` subprocess prints; ``cache``: its inductor cache (default: a fresh one)."""
-    if cache is None:
-        with tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-") as fresh:  # a cold compile
-            return run_worker(args, kind, variant, syn_steps, fresh, env)
+def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int, cache: str,
+               env: dict[str, str] | None = None) -> dict:
+    """The JSON a ``--worker kind`` subprocess prints, run to its end with inductor cache ``cache``."""
     result = subprocess.run(worker_command(args, kind, variant, syn_steps), capture_output=True, text=True,
                             env=worker_env(cache, variant_malloc(kind, variant), env))
     if result.returncode != 0:

@@ -79,7 +79,7 @@ def keep_freed_memory() -> bool:
         return False
     for parameter, value in _KEEP.items():
         if libc.mallopt(parameter, value) != 1:
-            log.warning("mallopt(%d, %d) failed: the allocator keeps its defaults", parameter, value)
+            log.warning("mallopt(%d, %d) failed: freed memory is not (fully) kept", parameter, value)
             return False
     log.debug("malloc: keeping freed memory (%s=system for glibc's defaults)", MALLOC_ENV)
     return True

@@ -36,7 +36,7 @@ def configurables() -> dict[str, type]:
     from sslkd.evaluation import PretrainConfig, ProbeConfig
     from sslkd.experts import ExpertsConfig
     from sslkd.launchers import SlurmConfig
-    from sslkd.models import ConvNetConfig, ResNetConfig
+    from sslkd.models import BNConvNetConfig, ConvNetConfig, ResNetConfig
     from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
     from sslkd.teacher import SSLConfig, TeacherConfig
     from sslkd.variance import VarianceConfig
@@ -53,6 +53,7 @@ def configurables() -> dict[str, type]:
         "variance": VarianceConfig,
         "convnet": ConvNetConfig,
         "resnet": ResNetConfig,
+        "bn_convnet": BNConvNetConfig,
         "augment": AugmentConfig,
         "ssl": SSLConfig,
         "pretrain": PretrainConfig,

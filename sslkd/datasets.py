@@ -1,7 +1,8 @@
 """Datasets behind one interface: uint8 images [N, C, H, W] in dataset order, labels for evaluation only.
 
 Sources: ``digits`` (scikit-learn's bundled UCI digits, the embedded default), ``cifar10``/``cifar100``
-(torchvision), ``tinyimagenet`` (the CS231n archive, val folder relabelled from its annotations) and
+(torchvision's copy under ``root``, downloaded when allowed, or an offline .npz copy of the training set
+when ``root`` is a .npz file), ``tinyimagenet`` (the CS231n archive, val folder relabelled from its annotations) and
 ``npz`` (any file with ``x`` uint8 NHWC and ``y`` int64). Sets without a test split get a seeded,
 class-balanced held-out part of the training set.
 """
@@ -23,14 +24,15 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet", "npz")
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which images, and how they are split.
 
-    dataset: one of DATASETS; root: folder (torchvision sets) or .npz file (npz);
-    test_path: an .npz test file for ``npz`` ("" for none); holdout_fraction: share of each class held
+    dataset: one of DATASETS; root: folder (torchvision sets), or .npz file (npz; also an offline copy of
+    a CIFAR training set); test_path: an .npz test file for ``npz`` and .npz CIFAR copies ("" for none); holdout_fraction: share of each class held
     out as test when there is no test split; train_subset: keep a seeded class-balanced subset of
     this many training images (0 keeps all); image_size: resize to this side (0 keeps it);
     download: let torchvision download a missing set; split_seed: seeds the hold-out and the subset.
@@ -56,13 +58,20 @@ class DataConfig:
 
 @dataclass
 class ImageDataset:
-    """train_images / test_images: uint8 [N, C, H, W]; train_labels / test_labels: int64 [N]."""
+    """train_images / test_images: uint8 [N, C, H, W]; train_labels / test_labels: int64 [N].
+
+    pool_images / pool_labels: every training image that is not held out [P, C, H, W] / [P], when the
+    training set is a subset of them (``train_subset``), else None (the pool is the training set). The
+    teacher trains on the pool, and the linear probe draws its labels from it.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
     class_names: list[str]
+    pool_images: torch.Tensor | None = None
+    pool_labels: torch.Tensor | None = None
 
 
 def class_balanced_split(
@@ -139,7 +148,8 @@ def _torchvision_cifar(name: str, root: Path, download: bool) -> tuple[torch.Ten
             raise SslkdError(
                 f"{name} not found under {root} ({dataset_class.base_folder}/) and "
                 f"{'its download failed: ' + str(error).splitlines()[0] if download else 'download is off'}; "
-                f"set sslkd.data.root to a folder that holds it, or sslkd.data.download = True when online"
+                f"set data.root in params.yaml to a folder that holds it or to an .npz copy of its training set "
+                f"(dvc exp run -S data.root=PATH), or sslkd.data.download = True when online"
             ) from None
         parts += [_from_nhwc(np.asarray(data.data), name), torch.tensor(data.targets, dtype=torch.int64)]
     return (*parts, list(data.classes))
@@ -211,6 +221,15 @@ def load_dataset(config: DataConfig) -> ImageDataset:
             if test_images.shape[1:] != images.shape[1:]:
                 raise SslkdError(f"test images {tuple(test_images.shape[1:])} differ from train {tuple(images.shape[1:])}")
             test = (test_images, test_labels)
+    elif config.dataset in ("cifar10", "cifar100") and root.suffix == ".npz":
+        images, labels, names = read_npz(root)  # an offline copy of the training set: a test split is held out
+        classes = CIFAR_CLASSES[config.dataset]
+        if int(labels.max()) + 1 != classes or tuple(images.shape[1:]) != (3, 32, 32):
+            raise SslkdError(f"{root} is not {config.dataset}: {int(labels.max()) + 1} classes of "
+                             f"{tuple(images.shape[1:])} images, expected {classes} of (3, 32, 32)")
+        if config.test_path:
+            test_images, test_labels, _ = read_npz(Path(config.test_path).expanduser())
+            test = (test_images, test_labels)
     elif config.dataset in ("cifar10", "cifar100"):
         images, labels, test_images, test_labels, names = _torchvision_cifar(config.dataset, root, config.download)
         test = (test_images, test_labels)
@@ -221,13 +240,17 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         kept, held_out = class_balanced_split(labels, config.holdout_fraction, generator)
         test = (images[held_out], labels[held_out])
         images, labels = images[kept], labels[kept]
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None
     if config.train_subset:
         subset = class_balanced_subset(labels, config.train_subset, generator)
+        pool = (images, labels)
         images, labels = images[subset], labels[subset]
     if config.image_size:
         images, test = resize(images, config.image_size), (resize(test[0], config.image_size), test[1])
-    log.info("%s: %d train, %d test images of shape %s", config.dataset, len(images), len(test[0]), tuple(images.shape[1:]))
-    return ImageDataset(images, labels, test[0], test[1], names)
+        pool = pool and (resize(pool[0], config.image_size), pool[1])
+    log.info("%s: %d train (of a pool of %d), %d test images of shape %s", config.dataset, len(images),
+             len(pool[0]) if pool else len(images), len(test[0]), tuple(images.shape[1:]))
+    return ImageDataset(images, labels, test[0], test[1], names, *(pool or (None, None)))
 
 
 class InputSpace(Protocol):

@@ -9,9 +9,11 @@ this one does not (tests/test_evaluation.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,8 +22,13 @@ from tqdm.auto import tqdm
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ParameterLayout
+from sslkd.report import summary_stats
 
 log = logging.getLogger(__name__)
+
+# Pre-training horizons: 'paper' = pretrain.epochs passes (20 steps for 200 images at batch 256),
+# 'equal_steps' = at least pretrain.min_steps SGD steps (what full-data KD gets).
+HORIZONS = ("equal_steps", "paper")
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,19 @@ class PretrainConfig:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.min_steps < 0:
             raise SslkdError("pretraining needs epochs >= 0, batch_size >= 1, lr > 0 and min_steps >= 0")
 
+    def at_horizon(self, horizon: str) -> "PretrainConfig":
+        """This config at an evaluation horizon: 'paper' drops min_steps (``epochs`` passes whatever the set
+        size, the paper's protocol), 'equal_steps' keeps it."""
+        if horizon not in HORIZONS:
+            raise SslkdError(f"unknown pre-training horizon {horizon!r}; choose one of {', '.join(HORIZONS)}")
+        return self if horizon == "equal_steps" else dataclasses.replace(self, min_steps=0)
+
     def epochs_for(self, set_size: int) -> int:
         """Passes over a set of ``set_size`` images: ``epochs``, raised until at least min_steps steps."""
+        if not self.epochs or not set_size:
+            return 0
         steps_per_epoch = math.ceil(set_size / self.batch_size)
-        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch)) if self.epochs else 0
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,7 @@ def probe_at_fractions(
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
     config: ProbeConfig,
-    seed_generator: "callable",
+    seed_generator: Callable[[int], torch.Generator],
 ) -> dict[str, float]:
     """Probe accuracy at every configured label fraction: {"0.05": accuracy, ...}.
 
@@ -156,7 +172,7 @@ def probe_features_at_fractions(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     config: ProbeConfig,
-    seed_generator: "callable",
+    seed_generator: Callable[[int], torch.Generator],
 ) -> dict[str, float]:
     """:func:`probe_at_fractions` on given features: train [N, F], test [T, F] (e.g. a teacher's)."""
     accuracies = {}
@@ -171,3 +187,26 @@ def probe_features_at_fractions(
 def fraction_key(fraction: float) -> str:
     """The summary key of a label fraction: 0.05 -> "0.05", 0.1 -> "0.1"."""
     return repr(float(fraction))
+
+
+def probe_runs(
+    features: tuple[torch.Tensor, torch.Tensor],
+    train_labels: torch.Tensor,
+    test_labels: torch.Tensor,
+    config: ProbeConfig,
+    seed_generators: list[Callable[[int], torch.Generator]],
+) -> list[dict[str, float]]:
+    """One :func:`probe_features_at_fractions` per entry of ``seed_generators`` (its labelled subsets) on
+    features (train [N, F], test [T, F])."""
+    train, test = features
+    return [probe_features_at_fractions(train, train_labels, test, test_labels, config, seed_generator)
+            for seed_generator in seed_generators]
+
+
+def probe_gain(trained: list[dict[str, float]], untrained: list[dict[str, float]]) -> dict[str, dict[str, dict]]:
+    """An encoder's own probe runs against the same architecture's untrained ones, paired by position (the
+    same labelled subsets): {"trained" | "untrained" | "gain": {label_fraction: {"mean", "std", "n"}}}."""
+    keys = list(trained[0])
+    gains = [{k: t[k] - u[k] for k in keys} for t, u in zip(trained, untrained, strict=True)]
+    return {name: {k: summary_stats([run[k] for run in runs]) for k in keys}
+            for name, runs in (("trained", trained), ("untrained", untrained), ("gain", gains))}

@@ -8,7 +8,8 @@ from typing import Any
 Runs = list[dict[str, Any]]
 
 
-def _stats(values: list[float]) -> dict[str, float | int]:
+def summary_stats(values: list[float]) -> dict[str, float | int]:
+    """mean, sample std (0 for one value) and count of ``values``."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -21,7 +22,7 @@ def summarise(runs_by_method: dict[str, Runs]) -> dict[str, dict[str, dict[str, 
     summary = {}
     for method, runs in runs_by_method.items():
         fractions = sorted({key for run in runs for key in run["accuracy"]}, key=float)
-        summary[method] = {key: _stats([run["accuracy"][key] for run in runs]) for key in fractions}
+        summary[method] = {key: summary_stats([run["accuracy"][key] for run in runs]) for key in fractions}
     return summary
 
 
@@ -37,7 +38,7 @@ def paired_differences(runs_by_method: dict[str, Runs], method: str, baseline: s
         for key, value in run["accuracy"].items():
             if key in paired:
                 differences.setdefault(key, []).append(value - paired[key])
-    return {key: _stats(values) for key, values in sorted(differences.items(), key=lambda item: float(item[0]))}
+    return {key: summary_stats(values) for key, values in sorted(differences.items(), key=lambda item: float(item[0]))}
 
 
 def markdown_table(summary: dict, paired: dict[str, dict]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sslkd.errors import SslkdError
-from sslkd.evaluation import PretrainConfig, ProbeConfig
+from sslkd.evaluation import HORIZONS, PretrainConfig, ProbeConfig
 from sslkd.models import ConvNetConfig
 from sslkd.selection import HIGH_LOSS_SCOPES, INIT_METHODS
 
@@ -41,16 +41,22 @@ class InitConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     """encoder: the network pre-trained on each set; seeds: evaluation seeds (pre-training init, random
-    subset, labelled subset); methods come from the command line."""
+    subset, labelled subset); horizons: the pre-training horizons every set is evaluated at
+    (evaluation.HORIZONS), the first being the headline one of results/summary.json; methods come from the
+    command line."""
 
     encoder: ConvNetConfig
     pretrain: PretrainConfig
     probe: ProbeConfig
     seeds: tuple[int, ...]
+    horizons: tuple[str, ...] = ("equal_steps", "paper")
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise SslkdError("evaluate.seeds must name at least one seed")
+        unknown = [h for h in self.horizons if h not in HORIZONS]
+        if not self.horizons or unknown or len(set(self.horizons)) != len(self.horizons):
+            raise SslkdError(f"evaluate.horizons must be distinct names from {', '.join(HORIZONS)}, got {self.horizons}")
 
 
 @dataclass(frozen=True)

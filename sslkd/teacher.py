@@ -1,9 +1,10 @@
-"""The SSL teacher: Barlow Twins (or SimCLR) training of a CIFAR-stem ResNet-18, checkpoint import,
-and the target representations it yields."""
+"""The SSL teacher: Barlow Twins (or SimCLR) training of an encoder (a CIFAR-stem ResNet-18 or a BN
+ConvNet), checkpoint import, and the target representations it yields."""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,8 @@ from tqdm.auto import tqdm
 from sslkd.augmentations import AugmentConfig, two_views
 from sslkd.errors import SslkdError
 from sslkd.losses import barlow_twins_loss, simclr_loss
-from sslkd.models import ResNet18, ResNetConfig
+from sslkd.evaluation import ProbeConfig
+from sslkd.models import BNConvNetConfig, ResNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,8 @@ SSL_OBJECTIVES = ("barlow_twins", "simclr")
 
 @dataclass(frozen=True)
 class SSLConfig:
-    """An SSL objective and its optimisation: AdamW with a cosine schedule over ``epochs``.
+    """An SSL objective and its optimisation: AdamW, a linear warm-up over ``warmup_steps`` steps, then a
+    cosine schedule to zero over the remaining steps of ``epochs``.
 
     objective: barlow_twins | simclr; projector_dim: width of the 3-layer projector;
     off_diagonal_weight: Barlow Twins λ; temperature: SimCLR τ.
@@ -39,23 +42,45 @@ class SSLConfig:
     off_diagonal_weight: float
     temperature: float
     augment: AugmentConfig
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.objective not in SSL_OBJECTIVES:
             raise SslkdError(f"unknown SSL objective {self.objective!r}; choose one of {', '.join(SSL_OBJECTIVES)}")
         if self.epochs < 1 or self.batch_size < 2:
             raise SslkdError("SSL training needs epochs >= 1 and batch_size >= 2")
+        if self.warmup_steps < 0:
+            raise SslkdError(f"ssl.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The lr factor at each step: linear from 1/warmup_steps to 1 over the warm-up, then a half cosine
+    from 1 to 0 over the rest of ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """encoder: the ResNet-18; ssl: how it is trained; checkpoint: import this encoder instead ("" trains);
-    seed: initialisation, data order and augmentations."""
+    """encoder: the ResNet-18 or BN ConvNet; ssl: how it is trained (on every training image that is not
+    held out, not only the distillation subset); checkpoint: import this encoder instead ("" trains);
+    seed: initialisation, data order and augmentations; probe: how the teacher's own features are probed
+    (against the same encoder untrained) after training and after each of ``probe_epochs``."""
 
-    encoder: ResNetConfig
+    encoder: ResNetConfig | BNConvNetConfig
     ssl: SSLConfig
     checkpoint: str
     seed: int
+    probe: ProbeConfig
+    probe_epochs: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(epoch < 1 or epoch > self.ssl.epochs for epoch in self.probe_epochs):
+            raise SslkdError(f"teacher.probe_epochs must lie in 1..{self.ssl.epochs}, got {self.probe_epochs}")
 
 
 def projector(in_dim: int, out_dim: int) -> nn.Module:
@@ -95,7 +120,8 @@ def train_ssl(
     parameters = list(encoder.parameters()) + list(head.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(images) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, warmup_cosine(config.warmup_steps, config.epochs * steps_per_epoch))
     encoder.train()
     head.train()
     epoch_losses: list[float] = []
@@ -138,8 +164,8 @@ def train_ssl(
 _IGNORED_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 
 
-def import_encoder_state(encoder: ResNet18, checkpoint: Path) -> None:
-    """Load an external ResNet-18 checkpoint (torchvision names; a ``state_dict``/``model`` entry, common
+def import_encoder_state(encoder: nn.Module, checkpoint: Path) -> None:
+    """Load an external encoder checkpoint (usually a ResNet-18 (torchvision names; a ``state_dict``/``model`` entry, common
     wrapper prefixes and classifier/projector keys are handled); a mismatch is an error, never partial."""
     if not checkpoint.is_file():
         raise SslkdError(f"teacher checkpoint not found: {checkpoint}")
@@ -168,7 +194,7 @@ def import_encoder_state(encoder: ResNet18, checkpoint: Path) -> None:
             for what, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
             if names
         )
-        raise SslkdError(f"{checkpoint} does not fit a ResNet-18 of width {encoder.conv1.out_channels}: {detail}")
+        raise SslkdError(f"{checkpoint} does not fit the configured {type(encoder).__name__}: {detail}")
     encoder.load_state_dict(cleaned)
 
 

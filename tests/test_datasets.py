@@ -75,7 +75,7 @@ def test_bad_npz_files_fail_with_one_clear_line(tmp_path, make, message):
 
 
 def test_missing_cifar_says_where_it_looked_and_how_to_provide_it(tmp_path):
-    with pytest.raises(SslkdError, match=r"cifar10 not found under .*set sslkd.data.root"):
+    with pytest.raises(SslkdError, match=r"cifar10 not found under .*set data.root in params.yaml .* -S data.root=PATH"):
         load_dataset(data_config(dataset="cifar10", root=str(tmp_path)))
 
 
@@ -154,3 +154,22 @@ def test_zca_whitening_decorrelates_the_training_images_and_inverts_exactly(seed
 def test_student_input_needs_a_positive_zca_regularisation():
     with pytest.raises(SslkdError, match="zca_regularisation must be > 0"):
         StudentInputConfig(zca=True, zca_regularisation=0.0)
+
+
+def test_a_training_subset_keeps_its_pool_of_every_non_held_out_image(tmp_path):
+    path = write_npz(tmp_path / "set.npz", count=80)
+    dataset = load_dataset(data_config(dataset="npz", root=str(path), train_subset=40, image_size=16))
+    assert dataset.pool_images.shape == (56, 3, 16, 16) and len(dataset.pool_labels) == 56  # 80 - 24 held out
+    pool = {tuple(image.flatten().tolist()) for image in dataset.pool_images}
+    assert all(tuple(image.flatten().tolist()) in pool for image in dataset.train_images)  # the subset is inside
+    assert not pool & {tuple(image.flatten().tolist()) for image in dataset.test_images}
+    assert load_dataset(data_config(dataset="npz", root=str(path))).pool_images is None  # no subset: the training set
+
+
+def test_cifar_settings_read_an_offline_npz_copy_and_hold_out_a_test_split(tmp_path):
+    path = write_npz(tmp_path / "cifar10_train.npz", count=100, classes=10, shape=(32, 32, 3))
+    dataset = load_dataset(data_config(dataset="cifar10", root=str(path), holdout_fraction=0.2))
+    assert dataset.train_images.shape == (80, 3, 32, 32) and len(dataset.test_images) == 20
+    assert torch.bincount(dataset.test_labels).tolist() == [2] * 10
+    with pytest.raises(SslkdError, match="is not cifar100"):
+        load_dataset(data_config(dataset="cifar100", root=str(path)))

@@ -7,7 +7,8 @@ import torch
 
 from sslkd.datasets import Normalisation, class_balanced_split, load_digits_images
 from sslkd.errors import SslkdError
-from sslkd.evaluation import PretrainConfig, ProbeConfig, labelled_subset, linear_probe_accuracy, pretrain_kd, trunk_features
+from sslkd.evaluation import (PretrainConfig, ProbeConfig, labelled_subset, linear_probe_accuracy, pretrain_kd, probe_gain,
+                              trunk_features)
 from sslkd.experts import build_student
 from sslkd.models import ConvNetConfig
 
@@ -76,3 +77,26 @@ def test_pretraining_runs_the_raised_number_of_epochs():
     losses = pretrain_kd(student, images, targets, 0.05, _pretrain_config(epochs=1, min_steps=5),
                          torch.Generator().manual_seed(0))
     assert len(losses) == 3  # two batches an epoch, at least five steps
+
+
+def test_horizons_give_small_sets_the_paper_epochs_or_the_equal_steps():
+    config = _pretrain_config(epochs=2, min_steps=12)
+    assert config.at_horizon("equal_steps").epochs_for(4) == 12
+    assert config.at_horizon("paper").epochs_for(4) == 2  # the paper's passes whatever the set size
+    assert config.at_horizon("paper").epochs_for(400) == config.at_horizon("equal_steps").epochs_for(400) == 2
+    assert config.epochs_for(0) == 0  # no pre-training set: nothing to run at either horizon
+    with pytest.raises(SslkdError, match="horizon"):
+        config.at_horizon("forever")
+
+
+def test_probe_gain_pairs_each_label_draw_with_the_untrained_one():
+    trained = [{"0.1": 50.0, "0.5": 70.0}, {"0.1": 54.0, "0.5": 71.0}]
+    untrained = [{"0.1": 40.0, "0.5": 60.0}, {"0.1": 41.0, "0.5": 64.0}]
+    result = probe_gain(trained, untrained)
+    assert result["trained"]["0.1"] == {"mean": 52.0, "std": pytest.approx(8 ** 0.5), "n": 2}
+    assert result["untrained"]["0.5"] == {"mean": 62.0, "std": pytest.approx(8 ** 0.5), "n": 2}
+    # gains 10 and 13 (0.1), 10 and 7 (0.5): paired draw by draw, not difference of means alone
+    assert result["gain"]["0.1"] == {"mean": 11.5, "std": pytest.approx(4.5 ** 0.5), "n": 2}
+    assert result["gain"]["0.5"] == {"mean": 8.5, "std": pytest.approx(4.5 ** 0.5), "n": 2}
+    with pytest.raises(ValueError):
+        probe_gain(trained, untrained[:1])  # every draw needs its untrained partner

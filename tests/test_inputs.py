@@ -23,7 +23,7 @@ def rss_mb():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
-data = TrainingData(torch.zeros(1, 1, 32, 32), None, None, None, Normalisation(torch.zeros(1), torch.ones(1)))
+data = TrainingData(torch.zeros(1, 1, 32, 32), None, None, None, Normalisation(torch.zeros(1), torch.ones(1)), None, None)
 before = rss_mb()
 experts = expert_trajectories(Workspace(Path(sys.argv[1])), data, 64, epochs=1)
 checksum = sum(experts.snapshots[k, e].float().sum().item() for k in range(8) for e in range(2))

@@ -39,7 +39,8 @@ def test_repro_runs_every_stage_and_writes_the_summary(repro):
     assert not any("variance" in stage for stage in ran(output)), "the variance study is not in the default repro"
     summary = json.loads((root / "results" / "summary.json").read_text())
     methods = {"mkdt", "random", "high_loss", "no_pretrain", "full_data"}
-    assert set(summary) == methods | {"mkdt - random", "mkdt - high_loss", "mkdt - no_pretrain"}
+    assert set(summary) == methods | {"mkdt - random", "mkdt - high_loss", "mkdt - no_pretrain", "full_data - random",
+                                      "full_data - no_pretrain"}
     for rows in summary.values():
         assert set(rows) == {"0.05", "0.5"}
         for cell in rows.values():

@@ -25,6 +25,8 @@ def main(workspace: Workspace) -> None:
             "mean": normalisation.mean,
             "std": normalisation.std,
             "class_names": dataset.class_names,
+            **({} if dataset.pool_images is None else
+               {"pool_images": dataset.pool_images, "pool_labels": dataset.pool_labels}),
         },
         config=config.operative_config(),
         extra={

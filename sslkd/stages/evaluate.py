@@ -1,5 +1,10 @@
 """``sslkd evaluate --method M``: pre-train a fresh encoder on M's set with the KD loss, probe it at every
-label fraction and evaluation seed -> artifacts/evaluate/<method>.json.
+label fraction, evaluation seed and pre-training horizon -> artifacts/evaluate/<method>.json.
+
+The probe's labels are a fraction of every training image that is not held out (the data stage's pool),
+not only of the distillation subset; it is scored on the held-out (or given) test split. Horizons
+(evaluation.HORIZONS): 'paper' pre-trains pretrain.epochs passes, 'equal_steps' at least pretrain.min_steps
+SGD steps; a set whose two horizons give the same number of passes is pre-trained once.
 
 Sets: no_pretrain (none), high_loss (the M real images ``init`` ranked highest), random (M real
 images drawn afresh for every evaluation seed), both with teacher targets,
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,8 +32,8 @@ from sslkd.models import ParameterLayout
 from sslkd.report import summarise
 from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
-from sslkd.stage_configs import METHODS
-from sslkd.stages.inputs import check_input_space, representations, student_data
+from sslkd.stage_configs import METHODS, EvaluateConfig
+from sslkd.stages.inputs import TrainingData, check_input_space, representations, student_data
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -69,13 +75,48 @@ def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, ta
     return sets, {p.stem: p for p in paths}
 
 
-def log_runs(method: str, runs: list[dict]) -> None:
+def log_runs(method: str, runs: list[dict], horizons: tuple[str, ...]) -> None:
     """Tracking: accuracy per label fraction at step = evaluation seed (several values at one step for
-    several distilled sets) and its mean, std and n over all runs, under the same names for every method."""
-    for run in runs:
-        tracking.log_metrics({f"acc_{key}": value for key, value in run["accuracy"].items()}, run["eval_seed"])
-    for key, stats in summarise({method: runs})[method].items():
-        tracking.log_metrics({f"acc_{key}_{name}": value for name, value in stats.items()}, 0)
+    several distilled sets) and its mean, std and n over all runs, under the same names for every method;
+    the first (headline) horizon as ``acc_<fraction>``, the others as ``acc_<horizon>_<fraction>``."""
+    for horizon in horizons:
+        prefix = "acc" if horizon == horizons[0] else f"acc_{horizon}"
+        at_horizon = [run for run in runs if run["horizon"] == horizon]
+        for run in at_horizon:
+            tracking.log_metrics({f"{prefix}_{key}": value for key, value in run["accuracy"].items()}, run["eval_seed"])
+        for key, stats in summarise({method: at_horizon})[method].items():
+            tracking.log_metrics({f"{prefix}_{key}_{name}": value for name, value in stats.items()}, 0)
+
+
+def evaluate_set(pretraining_set: PretrainingSet | None, eval_seed: int, horizon: str, data: TrainingData,
+                 pool: torch.Tensor, out_dim: int, evaluate_config: EvaluateConfig, device: torch.device,
+                 steps: KDSteps | None) -> tuple[dict[str, Any], KDSteps | None]:
+    """Pre-train a fresh encoder on one set at one horizon, probe it; returns the run's record."""
+    student = build_student(evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, 0)).to(device)
+    pretrain_config = evaluate_config.pretrain.at_horizon(horizon)
+    losses: list[float] = []
+    if pretraining_set is not None:
+        steps = steps or KDSteps(student, ParameterLayout.of(student), compile=pretrain_config.compile,
+                                 precision=pretrain_config.precision)
+        losses = pretrain_kd(student, pretraining_set.images.to(device), pretraining_set.targets.to(device),
+                             pretraining_set.lr, pretrain_config, generator(eval_seed, 1), steps)
+        distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
+        for epoch, loss in enumerate(losses, start=1):
+            tracking.log_metric(f"pretrain_loss/{horizon}/eval_seed_{eval_seed}{distilled}", loss, epoch)
+    accuracy = probe_at_fractions(
+        student, pool, data.pool_labels, data.test_images.to(device), data.test_labels, evaluate_config.probe,
+        lambda fraction_index: generator(eval_seed, 2, fraction_index),
+    )
+    return {
+        "eval_seed": eval_seed,
+        "horizon": horizon,
+        "distill_seed": pretraining_set.distill_seed if pretraining_set else None,
+        "set_size": len(pretraining_set.images) if pretraining_set else 0,
+        "pretrain_lr": pretraining_set.lr if pretraining_set else None,
+        "pretrain_epochs": len(losses),
+        "pretrain_losses": losses,
+        "accuracy": accuracy,
+    }, steps
 
 
 def main(workspace: Workspace, method: str) -> None:
@@ -84,46 +125,33 @@ def main(workspace: Workspace, method: str) -> None:
     evaluate_config = config.build("evaluate")
     device = stage_device()
     data = student_data(workspace)
-    images, test_images = data.images.to(device), data.test_images.to(device)
+    images, pool = data.images.to(device), data.pool_images().to(device)
     targets = representations(workspace, data).to(device)
-    runs = []
+    runs: list[dict[str, Any]] = []
     steps = None  # one KDSteps for every pre-training run: the step compiles once per stage
     for eval_seed in evaluate_config.seeds:
         sets, inputs = pretraining_sets(method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed, data.space)
         for pretraining_set in sets:
-            student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1],
-                                    derive_seed(eval_seed, 0)).to(device)
-            losses: list[float] = []
-            if pretraining_set is not None:
-                steps = steps or KDSteps(student, ParameterLayout.of(student), compile=evaluate_config.pretrain.compile,
-                                         precision=evaluate_config.pretrain.precision)
-                losses = pretrain_kd(student, pretraining_set.images.to(device), pretraining_set.targets.to(device),
-                                     pretraining_set.lr,
-                                     evaluate_config.pretrain, generator(eval_seed, 1), steps)
-                distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
-                for epoch, loss in enumerate(losses, start=1):
-                    tracking.log_metric(f"pretrain_loss/eval_seed_{eval_seed}{distilled}", loss, epoch)
-            accuracy = probe_at_fractions(
-                student, images, data.labels, test_images, data.test_labels, evaluate_config.probe,
-                lambda fraction_index: generator(eval_seed, 2, fraction_index),
-            )
-            log.info("%s eval seed %d%s: %s", method, eval_seed,
-                     f" distill seed {pretraining_set.distill_seed}" if pretraining_set and pretraining_set.distill_seed is not None else "",
-                     ", ".join(f"{k}: {v:.1f}%" for k, v in accuracy.items()))
-            runs.append({
-                "eval_seed": eval_seed,
-                "distill_seed": pretraining_set.distill_seed if pretraining_set else None,
-                "set_size": len(pretraining_set.images) if pretraining_set else 0,
-                "pretrain_lr": pretraining_set.lr if pretraining_set else None,
-                "pretrain_losses": losses,
-                "accuracy": accuracy,
-            })
+            done: dict[int, dict[str, Any]] = {}  # pre-training epochs -> run: horizons that coincide run once
+            for horizon in evaluate_config.horizons:
+                set_size = len(pretraining_set.images) if pretraining_set else 0
+                epochs = evaluate_config.pretrain.at_horizon(horizon).epochs_for(set_size)
+                if epochs in done:
+                    run = {**done[epochs], "horizon": horizon}
+                else:
+                    run, steps = evaluate_set(pretraining_set, eval_seed, horizon, data, pool, targets.shape[1],
+                                              evaluate_config, device, steps)
+                    done[epochs] = run
+                log.info("%s eval seed %d%s, %s horizon (%d epochs): %s", method, eval_seed,
+                         f" distill seed {run['distill_seed']}" if run["distill_seed"] is not None else "",
+                         horizon, epochs, ", ".join(f"{k}: {v:.1f}%" for k, v in run["accuracy"].items()))
+                runs.append(run)
     save_json_artifact(
         workspace.evaluation(method),
         "evaluation",
-        {"method": method, "runs": runs},
+        {"method": method, "horizons": list(evaluate_config.horizons), "runs": runs},
         config=config.operative_config(),
         inputs={"dataset": workspace.dataset, "representations": workspace.representations, **inputs},
     )
-    log_runs(method, runs)
+    log_runs(method, runs, evaluate_config.horizons)
     tracking.log_artifact(workspace.evaluation(method))

@@ -5,30 +5,43 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from sslkd import config
 from sslkd.artifacts import load_artifact
 from sslkd.datasets import InputSpace, Normalisation, ZCAWhitening
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
-from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, ResNet18, ResNetConfig
+from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, build_teacher_encoder
 from sslkd.workspace import Workspace
 
 
 @dataclass
 class TrainingData:
     """images: the training images [N, C, H, W] float32 in ``space`` (standardised, or whitened for the
-    students), built once; labels for evaluation."""
+    students), built once; labels for evaluation. pool_uint8 / pool_labels: every training image that is
+    not held out [P, C, H, W] uint8 / [P] (the training images themselves when they are not a subset);
+    :meth:`pool_images` puts them in ``space`` on demand (they can be several times the training set)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
     space: InputSpace
+    pool_uint8: torch.Tensor
+    pool_labels: torch.Tensor
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+    def pool_pixels(self) -> torch.Tensor:
+        """The pool as float32 pixels in [0, 1]: [P, C, H, W]."""
+        return self.pool_uint8.float() / 255.0
+
+    def pool_images(self) -> torch.Tensor:
+        """The pool in ``space``: [P, C, H, W] float32."""
+        return self.space.apply(self.pool_pixels())
 
 
 def training_data(workspace: Workspace) -> TrainingData:
@@ -40,6 +53,8 @@ def training_data(workspace: Workspace) -> TrainingData:
         normalisation.from_uint8(payload["test_images"]),
         payload["test_labels"],
         normalisation,
+        payload.get("pool_images", payload["train_images"]),
+        payload.get("pool_labels", payload["train_labels"]),
     )
 
 
@@ -54,7 +69,7 @@ def student_data(workspace: Workspace) -> TrainingData:
     assert isinstance(standardisation, Normalisation)  # training_data() always standardises
     whitening = ZCAWhitening.fit(standardisation, data.images, student_input.zca_regularisation)
     return TrainingData(whitening.whiten(data.images), data.labels, whitening.whiten(data.test_images),
-                        data.test_labels, whitening)
+                        data.test_labels, whitening, data.pool_uint8, data.pool_labels)
 
 
 def check_input_space(payload: dict, space: InputSpace, path: object, rerun: str) -> None:
@@ -66,7 +81,7 @@ def check_input_space(payload: dict, space: InputSpace, path: object, rerun: str
                          f"images (sslkd.student_input): rerun `sslkd {rerun}`")
 
 
-def teacher_encoder(workspace: Workspace, data: TrainingData) -> ResNet18:
+def teacher_encoder(workspace: Workspace, data: TrainingData) -> nn.Module:
     """The teacher stage's encoder, checked against the dataset's channels."""
     payload = load_artifact(workspace.teacher, "teacher", produced_by="teacher")
     if payload["in_channels"] != data.image_shape[0]:
@@ -74,7 +89,7 @@ def teacher_encoder(workspace: Workspace, data: TrainingData) -> ResNet18:
             f"teacher takes {payload['in_channels']}-channel images, the dataset has {data.image_shape[0]}: "
             "rerun `sslkd teacher` for this dataset"
         )
-    encoder = ResNet18(ResNetConfig(**payload["encoder"]), data.image_shape[0])
+    encoder = build_teacher_encoder(payload.get("architecture", "resnet18"), payload["encoder"], data.image_shape[0])
     encoder.load_state_dict(payload["state_dict"])
     return encoder
 

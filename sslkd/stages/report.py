@@ -2,16 +2,20 @@
 of accuracy against label fraction, from every method's evaluation.
 
 summary.json maps each method and each paired difference ("mkdt - random", "mkdt - high_loss",
-"mkdt - no_pretrain": MKDT's run at an evaluation seed minus the baseline's run at that seed, for every
-distilled set) to ``{label_fraction: {"mean", "std", "n"}}``.
+"mkdt - no_pretrain", "full_data - random", "full_data - no_pretrain": the method's run at an evaluation
+seed minus the baseline's run at that seed, for every distilled set) to
+``{label_fraction: {"mean", "std", "n"}}``, at the headline (first) pre-training horizon; by_horizon.json
+holds the same for every horizon, and summary.md shows them all with the teacher's own probe.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from sslkd import config, tracking
-from sslkd.artifacts import atomic_write, load_json_artifact, write_json_atomic, write_text_atomic
+from sslkd.artifacts import (atomic_write, load_json_artifact, sidecar_path, write_json_atomic,
+                             write_text_atomic)
 from sslkd.plots import pyplot
 from sslkd.report import markdown_table, paired_differences, summarise
 from sslkd.workspace import Workspace
@@ -36,24 +40,76 @@ def plot_accuracy(summary: dict, path) -> None:
     plt.close(figure)
 
 
+PAIRS = (("mkdt", "random"), ("mkdt", "high_loss"), ("mkdt", "no_pretrain"),
+         ("full_data", "random"), ("full_data", "no_pretrain"))
+
+
+def runs_by_horizon(runs: dict[str, list[dict]], horizons: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """{horizon: {method: runs}}; runs that predate horizons count as the headline (first) horizon's."""
+    return {horizon: {method: [run for run in method_runs if run.get("horizon", horizons[0]) == horizon]
+                      for method, method_runs in runs.items()} for horizon in horizons}
+
+
+def paired_table(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """The paired differences of PAIRS whose two methods were evaluated, by name ("mkdt - random")."""
+    return {f"{method} - {baseline}": paired_differences(runs, method, baseline)
+            for method, baseline in PAIRS if method in runs and baseline in runs}
+
+
+def teacher_section(metadata: dict) -> str:
+    """The teacher's own probe against the same encoder untrained, and how the gain grew during training."""
+    probe = metadata.get("probe")
+    if not probe:
+        return ""
+    keys = sorted(probe["gain"], key=float)
+    header = "| teacher features | " + " | ".join(f"{float(k) * 100:g}% labels" for k in keys) + " |"
+    lines = ["## The teacher's own features", "",
+             f"Linear probe of the teacher's {metadata.get('representation_dim')}-d features (trained on "
+             f"{metadata.get('trained_on_images')} images), against the same encoder untrained; mean ± std over "
+             "label draws:", "", header, "|---|" + "---|" * len(keys)]
+    for name in ("trained", "untrained", "gain"):
+        sign = "+" if name == "gain" else ""
+        lines.append(f"| {name} | " + " | ".join(
+            f"{probe[name][k]['mean']:{sign}.1f} ± {probe[name][k]['std']:.1f}" for k in keys) + " |")
+    history = metadata.get("probe_history") or []
+    if len(history) > 1:
+        lines += ["", "Gain over the untrained encoder as training went on (points):", "",
+                  "| epochs | SGD steps | " + " | ".join(f"{float(k) * 100:g}% labels" for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for entry in history:
+            lines.append(f"| {entry['epoch']} | {entry['steps']} | " + " | ".join(
+                f"{entry['probe']['gain'][k]['mean']:+.1f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(workspace: Workspace) -> None:
     report_config = config.build("report")
-    runs = {
-        method: load_json_artifact(workspace.evaluation(method), "evaluation", produced_by=f"evaluate --method {method}")["runs"]
+    evaluations = {
+        method: load_json_artifact(workspace.evaluation(method), "evaluation", produced_by=f"evaluate --method {method}")
         for method in report_config.methods
     }
-    summary = summarise(runs)
-    paired = {
-        f"mkdt - {baseline}": paired_differences(runs, "mkdt", baseline)
-        for baseline in ("random", "high_loss", "no_pretrain") if "mkdt" in runs and baseline in runs
-    }
+    horizons = next((e["horizons"] for e in evaluations.values() if e.get("horizons")), ["equal_steps"])
+    by_horizon = runs_by_horizon({method: e["runs"] for method, e in evaluations.items()}, horizons)
+    headline = horizons[0]
+    summary = summarise(by_horizon[headline])
+    paired = paired_table(by_horizon[headline])
     results = workspace.results
-    # summary.json: every method, then each paired difference under its name ("mkdt - random"), same schema
+    # summary.json: every method, then each paired difference under its name ("mkdt - random"), same schema,
+    # at the headline horizon; by_horizon.json: the same for every horizon
     write_json_atomic(results / "summary.json", {**summary, **paired})
     write_json_atomic(results / "paired_differences.json", paired)
-    table = markdown_table(summary, paired)
-    write_text_atomic(results / "summary.md", "# sslkd results: linear-probe accuracy (%)\n\n" + table)
+    write_json_atomic(results / "by_horizon.json", {
+        horizon: {**summarise(runs), **paired_table(runs)} for horizon, runs in by_horizon.items()})
+    sections = [f"# sslkd results: linear-probe accuracy (%)\n\nPre-training horizon **{headline}** "
+                f"(the headline one, as in summary.json).\n\n" + markdown_table(summary, paired)]
+    for horizon in horizons[1:]:
+        sections.append(f"## Pre-training horizon {horizon}\n\n"
+                        + markdown_table(summarise(by_horizon[horizon]), paired_table(by_horizon[horizon])))
+    if workspace.teacher.is_file() and sidecar_path(workspace.teacher).is_file():
+        sections.append(teacher_section(json.loads(sidecar_path(workspace.teacher).read_text())))
+    table = "\n".join(section for section in sections if section)
+    write_text_atomic(results / "summary.md", table)
     plot_accuracy(summary, results / "accuracy_vs_labels.png")
-    for name in ("summary.json", "summary.md", "paired_differences.json", "accuracy_vs_labels.png"):
+    for name in ("summary.json", "summary.md", "paired_differences.json", "by_horizon.json", "accuracy_vs_labels.png"):
         tracking.log_artifact(results / name)
     log.info("summary:\n%s", table)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Trajectory-matching hyperparameters (METHOD.md's table names in brackets).
+    """Trajectory-matching hyperparameters (docs/method.md's table names in brackets).
 
     iterations: outer steps; syn_steps [syn_steps]: unrolled inner SGD steps N; expert_epochs: the
     target is the snapshot this many epochs after the start; max_start_epoch: start epochs are drawn from

@@ -37,8 +37,8 @@ class PretrainConfig:
     more passes where a set is so small that ``epochs`` would give fewer than ``min_steps`` SGD steps.
 
     lr is used for every set except MKDT's, which pre-trains with its learned α; min_steps: 0 keeps
-    METHOD.md's protocol (20 epochs whatever the size: 20 steps for 200 images at batch 256); compile:
-    torch.compile the training step once per stage; precision: 'float32', or 'bfloat16' for the forward
+    the paper's protocol (docs/method.md: 20 epochs whatever the size, 20 steps for 200 images at batch 256);
+    compile: torch.compile the training step once per stage; precision: 'float32', or 'bfloat16' for the forward
     pass in bfloat16 autocast (kd_steps.PRECISIONS).
     """
 

@@ -22,7 +22,7 @@ class RepresentConfig:
 @dataclass(frozen=True)
 class InitConfig:
     """size: M, the synthetic set's size; method: high_loss | random (which set starts distillation);
-    high_loss_scope: global (the M highest losses, METHOD.md) | per_class (the highest M/C of each class:
+    high_loss_scope: global (the M highest losses, docs/method.md) | per_class (the highest M/C of each class:
     uses the labels, which an SSL pipeline otherwise never reads); seed: for ``random``."""
 
     size: int

@@ -20,7 +20,7 @@ from sslkd.artifacts import load_json_artifact, save_json_artifact, sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
 
-from conftest import clone_study, copy_study
+from conftest import clone_study, copy_study, make_workspace
 from faults import assert_one_line_error, file_size_limit, sslkd
 
 
@@ -150,14 +150,14 @@ def mount_tmpfs():
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_no_space_left_writing_an_artifact(tiny_study, tmp_path, mount_tmpfs):
-    """Item 5: ENOSPC from a real, full tmpfs under artifacts/."""
-    root = clone_study(tiny_study, tmp_path / "w", ("data",))
-    mount_tmpfs(root / "artifacts" / "teacher", "size=64k")
-    result = sslkd(root, "teacher")
-    assert_one_line_error(result.returncode, result.stderr, "teacher", "cannot write", "encoder.pt",
+def test_no_space_left_writing_an_artifact(tmp_path, mount_tmpfs):
+    """Item 5: ENOSPC from a real, full tmpfs under artifacts/ (the dataset artifact is ~130 kB)."""
+    root = make_workspace(tmp_path / "w")
+    mount_tmpfs(root / "artifacts" / "data", "size=64k")
+    result = sslkd(root, "data")
+    assert_one_line_error(result.returncode, result.stderr, "data", "cannot write", "dataset.pt",
                           "No space left on device")
-    assert os.listdir(root / "artifacts" / "teacher") == []
+    assert os.listdir(root / "artifacts" / "data") == []
 
 
 def make_evaluations(root: Path) -> None:
@@ -171,8 +171,6 @@ def make_evaluations(root: Path) -> None:
 
 def test_read_only_results_with_tracking_off(tmp_path, mount_tmpfs):
     """Item 5: `sslkd report` with a read-only results/ (before: a PermissionError / OSError traceback)."""
-    from conftest import make_workspace
-
     root = make_workspace(tmp_path / "w")
     make_evaluations(root)
     if os.geteuid() == 0:  # root writes through permission bits: a read-only mount is read-only for root too

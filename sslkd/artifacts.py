@@ -1,9 +1,16 @@
 """Atomic artifact I/O: every artifact is a torch file plus a JSON metadata sidecar.
 
 A write goes to a temporary file in the destination folder and is renamed into place, so a crash never
-leaves a half-written artifact and never destroys the previous one. The sidecar (``<name>.meta.json``)
-records the artifact kind, shapes, the operative config, hashes of the inputs, the code version and the
-device it was computed on; tensors are always saved on the CPU.
+leaves a half-written artifact and never destroys the previous one; a failed write (full disk, read-only
+folder) removes its temporary file and ends in one line. The sidecar (``<name>.meta.json``) records the
+artifact kind, its sha256, shapes, the operative config, hashes of the inputs, the code version and the
+device it was computed on; tensors are always saved on the CPU. A reader verifies the artifact against
+its sidecar's sha256 before using it.
+
+Sidecars are DVC outputs, so everything in them is a function of the payload, the config and the code:
+the code version is a hash of the package's sources (:func:`source_version`), never the git work tree's
+state (``git describe --dirty`` changes when DVC edits dvc.lock, when a commit only touches docs); the
+git state goes to the stage's MLflow run (:func:`code_version`, sslkd/cli.py).
 """
 
 from __future__ import annotations
@@ -31,11 +38,15 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
+HASH_BLOCK = 4 << 20  # bytes read per step: the memory of hashing a many-GB artifact stays a few MiB
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    block = memoryview(bytearray(HASH_BLOCK))
+    with open(path, "rb", buffering=0) as handle:
+        while read := handle.readinto(block):
+            digest.update(block[:read])
     return digest.hexdigest()
 
 
@@ -66,8 +77,19 @@ def git_commit() -> str | None:
         return None
 
 
+def source_version() -> str:
+    """Package version and a hash of its sources: what artifact sidecars record as their code version.
+
+    It depends only on the code (a code snapshot of sslkd.launch has the same sources, hence the same
+    value), so a rerun of the same code on the same inputs writes a byte-identical sidecar whatever the
+    git work tree's state.
+    """
+    return f"{__version__}+src.{source_digest()[:12]}"
+
+
 def code_version() -> str:
-    """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources.
+    """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources: the
+    provenance of a run for tracking (volatile: never written into an artifact or sidecar).
 
     A code snapshot made for queued jobs (sslkd.launch) carries the version of the tree it was copied
     from in a ``CODE_VERSION`` file, so its artifacts record the same version as an inline run.
@@ -78,22 +100,42 @@ def code_version() -> str:
     try:
         return f"{__version__}+git.{_git('describe', '--always', '--dirty', '--abbrev=12')}"
     except (OSError, subprocess.SubprocessError):
-        return f"{__version__}+src.{source_digest()[:12]}"
+        return source_version()
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself, or one it was raised from or while handling (torch.save's
+    zip writer reports a failed write as a RuntimeError raised while handling the OSError)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
+
+    When the file system refuses (an OSError: ENOSPC, EFBIG, EROFS, EACCES, ...), the temporary file is
+    removed, ``path`` is left as it was and the error is one line (SslkdError).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise SslkdError(f"cannot write {path}: {cause.strerror or cause}; nothing was written (free space or "
+                         f"make {path.parent} writable, then rerun)") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _torch_save(payload: Any, path: Path) -> None:
@@ -140,7 +182,7 @@ def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str,
              extra: dict[str, Any] | None) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "kind": kind,
-        "code_version": code_version(),
+        "code_version": source_version(),
         "shapes": shapes,
         "inputs": {name: {"path": str(p), "sha256": file_sha256(Path(p))} for name, p in (inputs or {}).items()},
         "operative_config": config,
@@ -150,6 +192,16 @@ def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str,
     }
     write_json_atomic(sidecar_path(path), metadata)
     return metadata
+
+
+def _sidecar_or_remove(path: Path, *args: Any) -> dict[str, Any]:
+    """Write the sidecar of the artifact just written; if that fails, remove the artifact too (a reader
+    would refuse it anyway): a failed stage leaves no output that looks finished."""
+    try:
+        return _sidecar(path, *args)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def save_artifact(
@@ -169,7 +221,7 @@ def save_artifact(
     payload = on_cpu(payload)
     shapes = {key: desc for key, value in payload.items() if (desc := _describe(value)) is not None}
     torch_save_atomic(path, {"kind": kind, **payload})
-    return _sidecar(path, kind, shapes, config, inputs, extra)
+    return _sidecar_or_remove(path, kind, shapes, config, inputs, extra)
 
 
 def save_json_artifact(
@@ -184,13 +236,44 @@ def save_json_artifact(
     """Like :func:`save_artifact` for results meant to be read by people and tools: JSON, plus sidecar."""
     path = Path(path)
     write_json_atomic(path, {"kind": kind, **payload})
-    return _sidecar(path, kind, {}, config, inputs, extra)
+    return _sidecar_or_remove(path, kind, {}, config, inputs, extra)
+
+
+def verify_artifact(path: Path, kind: str, *, produced_by: str) -> dict[str, Any]:
+    """Check ``path`` against its sidecar (present, readable, of ``kind``, same sha256); returns the sidecar.
+
+    Every reader calls it before using an artifact: a corrupt, truncated or replaced file, or one without
+    its sidecar, ends in one line that says which stage to rerun. Hashing reads the file once in
+    HASH_BLOCK steps (about a second per GB).
+    """
+    path = Path(path)
+    meta = sidecar_path(path)
+    rerun = f"rerun `sslkd {produced_by}` (or `dvc repro`)"
+    if not meta.is_file():
+        raise SslkdError(f"{path} has no sidecar {meta.name}, so it cannot be verified: {rerun}")
+    try:
+        metadata = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SslkdError(f"cannot read the sidecar {meta} ({type(error).__name__}): {rerun}") from None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("sha256"), str):
+        raise SslkdError(f"the sidecar {meta} records no sha256: {rerun}")
+    if metadata.get("kind") != kind:
+        raise SslkdError(f"the sidecar {meta} describes a {metadata.get('kind')!r} artifact, expected {kind!r}: {rerun}")
+    try:
+        actual = file_sha256(path)
+    except OSError as error:
+        raise SslkdError(f"cannot read {path}: {error.strerror or error}") from None
+    if actual != metadata["sha256"]:
+        raise SslkdError(f"{path} does not match the sha256 in its sidecar (corrupt, truncated or changed since "
+                         f"it was written): {rerun}")
+    return metadata
 
 
 def load_json_artifact(path: Path, kind: str, *, produced_by: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SslkdError(f"missing {kind} result {path}: run `sslkd {produced_by}` (or `dvc repro`) first")
+    verify_artifact(path, kind, produced_by=produced_by)
     try:
         payload = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -201,13 +284,15 @@ def load_json_artifact(path: Path, kind: str, *, produced_by: str) -> dict[str, 
 
 
 def load_artifact(path: Path, kind: str, *, produced_by: str) -> dict[str, Any]:
-    """Load an artifact written by :func:`save_artifact`, checking that it exists and is of ``kind``.
+    """Load an artifact written by :func:`save_artifact`, checking that it exists, matches its sidecar
+    (:func:`verify_artifact`) and is of ``kind``.
 
     ``produced_by`` names the stage that makes it, for the error message.
     """
     path = Path(path)
     if not path.is_file():
         raise SslkdError(f"missing {kind} artifact {path}: run `sslkd {produced_by}` (or `dvc repro`) first")
+    verify_artifact(path, kind, produced_by=produced_by)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for a corrupt file

@@ -5,14 +5,18 @@ fully qualified names (``sslkd.<name>``). A stage's root configurable has the st
 params.yaml section of that name becomes gin bindings of it (``distill: {seeds: [0]}`` ->
 ``sslkd.distill.seeds = [0]``), applied after the setting's gin file; no gin file binds a key that
 params.yaml supplies (tests/test_config_consistency.py). Parsing is strict: an unknown configurable, an
-unknown parameter or an unbound one is an error.
+unknown parameter, an unbound one or a value of the wrong type (checked against the config dataclass's
+annotations when parsing, before any config is built) is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +137,63 @@ def parse(config_dir: Path, setting: str, gin_files: list[Path], bindings: list[
         raise SslkdError(f"config error: {_one_line(error)}") from None
     finally:
         logging.disable(logging.NOTSET)
+    check_binding_types()
+
+
+# Scopes bindings may carry besides the global one (``teacher/sslkd.slurm.time_min``: gin/launch/slurm.gin).
+BINDING_SCOPES = ("",) + STAGES
+
+
+def conforms(value: Any, annotation: Any) -> bool:
+    """Whether a bound ``value`` has the type a config field is annotated with.
+
+    Strict where Python is lenient: a bool is not an int, a float is not an int (``iterations = 2.5``),
+    a number must be finite; an int is a float; a list stands for a tuple (gin and params.yaml write
+    lists). References (``@sslkd.convnet()``) and macros are checked where their own values are bound.
+    """
+    if isinstance(value, gin.config.ConfigurableReference):
+        return True
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, arm) for arm in arguments)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return all(conforms(item, arguments[0]) for item in value)
+        return len(value) == len(arguments) and all(map(conforms, value, arguments))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) and not typing.get_args(annotation) else \
+        str(annotation).replace("typing.", "")
+
+
+def check_binding_types() -> None:
+    """Refuse a bound value whose type is not its config field's annotation, in one line.
+
+    Runs on the parsed bindings, before anything is built: a config's ``__post_init__`` range checks
+    then always see values of the right type (``iterations = 'abc'`` never reaches ``iterations < 1``).
+    """
+    for name, cls in configurables().items():
+        annotations = typing.get_type_hints(cls)
+        for scope in BINDING_SCOPES:
+            selector = f"{scope}/sslkd.{name}" if scope else f"sslkd.{name}"
+            bindings = gin.get_bindings(selector, resolve_references=False, inherit_scopes=False)
+            for parameter, value in bindings.items():
+                annotation = annotations.get(parameter)
+                if annotation is not None and not conforms(value, annotation):
+                    raise SslkdError(f"config error: {selector}.{parameter} must be {_type_name(annotation)}, "
+                                     f"got {value!r} ({type(value).__name__})")
 
 
 def build(name: str) -> Any:

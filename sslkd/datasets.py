@@ -10,6 +10,7 @@ class-balanced held-out part of the training set.
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -100,16 +101,42 @@ def class_balanced_subset(labels: torch.Tensor, size: int, generator: torch.Gene
     return kept
 
 
+CHANNELS = (1, 3)  # grey or RGB: what the teacher, the students and the augmentations take
+
+
 def _from_nhwc(array: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 [N, H, W, C] (C in CHANNELS, N >= 1) -> uint8 [N, C, H, W]."""
     if array.dtype != np.uint8 or array.ndim != 4:
         raise SslkdError(f"{what}: expected uint8 images [N, H, W, C], got {array.dtype} {array.shape}")
+    if array.shape[-1] not in CHANNELS:
+        layout = " (it looks like NCHW: transpose it to NHWC)" if array.shape[1] in CHANNELS else ""
+        raise SslkdError(f"{what}: expected images [N, H, W, C] with C = 1 or 3 channels last, got shape "
+                         f"{array.shape}{layout}")
+    if len(array) == 0:
+        raise SslkdError(f"{what}: holds no images (shape {array.shape})")
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
 
 
 def _labels(array: np.ndarray, count: int, what: str) -> torch.Tensor:
     if array.ndim != 1 or len(array) != count or not np.issubdtype(array.dtype, np.integer):
         raise SslkdError(f"{what}: expected {count} integer labels, got {array.dtype} {array.shape}")
+    if count and array.min() < 0:
+        raise SslkdError(f"{what}: labels must be class indices >= 0, found {array.min()}")
     return torch.from_numpy(array.astype(np.int64))
+
+
+def check_dataset(dataset: "ImageDataset", what: str) -> None:
+    """Refuse a dataset the pipeline cannot evaluate: fewer than 2 training classes (the linear probe
+    needs two), or an empty test split (too few images per class for the hold-out fraction)."""
+    classes = torch.unique(dataset.train_labels)
+    if len(classes) < 2:
+        raise SslkdError(f"{what}: the training images hold {len(classes)} class(es); the linear-probe "
+                         "evaluation needs at least 2")
+    if len(dataset.test_images) == 0:
+        counts = torch.bincount(dataset.train_labels)
+        raise SslkdError(f"{what}: the test split is empty ({len(dataset.train_images)} training images, at most "
+                         f"{int(counts.max())} per class): give more images per class, a larger holdout_fraction "
+                         "or a test_path")
 
 
 def load_digits_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -124,6 +151,8 @@ def load_digits_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     if not path.is_file():
         raise SslkdError(f"npz dataset not found: {path} (set sslkd.data.root to a .npz with x uint8 NHWC, y int64)")
+    if not zipfile.is_zipfile(path):
+        raise SslkdError(f"{path} is not an .npz archive (np.savez: a zip of the arrays x uint8 NHWC and y int64)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "x" not in archive or "y" not in archive:

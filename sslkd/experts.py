@@ -54,6 +54,9 @@ class ExpertsConfig:
             raise SslkdError(f"unknown expert objective {self.objective!r}; choose one of {', '.join(EXPERT_OBJECTIVES)}")
         if self.num_experts < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise SslkdError("experts need num_experts, epochs, batch_size >= 1 and lr > 0")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise SslkdError(f"experts need momentum in [0, 1) and weight_decay >= 0, got {self.momentum}, "
+                             f"{self.weight_decay}")
 
 
 def build_student(config: ConvNetConfig, image_shape: tuple[int, ...], out_dim: int, seed: int) -> ConvNet:

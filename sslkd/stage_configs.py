@@ -18,6 +18,10 @@ class RepresentConfig:
 
     batch_size: int
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise SslkdError(f"represent.batch_size must be >= 1, got {self.batch_size}")
+
 
 @dataclass(frozen=True)
 class InitConfig:
@@ -31,6 +35,8 @@ class InitConfig:
     seed: int
 
     def __post_init__(self) -> None:
+        if self.size < 1:
+            raise SslkdError(f"init.size must be >= 1, got {self.size}")
         if self.method not in INIT_METHODS:
             raise SslkdError(f"unknown init method {self.method!r}; choose one of {', '.join(INIT_METHODS)}")
         if self.high_loss_scope not in HIGH_LOSS_SCOPES:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SWITCH_ENV = "SSLKD_TRACKING"
 PIPELINE_ENV = "SSLKD_PIPELINE_ID"
 OFF_VALUES = ("off", "0", "false", "no")
+ON_VALUES = ("on", "1", "true", "yes")
 SPOOL = ".sslkd-tracking"
 MAX_PARAM_LENGTH = 500    # the value limit of older MLflow servers (3.x allows 6000): safe for any
 HEALTH_TIMEOUT_SECONDS = 3.0
@@ -67,7 +68,12 @@ class Target:
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "on").strip().lower() not in OFF_VALUES
+    """Whether $SSLKD_TRACKING (default on) switches tracking on; a value that is neither is an error."""
+    value = os.environ.get(SWITCH_ENV, "on").strip().lower()
+    if value not in ON_VALUES + OFF_VALUES:
+        raise SslkdError(f"{SWITCH_ENV}={os.environ[SWITCH_ENV]!r} is neither on ({', '.join(ON_VALUES)}) "
+                         f"nor off ({', '.join(OFF_VALUES)})")
+    return value in ON_VALUES
 
 
 def target(workdir: Path, setting: str, experiment: str | None = None) -> Target:
@@ -159,17 +165,27 @@ class StageRun:
         except OSError as error:
             raise SslkdError(f"cannot write the tracking spool {spool} ({error.strerror or error}): make it "
                              f"writable, or run with {SWITCH_ENV}=off") from None
-        self._write(event="start", uri=self.destination.uri, experiment=self.destination.experiment,
-                    artifact_location=self.destination.artifact_location, stage=self.stage,
-                    identity=self.identity, tags=self.tags, params=self.params, pid=os.getpid())
+        try:
+            self._write(event="start", uri=self.destination.uri, experiment=self.destination.experiment,
+                        artifact_location=self.destination.artifact_location, stage=self.stage,
+                        identity=self.identity, tags=self.tags, params=self.params, pid=os.getpid())
+        except SslkdError:  # no half-written entry for the uploader to puzzle over
+            with contextlib.suppress(OSError):
+                self._events.close()
+            shutil.rmtree(self.entry, ignore_errors=True)
+            raise
         threading.Thread(target=self._heartbeat, name="tracking-heartbeat", daemon=True).start()
         start_uploader(spool)
         return self
 
     def _write(self, **event: Any) -> None:
         event.setdefault("time", int(time.time() * 1000))
-        self._events.write(json.dumps(event) + "\n")
-        self._events.flush()
+        try:
+            self._events.write(json.dumps(event) + "\n")
+            self._events.flush()
+        except OSError as error:  # a full disk: one line, not a traceback from deep in the stage
+            raise SslkdError(f"cannot write the tracking spool {self.entry.parent} ({error.strerror or error}): "
+                             f"free space, or run with {SWITCH_ENV}=off") from None
 
     def _heartbeat(self) -> None:
         """Touch the events file: an entry left untouched for STALE_SECONDS belongs to a dead stage."""
@@ -203,11 +219,12 @@ class StageRun:
                 if path.is_file():
                     self._spool_file(lambda copy: shutil.copyfile(path, copy), path.name, folder)
             self._write(event="end", status=status)
-        except OSError as error:
+        except (OSError, SslkdError) as error:
             log.warning("tracking: the run of %s is incomplete: %s", self.stage, error)
         finally:
             self._stop.set()
-            self._events.close()
+            with contextlib.suppress(OSError):  # what a full disk kept in the buffer is lost with the run
+                self._events.close()
         start_uploader(self.entry.parent)
 
 

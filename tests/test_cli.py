@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 
+from sslkd.artifacts import file_sha256, sidecar_path
 from sslkd.cli import main
 
 from conftest import REPO
@@ -83,6 +85,8 @@ def test_trajectories_of_another_architecture_are_refused(trained_experts, capsy
     payload = torch.load(path, weights_only=True)
     payload["student"]["width"] = 16  # claims an architecture whose layout differs from the stored one
     torch.save(payload, path)
+    sidecar = sidecar_path(path)  # signed, as if the experts stage had written it: the layout check must refuse it
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "sha256": file_sha256(path)}))
     code, err = run(capsys, "init")
     assert code == 2 and "parameter layout does not match" in err[-1]
 

@@ -6,13 +6,14 @@ import dataclasses
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.datasets import Normalisation, load_dataset
+from sslkd.datasets import Normalisation, check_dataset, load_dataset
 from sslkd.workspace import Workspace
 
 
 def main(workspace: Workspace) -> None:
     data_config = config.build("data")
     dataset = load_dataset(data_config)
+    check_dataset(dataset, f"{data_config.dataset} {data_config.root}".strip())
     normalisation = Normalisation.of(dataset.train_images)
     save_artifact(
         workspace.dataset,

@@ -19,7 +19,6 @@ from sslkd.errors import SslkdError
 
 from conftest import make_workspace
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

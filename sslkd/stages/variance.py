@@ -25,8 +25,14 @@ from sslkd.seeding import derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, student_data
 from sslkd.variance import (
-    GradientVariance, VarianceConfig, matching_losses, measure_gradient_variance, parameter_dispersion,
-    relative_dispersion, tail_mean, train_runs,
+    GradientVariance,
+    VarianceConfig,
+    matching_losses,
+    measure_gradient_variance,
+    parameter_dispersion,
+    relative_dispersion,
+    tail_mean,
+    train_runs,
 )
 from sslkd.workspace import Workspace
 

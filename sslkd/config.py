@@ -35,7 +35,7 @@ def configurables() -> dict[str, type]:
     from sslkd.distill import DistillConfig
     from sslkd.evaluation import PretrainConfig, ProbeConfig
     from sslkd.experts import ExpertsConfig
-    from sslkd.launchers import SlurmConfig
+    from sslkd.infra.launchers import SlurmConfig
     from sslkd.models import ConvNetConfig, ResNetConfig
     from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
     from sslkd.teacher import SSLConfig, TeacherConfig

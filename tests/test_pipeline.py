@@ -89,7 +89,7 @@ def test_editing_tracking_code_changes_no_stage_but_editing_method_code_does(rep
     sh(root, "dvc", "repro")
     sh(root, "dvc", "repro", "studies/variance/dvc.yaml")
     assert changed_stages(root) == set()
-    for module, expected in (("tracking.py", set()), ("unroll.py", {"distill", "studies/variance/dvc.yaml:variance"})):
+    for module, expected in (("infra/tracking.py", set()), ("unroll.py", {"distill", "studies/variance/dvc.yaml:variance"})):
         path = root / "sslkd" / module
         original = path.read_text()
         path.write_text(original + "# an edit\n")

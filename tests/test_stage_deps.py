@@ -41,8 +41,7 @@ from sslkd import config
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "sslkd"
-INFRA = {"sslkd.cli", "sslkd.__main__", "sslkd.infra", "sslkd.launch", "sslkd.launchers", "sslkd.stage_job",
-         "sslkd.tracking", "sslkd.tracking_upload", "sslkd.devices", "sslkd.allocator"}
+INFRA = {"sslkd.cli", "sslkd.__main__", "sslkd.infra"}
 PRESENTATION = {"sslkd.report", "sslkd.plots"}
 PRESENTING_STAGES = {"report", "variance"}
 NOT_FOLLOWED = {("sslkd.config", "configurables")}

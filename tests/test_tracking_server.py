@@ -20,8 +20,8 @@ import urllib.request
 import pytest
 from test_tracking import free_port
 
-from sslkd import tracking
 from sslkd.cli import main
+from sslkd.infra import tracking
 
 from conftest import make_workspace
 

@@ -7,11 +7,12 @@ import logging
 
 import torch
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import load_artifact, save_artifact
 from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
-from sslkd.devices import stage_device
 from sslkd.distill import distill
+from sslkd.infra import tracking
+from sslkd.infra.devices import stage_device
 from sslkd.plots import plot_distillation_curve, plot_synthetic_set
 from sslkd.seeding import generator
 from sslkd.stages.inputs import expert_trajectories, representations, student_data

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sslkd import config, tracking
+from sslkd import config
+from sslkd.infra import tracking
 from sslkd.artifacts import load_artifact, save_json_artifact
-from sslkd.devices import stage_device
+from sslkd.infra.devices import stage_device
 from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd, probe_at_fractions

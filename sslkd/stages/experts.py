@@ -17,11 +17,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
-from sslkd.devices import stage_device
 from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_expert
+from sslkd.infra import tracking
+from sslkd.infra.devices import stage_device
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.seeding import generator

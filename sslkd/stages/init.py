@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.devices import stage_device
+from sslkd.infra.devices import stage_device
 from sslkd.seeding import generator
 from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
 from sslkd.stages.inputs import expert_trajectories, representations, student_data

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import atomic_write, load_json_artifact, write_json_atomic, write_text_atomic
+from sslkd.infra import tracking
 from sslkd.plots import pyplot
 from sslkd.report import markdown_table, paired_differences, summarise
 from sslkd.workspace import Workspace

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.devices import stage_device
+from sslkd.infra.devices import stage_device
 from sslkd.stages.inputs import teacher_encoder, training_data
 from sslkd.teacher import representations
 from sslkd.workspace import Workspace

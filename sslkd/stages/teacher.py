@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
-from sslkd.devices import stage_device
+from sslkd.infra import tracking
+from sslkd.infra.devices import stage_device
 from sslkd.models import ResNet18, seeded_module
 from sslkd.seeding import derive_seed, generator
 from sslkd.stages.inputs import training_data

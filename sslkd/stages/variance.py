@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import atomic_write, save_json_artifact
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
+from sslkd.infra import tracking
 from sslkd.models import ConvNet
 from sslkd.plots import pyplot
 from sslkd.seeding import derive_seed, generator

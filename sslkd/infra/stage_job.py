@@ -18,8 +18,9 @@ from pathlib import Path
 import submitit
 
 import sslkd
-from sslkd import allocator, config, devices
+from sslkd import config
 from sslkd.checkpoints import CheckpointPolicy
+from sslkd.infra import allocator, devices
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class StageRequest:
     bindings: tuple[str, ...]
     workdir: Path
     cwd: Path
-    device: str = "auto"  # sslkd.devices: resolved on the node that runs the job
+    device: str = "auto"  # sslkd.infra.devices: resolved on the node that runs the job
 
     def parse_config(self) -> None:
         params = config.read_params(self.params)

@@ -25,7 +25,7 @@ from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.report import summarise
-from sslkd.seeding import derive_seed, generator
+from sslkd.seeding import EvaluateStream, derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.inputs import check_input_space, representations, student_data
@@ -54,7 +54,7 @@ def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, ta
         return [PretrainingSet(images, targets, baseline_lr)], {}
     if method in ("random", "high_loss"):
         high_loss = load_artifact(workspace.init_indices, "init", produced_by="init")["high_loss_indices"]
-        indices = high_loss if method == "high_loss" else random_indices(len(images), len(high_loss), generator(eval_seed, 3))
+        indices = high_loss if method == "high_loss" else random_indices(len(images), len(high_loss), generator(eval_seed, EvaluateStream.RANDOM_SUBSET))
         return [PretrainingSet(images[indices], targets[indices], baseline_lr)], {"init": workspace.init_indices}
     paths = sorted(workspace.distill_dir.glob("synthetic_seed*.pt"))
     if not paths:
@@ -93,20 +93,20 @@ def main(workspace: Workspace, method: str) -> None:
         sets, inputs = pretraining_sets(method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed, data.space)
         for pretraining_set in sets:
             student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1],
-                                    derive_seed(eval_seed, 0)).to(device)
+                                    derive_seed(eval_seed, EvaluateStream.ENCODER_INIT)).to(device)
             losses: list[float] = []
             if pretraining_set is not None:
                 steps = steps or KDSteps(student, ParameterLayout.of(student), compile=evaluate_config.pretrain.compile,
                                          precision=evaluate_config.pretrain.precision)
                 losses = pretrain_kd(student, pretraining_set.images.to(device), pretraining_set.targets.to(device),
                                      pretraining_set.lr,
-                                     evaluate_config.pretrain, generator(eval_seed, 1), steps)
+                                     evaluate_config.pretrain, generator(eval_seed, EvaluateStream.PRETRAINING), steps)
                 distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
                 for epoch, loss in enumerate(losses, start=1):
                     tracking.log_metric(f"pretrain_loss/eval_seed_{eval_seed}{distilled}", loss, epoch)
             accuracy = probe_at_fractions(
                 student, images, data.labels, test_images, data.test_labels, evaluate_config.probe,
-                lambda fraction_index: generator(eval_seed, 2, fraction_index),
+                lambda fraction_index: generator(eval_seed, EvaluateStream.LABELLED_SUBSET, fraction_index),
             )
             log.info("%s eval seed %d%s: %s", method, eval_seed,
                      f" distill seed {pretraining_set.distill_seed}" if pretraining_set and pretraining_set.distill_seed is not None else "",

@@ -25,7 +25,7 @@ from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
-from sslkd.seeding import generator
+from sslkd.seeding import ExpertStream, generator
 from sslkd.stages.inputs import TrainingData, representations, student_data
 from sslkd.workspace import Workspace
 
@@ -77,7 +77,7 @@ def expert(run: ExpertsRun, index: int) -> dict:
         run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile,
                             precision=run.config.precision)
     snapshots, epoch_losses = train_expert(
-        student, run.data.images, run.targets, run.config, generator(run.config.seed, index, 1),
+        student, run.data.images, run.targets, run.config, generator(run.config.seed, index, ExpertStream.TRAINING),
         run.data.space, run.steps, resume=run.checkpoints.load(state_name),
         on_checkpoint=run.checkpoints.saver(state_name),
     )

@@ -14,7 +14,7 @@ from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
 from sslkd.models import ResNet18, seeded_module
-from sslkd.seeding import derive_seed, generator
+from sslkd.seeding import TeacherStream, derive_seed, generator
 from sslkd.stages.inputs import training_data
 from sslkd.teacher import import_encoder_state, projector, train_ssl
 from sslkd.workspace import Workspace
@@ -28,7 +28,7 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
     device = stage_device()
     data = training_data(workspace)
     channels = data.image_shape[0]
-    encoder = seeded_module(lambda: ResNet18(teacher_config.encoder, channels), derive_seed(teacher_config.seed, 0))
+    encoder = seeded_module(lambda: ResNet18(teacher_config.encoder, channels), derive_seed(teacher_config.seed, TeacherStream.ENCODER_INIT))
     inputs = {"dataset": workspace.dataset}
     run = run_checkpoints(checkpoints, "teacher", teacher_config, [workspace.dataset])
     if teacher_config.checkpoint:
@@ -40,12 +40,12 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
     else:
         head = seeded_module(
             lambda: projector(encoder.representation_dim, teacher_config.ssl.projector_dim),
-            derive_seed(teacher_config.seed, 1),
+            derive_seed(teacher_config.seed, TeacherStream.PROJECTOR_INIT),
         ).to(device)
         encoder.to(device)
         pixels = data.space.invert(data.images).to(device)
         losses = train_ssl(encoder, head, pixels, data.space.apply, teacher_config.ssl,
-                           generator(teacher_config.seed, 2), resume=run.load("training"),
+                           generator(teacher_config.seed, TeacherStream.TRAINING), resume=run.load("training"),
                            on_checkpoint=run.saver("training"),
                            on_epoch=lambda epoch, loss: tracking.log_metric("ssl_loss", loss, epoch))
     save_artifact(

@@ -22,7 +22,7 @@ from sslkd.experts import build_student
 from sslkd.infra import tracking
 from sslkd.models import ConvNet
 from sslkd.plots import pyplot
-from sslkd.seeding import derive_seed, generator
+from sslkd.seeding import VarianceStream, derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, student_data
 from sslkd.variance import (
@@ -62,16 +62,16 @@ def main(workspace: Workspace) -> None:
     def make_student(init_seed: int) -> ConvNet:
         return build_student(variance_config.experts.student, data.image_shape, targets.shape[1], init_seed)
 
-    init_seed = derive_seed(seed, 0)
+    init_seed = derive_seed(seed, VarianceStream.STUDENT_INIT)
     with stopwatch(seconds, "gradient_variance"):
         gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.space,
-                                              variance_config, generator(seed, 1))
-    start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, 4))
+                                              variance_config, generator(seed, VarianceStream.GRADIENT_BATCHES))
+    start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, VarianceStream.START_SUBSET))
     for kind, objective in {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}.items():
         with stopwatch(seconds, f"dispersion_{kind}"):
             snapshots, losses = train_runs(
                 make_student, [init_seed] * variance_config.runs,
-                [generator(seed, 2, r) for r in range(variance_config.runs)],
+                [generator(seed, VarianceStream.DISPERSION_RUN, r) for r in range(variance_config.runs)],
                 data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.space,
             )
             runs[kind] = {"absolute": parameter_dispersion(snapshots).tolist(),
@@ -79,11 +79,11 @@ def main(workspace: Workspace) -> None:
         with stopwatch(seconds, f"matching_{kind}"):
             count = variance_config.matching_experts
             experts, _ = train_runs(
-                make_student, [derive_seed(seed, 3, k) for k in range(count)], [generator(seed, 5, k) for k in range(count)],
+                make_student, [derive_seed(seed, VarianceStream.MATCHING_EXPERT_INIT, k) for k in range(count)], [generator(seed, VarianceStream.MATCHING_EXPERT_TRAINING, k) for k in range(count)],
                 data.images, targets, variance_config.trajectories(objective, count), data.space,
             )
             matching[kind] = matching_losses(make_student(init_seed), experts, data.images[start_indices],
-                                             targets[start_indices], variance_config, generator(seed, 6))
+                                             targets[start_indices], variance_config, generator(seed, VarianceStream.MATCHING))
         log.info("%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f", kind, objective,
                  ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["initial"], matching[kind]["final"])
 

@@ -98,7 +98,7 @@ class RunCheckpoints:
 
     def clear(self) -> None:
         """Remove the run's folder once its artifact is written."""
-        if self.enabled and self.folder.exists():
+        if self.folder is not None and self.folder.exists():
             shutil.rmtree(self.folder)
 
 

@@ -10,7 +10,6 @@ end with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -99,6 +98,8 @@ def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[s
 def run_stage(args: argparse.Namespace) -> None:
     from sslkd import config
     from sslkd.infra import tracking
+    from sslkd.infra.registry import run_stage_main
+    from sslkd.stages.options import StageOptions
     from sslkd.workspace import Workspace
 
     params = config.read_params(args.params)
@@ -109,7 +110,6 @@ def run_stage(args: argparse.Namespace) -> None:
     if destination is not None:
         tracking.check_reachable(destination.uri)
     config.parse(args.config_dir, setting, args.gin, params.bindings() + args.bind)
-    module = importlib.import_module(f"sslkd.stages.{args.stage}")
     workspace = Workspace(args.workdir)
     name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage  # dvc.yaml's stage name
     identity, tags = {}, {}
@@ -123,10 +123,8 @@ def run_stage(args: argparse.Namespace) -> None:
             from sslkd.infra.launch import launch
 
             launch(launcher, args, workspace)
-        elif args.stage == "evaluate":
-            module.main(workspace, args.method)
         else:
-            module.main(workspace)
+            run_stage_main(args.stage, workspace, StageOptions(method=getattr(args, "method", None)))
 
 
 def run_compare(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -150,7 +151,10 @@ class ResNet18(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def seeded_module(build, seed: int) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def seeded_module(build: Callable[[], M], seed: int) -> M:
     """Build a module with its parameters initialised from ``seed``, leaving the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -29,6 +29,7 @@ from sslkd.seeding import EvaluateStream, derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.inputs import check_input_space, representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def log_runs(method: str, runs: list[dict]) -> None:
         tracking.log_metrics({f"acc_{key}_{name}": value for name, value in stats.items()}, 0)
 
 
-def main(workspace: Workspace, method: str) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
+    method = options.method
     if method not in METHODS:
         raise SslkdError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     evaluate_config = config.build("evaluate")

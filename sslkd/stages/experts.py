@@ -27,6 +27,7 @@ from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.seeding import ExpertStream, generator
 from sslkd.stages.inputs import TrainingData, representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,9 @@ def train_parts(workspace: Workspace, indices: Sequence[int], checkpoints: Check
         expert(run, index)
 
 
-def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     """All experts (merging finished parts when checkpointing) -> the trajectories artifact."""
-    run = prepare(workspace, checkpoints, stage_device())
+    run = prepare(workspace, options.checkpoints, stage_device())
     experts_config = run.config
     parts = [expert(run, index) for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None)]
     layout = ParameterLayout.of(build_student(experts_config.student, run.data.image_shape, run.targets.shape[1], 0))

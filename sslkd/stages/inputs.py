@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -28,7 +29,7 @@ class TrainingData:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        return cast("tuple[int, int, int]", tuple(self.images.shape[1:]))
 
 
 def training_data(workspace: Workspace) -> TrainingData:

@@ -15,6 +15,7 @@ from sslkd.artifacts import atomic_write, load_json_artifact, write_json_atomic,
 from sslkd.infra import tracking
 from sslkd.plots import pyplot
 from sslkd.report import markdown_table, paired_differences, summarise
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def plot_accuracy(summary: dict, path) -> None:
     plt.close(figure)
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     report_config = config.build("report")
     runs = {
         method: load_json_artifact(workspace.evaluation(method), "evaluation", produced_by=f"evaluate --method {method}")["runs"]

@@ -10,20 +10,22 @@ import torch
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
+from sslkd.checkpoints import run_checkpoints
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
 from sslkd.models import ResNet18, seeded_module
 from sslkd.seeding import TeacherStream, derive_seed, generator
 from sslkd.stages.inputs import training_data
+from sslkd.stages.options import StageOptions
 from sslkd.teacher import import_encoder_state, projector, train_ssl
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
-def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
-    """``checkpoints``: save the training state periodically and resume from it (jobs of a launcher)."""
+def main(workspace: Workspace, options: StageOptions) -> None:
+    """``options.checkpoints``: save the training state periodically and resume from it (jobs of a launcher)."""
+    checkpoints = options.checkpoints
     teacher_config = config.build("teacher")
     device = stage_device()
     data = training_data(workspace)

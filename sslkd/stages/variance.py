@@ -25,6 +25,7 @@ from sslkd.plots import pyplot
 from sslkd.seeding import VarianceStream, derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.variance import (
     GradientVariance,
     VarianceConfig,
@@ -50,14 +51,17 @@ def stopwatch(seconds: dict, part: str) -> Iterator[None]:
     seconds[part] = {"wall": round(time.perf_counter() - wall, 1), "cpu": round(time.process_time() - cpu, 1)}
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     variance_config = config.build("variance")
     data = student_data(workspace)
     targets = representations(workspace, data)
     if variance_config.measured_batch_sizes[-1] > len(data.images):
         raise SslkdError(f"variance batch sizes go up to {variance_config.measured_batch_sizes[-1]}, "
                          f"the training set has {len(data.images)} images: lower variance.batch_sizes")
-    seed, seconds, runs, matching = variance_config.seed, {}, {}, {}
+    seed = variance_config.seed
+    seconds: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict] = {}
+    matching: dict[str, dict] = {}
 
     def make_student(init_seed: int) -> ConvNet:
         return build_student(variance_config.experts.student, data.image_shape, targets.shape[1], init_seed)
@@ -91,6 +95,11 @@ def main(workspace: Workspace) -> None:
     log.info("SSL/KD: gradient variance %.3g, dispersion %.3g; final matching loss kd %.4f, ssl %.4f",
              results["grad_variance_ratio"], results["dispersion_ratio"],
              results["final_matching_loss"]["kd"], results["final_matching_loss"]["ssl"])
+    write_results(workspace, results, seconds, matching)
+
+
+def write_results(workspace: Workspace, results: dict, seconds: dict, matching: dict) -> None:
+    """results/variance.json (with the parts' timings) and its plots, then the same to tracking."""
     plot(results, workspace.results)
     save_json_artifact(
         workspace.results / "variance.json", "variance", results,
@@ -102,8 +111,8 @@ def main(workspace: Workspace) -> None:
                           "dispersion_ratio": results["dispersion_ratio"],
                           "final_matching_loss_kd": results["final_matching_loss"]["kd"],
                           "final_matching_loss_ssl": results["final_matching_loss"]["ssl"]}, 0)
-    for kind, losses in matching.items():
-        for iteration, loss in enumerate(losses["losses"]):
+    for kind, result in matching.items():
+        for iteration, loss in enumerate(result["losses"]):
             tracking.log_metric(f"matching_loss/{kind}_experts", loss, iteration)
     tracking.log_artifact(workspace.results / "variance.json")
     for name in PLOTS:

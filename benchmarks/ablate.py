@@ -38,8 +38,14 @@ from sslkd.seeding import derive_seed, generator
 from sslkd.selection import class_balanced_high_loss_indices, random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.evaluate import PretrainingSet, pretraining_sets
-from sslkd.stages.inputs import (check_input_space, expert_trajectories, representations, student_data,
-                                 teacher_encoder, training_data)
+from sslkd.stages.inputs import (
+    check_input_space,
+    expert_trajectories,
+    representations,
+    student_data,
+    teacher_encoder,
+    training_data,
+)
 from sslkd.teacher import representations as teacher_representations
 from sslkd.workspace import Workspace
 

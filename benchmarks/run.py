@@ -30,7 +30,7 @@ measurement in a second worker whose allocator returns every freed block of 128 
 (MALLOC_MMAP_THRESHOLD_): the memory the computation holds, within a few MB from run to run, but with
 allocation too slow to time (on CUDA both are the allocated peak). FLOPs are counted with
 torch.utils.flop_counter.FlopCounterMode on one eager call (the compiled variant does the same arithmetic).
-Every worker sets the host allocator as the stages do (sslkd/allocator.py: glibc malloc keeping freed
+Every worker sets the host allocator as the stages do (sslkd/infra/allocator.py: glibc malloc keeping freed
 memory); the ``*_system_malloc`` variants keep glibc's defaults, and the expert rows give their ratio to
 eager training with glibc's defaults too.
 """
@@ -62,7 +62,7 @@ from sslkd.kd_steps import KDSteps  # noqa: E402
 from sslkd.models import ConvNetConfig, ParameterLayout  # noqa: E402
 from sslkd.unroll import match_trajectory  # noqa: E402
 
-VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots, $SSLKD_MALLOC: sslkd/allocator.py)
+VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots, $SSLKD_MALLOC: sslkd/infra/allocator.py)
     "full": ("full", False, "all", "keep"),
     "adjoint": ("adjoint", False, "all", "keep"),
     "adjoint_compiled": ("adjoint", True, "all", "keep"),

@@ -60,11 +60,11 @@ esac
 if [ "$needs_study" = yes ]; then
     seed_workspace
     use_workspace_code
-    # Stages leave their MLflow runs to a background uploader (sslkd/tracking_upload.py), which would
+    # Stages leave their MLflow runs to a background uploader (sslkd/infra/tracking_upload.py), which would
     # stop with the container: send what is still pending before leaving.
     status=0
     "$@" || status=$?
-    if [ -d .sslkd-tracking ]; then python -m sslkd.tracking_upload --drain .sslkd-tracking || true; fi
+    if [ -d .sslkd-tracking ]; then python -m sslkd.infra.tracking_upload --drain .sslkd-tracking || true; fi
     exit "$status"
 fi
 exec "$@"

@@ -25,13 +25,13 @@ one_run() {  # $1: on | off, $2: round
     # Tracking on: the time includes sending every run (the uploader works while, and after, dvc repro
     # runs: --drain waits for and sends what is left); the next run starts once the uploader has exited.
     local command="dvc repro"
-    [ "$1" = on ] && command="dvc repro && python3 -m sslkd.tracking_upload --drain .sslkd-tracking"
+    [ "$1" = on ] && command="dvc repro && python3 -m sslkd.infra.tracking_upload --drain .sslkd-tracking"
     /usr/bin/time -f "%e %U %S" -o "$work/$1-$2.time" \
         env -C "$dir" SSLKD_TRACKING="$1" PYTHONPATH="$dir" sh -c "$command" >"$work/$1-$2.log" 2>&1 \
         || { tail -20 "$work/$1-$2.log" >&2; return 1; }
     if [ "$1" = on ]; then
         env -C "$dir" PYTHONPATH="$dir" python3 -c "import time; from pathlib import Path
-from sslkd.tracking_upload import uploader_running
+from sslkd.infra.tracking_upload import uploader_running
 while uploader_running(Path('.sslkd-tracking')): time.sleep(1)"
         sed -n 's/.*uploader exits: \([0-9.]*\) s CPU.*/\1/p' "$dir/.sslkd-tracking/uploader.log" \
             | awk '{s += $1} END {print s + 0}' > "$work/$1-$2.uploader_cpu"

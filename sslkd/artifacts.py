@@ -26,8 +26,8 @@ from typing import Any, Callable
 import torch
 
 from sslkd import __version__
-from sslkd.devices import stage_device_name
 from sslkd.errors import SslkdError
+from sslkd.infra.devices import stage_device_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _UMASK = os.umask(0)
@@ -91,7 +91,7 @@ def code_version() -> str:
     """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources: the
     provenance of a run for tracking (volatile: never written into an artifact or sidecar).
 
-    A code snapshot made for queued jobs (sslkd.launch) carries the version of the tree it was copied
+    A code snapshot made for queued jobs (sslkd.infra.launch) carries the version of the tree it was copied
     from in a ``CODE_VERSION`` file, so its artifacts record the same version as an inline run.
     """
     stamp = PACKAGE_DIR / CODE_VERSION_STAMP

@@ -7,7 +7,7 @@ as ``resume``. This module decides where and when states are written.
 A run's checkpoints live in a folder named by its run key, a hash of everything that determines the
 result (the stage's config, the sha256 of its input files and the sslkd sources), so a rerun with other
 inputs, config or code never resumes from a stale state. Inline runs do not checkpoint (``NO_CHECKPOINTS``);
-jobs started by a launcher do (sslkd.stage_job).
+jobs started by a launcher do (sslkd.infra.stage_job).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class RunCheckpoints:
 
     def clear(self) -> None:
         """Remove the run's folder once its artifact is written."""
-        if self.enabled and self.folder.exists():
+        if self.folder is not None and self.folder.exists():
             shutil.rmtree(self.folder)
 
 

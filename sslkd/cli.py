@@ -2,7 +2,7 @@
 
 Each stage reads the setting named in params.yaml (``--setting`` overrides it), the params.yaml sections
 as gin bindings, extra ``--gin`` files and ``--bind`` bindings (applied last), runs, and writes its
-artifacts under the workspace; it is recorded as one MLflow run (sslkd/tracking.py).
+artifacts under the workspace; it is recorded as one MLflow run (sslkd/infra/tracking.py).
 ``sslkd compare`` prints the methods' accuracies from the tracking store. Errors in the user's input
 end with one line on stderr and exit code 2.
 """
@@ -10,16 +10,15 @@ end with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-from sslkd import allocator, devices
 from sslkd.config import STAGES
 from sslkd.errors import SslkdError
-from sslkd.launchers import LAUNCHERS, chosen_launcher
+from sslkd.infra import allocator, devices
+from sslkd.infra.launchers import LAUNCHERS, chosen_launcher
 
 log = logging.getLogger("sslkd")
 
@@ -74,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
     """(identity, other tags) of the stage's MLflow run; the stage's root config must be built."""
-    from sslkd import config, tracking
+    from sslkd import config
     from sslkd.artifacts import code_version, git_commit
+    from sslkd.infra import tracking
 
     version = code_version()
     identity = {
@@ -96,7 +96,10 @@ def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[s
 
 
 def run_stage(args: argparse.Namespace) -> None:
-    from sslkd import config, tracking
+    from sslkd import config
+    from sslkd.infra import tracking
+    from sslkd.infra.registry import run_stage_main
+    from sslkd.stages.options import StageOptions
     from sslkd.workspace import Workspace
 
     params = config.read_params(args.params)
@@ -107,7 +110,6 @@ def run_stage(args: argparse.Namespace) -> None:
     if destination is not None:
         tracking.check_reachable(destination.uri)
     config.parse(args.config_dir, setting, args.gin, params.bindings() + args.bind)
-    module = importlib.import_module(f"sslkd.stages.{args.stage}")
     workspace = Workspace(args.workdir)
     name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage  # dvc.yaml's stage name
     identity, tags = {}, {}
@@ -118,17 +120,16 @@ def run_stage(args: argparse.Namespace) -> None:
     launcher = chosen_launcher(args.launcher)
     with tracking.stage_run(destination, name, identity, tags, config.operative_config):
         if launcher != "inline":
-            from sslkd.launch import launch
+            from sslkd.infra.launch import launch
 
             launch(launcher, args, workspace)
-        elif args.stage == "evaluate":
-            module.main(workspace, args.method)
         else:
-            module.main(workspace)
+            run_stage_main(args.stage, workspace, StageOptions(method=getattr(args, "method", None)))
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    from sslkd import config, tracking
+    from sslkd import config
+    from sslkd.infra import tracking
     from sslkd.report import markdown_table
 
     setting = args.setting or (None if args.experiment else config.read_params(args.params).setting)

@@ -39,7 +39,7 @@ def configurables() -> dict[str, type]:
     from sslkd.distill import DistillConfig
     from sslkd.evaluation import PretrainConfig, ProbeConfig
     from sslkd.experts import ExpertsConfig
-    from sslkd.launchers import SlurmConfig
+    from sslkd.infra.launchers import SlurmConfig
     from sslkd.models import BNConvNetConfig, ConvNetConfig, ResNetConfig
     from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
     from sslkd.teacher import SSLConfig, TeacherConfig
@@ -133,7 +133,7 @@ def parse(config_dir: Path, setting: str, gin_files: list[Path], bindings: list[
     logging.disable(logging.ERROR)  # gin logs every include path it tries before the search path
     try:
         gin.parse_config_files_and_bindings(files, bindings, skip_unknown=False, finalize_config=False)
-    except (ValueError, SyntaxError, KeyError, IOError) as error:
+    except (OSError, ValueError, SyntaxError, KeyError) as error:
         raise SslkdError(f"config error: {_one_line(error)}") from None
     finally:
         logging.disable(logging.NOTSET)

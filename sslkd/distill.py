@@ -159,6 +159,44 @@ def _restore(
     return list(state["order"]), state["iteration"]
 
 
+def check_trajectories(trajectories: torch.Tensor, layout: ParameterLayout, config: DistillConfig) -> None:
+    """trajectories [K, S, P] must reach epoch ``config.epochs_needed`` and hold the student's P parameters."""
+    if trajectories.shape[1] <= config.epochs_needed:
+        raise SslkdError(
+            f"experts store {trajectories.shape[1] - 1} epochs; distillation reads up to epoch "
+            f"{config.epochs_needed} (max_start_epoch - 1 + expert_epochs): train experts longer"
+        )
+    if trajectories.shape[2] != layout.numel:
+        raise SslkdError(f"trajectories hold {trajectories.shape[2]} parameters, the student has {layout.numel}")
+
+
+def make_optimisers(images: torch.Tensor, representations: torch.Tensor, lr: torch.Tensor,
+                    config: DistillConfig) -> list[torch.optim.Optimizer]:
+    """SGD with momentum on the images, on the inner learning rate α and, if learnt, on the representations."""
+    optimisers: list[torch.optim.Optimizer] = [
+        torch.optim.SGD([images], lr=config.lr_images, momentum=config.momentum_images),
+        torch.optim.SGD([lr], lr=config.lr_lr, momentum=config.momentum_lr),
+    ]
+    if config.learn_representations:
+        optimisers.append(
+            torch.optim.SGD([representations], lr=config.lr_representations, momentum=config.momentum_representations)
+        )
+    return optimisers
+
+
+def checkpoint_state(iteration: int, order: list[int], images: torch.Tensor, representations: torch.Tensor,
+                     lr: torch.Tensor, optimisers: list[torch.optim.Optimizer], sampler: MinibatchSampler,
+                     generator: torch.Generator, result: DistillResult) -> dict[str, Any]:
+    """Everything ``distill(resume=...)`` needs to continue at ``iteration`` bit-identically."""
+    return {
+        "iteration": iteration, "order": order, "images": images.detach(),
+        "representations": representations.detach(), "lr": lr.detach(),
+        "optimisers": [optimiser.state_dict() for optimiser in optimisers], "sampler": sampler.pending,
+        "generator": generator.get_state(), "matching_losses": list(result.matching_losses),
+        "learning_rates": list(result.learning_rates),
+    }
+
+
 def distill(
     student: ConvNet,
     layout: ParameterLayout,
@@ -178,24 +216,11 @@ def distill(
     ``on_checkpoint(state)`` with the whole state (synthetic set, α, optimiser momenta, generator, sampler,
     expert order, history); passing such a state as ``resume`` continues bit-identically.
     """
-    if trajectories.shape[1] <= config.epochs_needed:
-        raise SslkdError(
-            f"experts store {trajectories.shape[1] - 1} epochs; distillation reads up to epoch "
-            f"{config.epochs_needed} (max_start_epoch - 1 + expert_epochs): train experts longer"
-        )
-    if trajectories.shape[2] != layout.numel:
-        raise SslkdError(f"trajectories hold {trajectories.shape[2]} parameters, the student has {layout.numel}")
+    check_trajectories(trajectories, layout, config)
     images = init_images.detach().clone().requires_grad_(True)
     representations = init_representations.detach().clone().requires_grad_(config.learn_representations)
     lr = torch.tensor(config.lr_init, device=images.device).requires_grad_(True)
-    optimisers = [
-        torch.optim.SGD([images], lr=config.lr_images, momentum=config.momentum_images),
-        torch.optim.SGD([lr], lr=config.lr_lr, momentum=config.momentum_lr),
-    ]
-    if config.learn_representations:
-        optimisers.append(
-            torch.optim.SGD([representations], lr=config.lr_representations, momentum=config.momentum_representations)
-        )
+    optimisers = make_optimisers(images, representations, lr, config)
     steps = KDSteps(student, layout, compile=config.compile)
     sampler = MinibatchSampler(len(images), config.batch_syn, generator)
     result = DistillResult(images, representations, config.lr_init)
@@ -226,13 +251,8 @@ def distill(
         if on_iteration is not None:
             on_iteration(iteration, loss.item(), lr.item())
         if on_checkpoint is not None:
-            on_checkpoint({
-                "iteration": iteration + 1, "order": order, "images": images.detach(),
-                "representations": representations.detach(), "lr": lr.detach(),
-                "optimisers": [optimiser.state_dict() for optimiser in optimisers], "sampler": sampler.pending,
-                "generator": generator.get_state(), "matching_losses": list(result.matching_losses),
-                "learning_rates": list(result.learning_rates),
-            })
+            on_checkpoint(checkpoint_state(iteration + 1, order, images, representations, lr, optimisers, sampler,
+                                           generator, result))
     result.images = images.detach()
     result.representations = representations.detach()
     result.lr = lr.item()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,6 @@ from tqdm.auto import tqdm
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ParameterLayout
-from sslkd.report import summary_stats
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,15 @@ def probe_features_at_fractions(
             train_features[subset], train_labels[subset], test_features, test_labels, config
         )
     return accuracies
+
+
+def summary_stats(values: list[float]) -> dict[str, float | int]:
+    """mean, sample std (0 for one value) and count of ``values``."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def fraction_key(fraction: float) -> str:

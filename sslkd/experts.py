@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from sslkd.augmentations import two_views
 from sslkd.datasets import InputSpace
@@ -111,7 +110,7 @@ def _train_kd_expert(
         generator.set_state(resume["generator"])
         snapshots, epoch_losses = list(resume["snapshots"]), list(resume["epoch_losses"])
         velocity = resume["velocity"].to(images.device)
-    for parameters, velocity, loss in train_kd(
+    for parameters, velocity, loss in train_kd(  # noqa: B020 (the last velocity is kept for a resume)
         steps, snapshots[-1].to(images.device), images, targets, lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs - len(epoch_losses),
         generator=generator, velocity=velocity,

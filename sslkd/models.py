@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -209,7 +210,10 @@ def build_teacher_encoder(architecture: str, config: dict, in_channels: int) -> 
     return module_class(config_class(**config), in_channels)
 
 
-def seeded_module(build, seed: int) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def seeded_module(build: Callable[[], M], seed: int) -> M:
     """Build a module with its parameters initialised from ``seed``, leaving the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
+from sslkd.evaluation import summary_stats
+
 Runs = list[dict[str, Any]]
-
-
-def summary_stats(values: list[float]) -> dict[str, float | int]:
-    """mean, sample std (0 for one value) and count of ``values``."""
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
 
 
 def summarise(runs_by_method: dict[str, Runs]) -> dict[str, dict[str, dict[str, float | int]]]:

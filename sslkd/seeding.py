@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import numpy as np
 import torch
 
@@ -14,3 +16,46 @@ def derive_seed(*keys: int) -> int:
 
 def generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+# The named streams: the key after a stage's seed (and, where one is, the index of a run) that tells its
+# random streams apart. The numbers are those the artifacts were made with: changing one changes results.
+# Streams with no key of their own: data's split (``torch.Generator().manual_seed(split_seed)``), init's
+# random subset (``generator(init.seed)``), distillation (``generator(distill seed)``) and each expert's
+# initialisation (``derive_seed(experts.seed, expert index)``).
+
+
+class TeacherStream(IntEnum):
+    """``derive_seed(teacher.seed, stream)``."""
+
+    ENCODER_INIT = 0
+    PROJECTOR_INIT = 1
+    TRAINING = 2  # augmentations and batches of SSL training
+    PROBE_LABELS = 3  # with the label draw and the fraction's index: the teacher probe's labelled subsets
+
+
+class ExpertStream(IntEnum):
+    """``generator(experts.seed, expert index, stream)``."""
+
+    TRAINING = 1  # augmentations and batches of the expert's training
+
+
+class EvaluateStream(IntEnum):
+    """``derive_seed(eval seed, stream[, index])``."""
+
+    ENCODER_INIT = 0
+    PRETRAINING = 1  # batches of KD pre-training
+    LABELLED_SUBSET = 2  # with the label fraction's index: the probe's labelled subset
+    RANDOM_SUBSET = 3  # the random baseline's pre-training subset
+
+
+class VarianceStream(IntEnum):
+    """``derive_seed(variance.seed, stream[, run or expert index])``."""
+
+    STUDENT_INIT = 0  # the student every gradient, dispersion run and matching starts from
+    GRADIENT_BATCHES = 1
+    DISPERSION_RUN = 2  # with the run's index
+    MATCHING_EXPERT_INIT = 3  # with the expert's index
+    START_SUBSET = 4  # the images matching starts from
+    MATCHING_EXPERT_TRAINING = 5  # with the expert's index
+    MATCHING = 6

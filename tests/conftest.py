@@ -7,13 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# No per-example deadline: on a shared 2-core machine an example's time says nothing about the code
+# (a loaded machine made the loss properties "fail" at 255 ms against hypothesis's 200 ms default).
+settings.register_profile("sslkd", deadline=None)
+settings.load_profile("sslkd")
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("SSLKD_TRACKING", "off")  # tests/test_tracking.py switches it on where it tests it
 os.environ.setdefault("SSLKD_UPLOADER_IDLE_SECONDS", "2")
-os.environ.setdefault("SSLKD_DEVICE", "cpu")  # the bit-for-bit checks hold on the CPU (sslkd/devices.py)  # tests' tracking uploaders exit soon after their work
+os.environ.setdefault("SSLKD_DEVICE", "cpu")  # the bit-for-bit checks hold on the CPU (sslkd/infra/devices.py)  # tests' tracking uploaders exit soon after their work
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,10 +88,20 @@ def copy_study(root: Path) -> Path:
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy(source, root / name)
-    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
+    (root / "gin" / "settings" / "tiny.gin").write_text(flat_tiny_setting())
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("setting: digits", "setting: tiny"))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     for command in (["git", "init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "study"]):
         subprocess.run(command, cwd=root, check=True, capture_output=True)
     return root
+
+
+def flat_tiny_setting() -> str:
+    """tests/configs/tiny.gin with its include of the digits setting replaced by that file's text: a DVC
+    stage depends on its own setting file and the include folders only (tests/test_stage_deps.py)."""
+    tiny = (REPO / "tests" / "configs" / "tiny.gin").read_text()
+    digits = (REPO / "gin" / "settings" / "digits.gin").read_text()
+    flat = tiny.replace("include 'settings/digits.gin'\n", digits + "\n")
+    assert flat != tiny, "tests/configs/tiny.gin no longer includes settings/digits.gin"
+    return flat

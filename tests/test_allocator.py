@@ -1,4 +1,4 @@
-"""The stage processes' allocator setting (sslkd/allocator.py): the choice and its checks, that it keeps
+"""The stage processes' allocator setting (sslkd/infra/allocator.py): the choice and its checks, that it keeps
 freed memory where glibc would give it back, that it leaves a tuned environment alone, and that it does
 not change what is computed."""
 
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from sslkd import allocator
 from sslkd.errors import SslkdError
+from sslkd.infra import allocator
 
 from conftest import REPO
 
@@ -22,7 +22,7 @@ glibc_only = pytest.mark.skipif(allocator._glibc() is None, reason="mallopt is g
 # whether it was set and the RSS (MiB) before, with the tensor, and after it is freed.
 RSS_PROBE = """
 import json, torch
-from sslkd import allocator
+from sslkd.infra import allocator
 def rss():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
@@ -38,7 +38,7 @@ print(json.dumps({"kept": kept, "before": before, "held": held, "after": rss()})
 # width 32, 32×32: 32 MiB activations); prints the sha256 of each run's final parameters.
 TRAINING_PROBE = """
 import hashlib, torch
-from sslkd import allocator
+from sslkd.infra import allocator
 from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ConvNetConfig, ParameterLayout

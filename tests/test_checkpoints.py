@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_distill import config as distill_config
 
 from sslkd.augmentations import AugmentConfig
 from sslkd.checkpoints import NO_CHECKPOINTS, CheckpointPolicy, RunCheckpoints, run_key
@@ -15,7 +16,6 @@ from sslkd.models import ConvNetConfig, ResNet18, ResNetConfig, seeded_module
 from sslkd.teacher import SSLConfig, projector, train_ssl
 
 from conftest import make_tiny_problem
-from test_distill import config as distill_config
 
 
 class Stop(Exception):

@@ -10,15 +10,16 @@ import os
 import re
 import shutil
 import stat
-import sys
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from sslkd.config import STAGES
+
+from conftest import REPO
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 

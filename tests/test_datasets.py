@@ -9,8 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sslkd.datasets import (DataConfig, Normalisation, StudentInputConfig, ZCAWhitening, class_balanced_split,
-                            load_dataset)
+from sslkd.datasets import (
+    DataConfig,
+    Normalisation,
+    StudentInputConfig,
+    ZCAWhitening,
+    class_balanced_split,
+    load_dataset,
+)
 from sslkd.errors import SslkdError
 
 
@@ -81,8 +87,9 @@ def test_missing_cifar_says_where_it_looked_and_how_to_provide_it(tmp_path):
 
 def test_failed_download_is_reported_in_one_line(tmp_path, monkeypatch):
     """The real download path, with the network replaced by a failure (these machines are offline)."""
-    import torchvision.datasets.utils as utils
     from urllib.error import URLError
+
+    import torchvision.datasets.utils as utils
 
     def offline(*args, **kwargs):
         raise URLError("no route to host")

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from sslkd import devices
 from sslkd.artifacts import on_cpu, save_artifact, sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
+from sslkd.infra import devices
 
 from conftest import make_workspace
 

@@ -12,6 +12,7 @@ from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
 from sslkd.losses import kd_mse_loss
 from sslkd.unroll import unroll_sgd
+
 from conftest import make_tiny_problem
 
 

@@ -7,8 +7,15 @@ import torch
 
 from sslkd.datasets import Normalisation, class_balanced_split, load_digits_images
 from sslkd.errors import SslkdError
-from sslkd.evaluation import (PretrainConfig, ProbeConfig, labelled_subset, linear_probe_accuracy, pretrain_kd, probe_gain,
-                              trunk_features)
+from sslkd.evaluation import (
+    PretrainConfig,
+    ProbeConfig,
+    labelled_subset,
+    linear_probe_accuracy,
+    pretrain_kd,
+    probe_gain,
+    trunk_features,
+)
 from sslkd.experts import build_student
 from sslkd.models import ConvNetConfig
 

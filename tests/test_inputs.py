@@ -69,9 +69,9 @@ def run_stage(workspace, *argv: str) -> int:
 def test_zca_students_record_their_space_and_refuse_artifacts_of_another(tiny_study, tmp_path, capsys):
     """With ZCA on, experts, distill and evaluate run on whitened images and record it; a stage whose
     input was made in the other space stops with a one-line error and writes nothing."""
+    from sslkd import config
     from sslkd.artifacts import load_artifact
     from sslkd.stages.inputs import student_data, training_data
-    from sslkd import config
 
     workspace = clone_study(tiny_study, tmp_path, ("data", "teacher", "represent"))
     for stage in ("experts", "init", "distill"):

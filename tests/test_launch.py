@@ -14,8 +14,8 @@ from sslkd import config
 from sslkd.artifacts import code_version
 from sslkd.cli import main
 from sslkd.errors import SslkdError
-from sslkd.launch import snapshot_code, stage_resources
-from sslkd.launchers import chosen_launcher
+from sslkd.infra.launch import snapshot_code, stage_resources
+from sslkd.infra.launchers import chosen_launcher
 
 from conftest import REPO, clone_study
 

@@ -7,7 +7,7 @@ import math
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 
 from sslkd.losses import barlow_twins_loss, kd_mse_loss, per_example_kd_loss, simclr_loss, trajectory_matching_loss
 
@@ -98,7 +98,49 @@ def test_barlow_twins_changes_when_one_dimension_flips_sign(seed):
 def test_simclr_prefers_matching_views(seed):
     z = randn(seed, 16, 8)
     assert simclr_loss(z, z + 0.01 * randn(seed + 1, 16, 8)) < simclr_loss(z, randn(seed + 2, 16, 8))
-    assert torch.isclose(simclr_loss(z, randn(seed + 3, 16, 8)), simclr_loss(z, randn(seed + 3, 16, 8)))
+
+
+@given(seeds, st.integers(2, 12), st.floats(0.1, 10.0))
+def test_simclr_is_symmetric_in_the_views_and_ignores_each_projection_s_length_and_the_batch_order(seed, batch, scale):
+    z1, z2 = randn(seed, batch, 6), randn(seed + 1, batch, 6)
+    base = simclr_loss(z1, z2)
+    assert torch.isclose(simclr_loss(z2, z1), base, rtol=1e-9)
+    lengths = randn(seed + 2, batch, 1).abs() + 0.1
+    assert torch.isclose(simclr_loss(scale * lengths * z1, z2), base, rtol=1e-9)
+    order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed))
+    assert torch.isclose(simclr_loss(z1[order], z2[order]), base, rtol=1e-9)
+    if batch > 2:  # pairing the views wrongly changes it (the invariances are not vacuous)
+        assert not torch.isclose(simclr_loss(z1, torch.roll(z2, 1, dims=0)), base, rtol=1e-6)
+
+
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
+    """NT-Xent written out: the 2B views v_1..v_2B (v_i and v_{i+B} are the two views of image i), cosine
+    similarities s_ij; each view's loss is -log(exp(s_ip/τ) / sum_{k != i} exp(s_ik/τ)) with p its partner;
+    the loss is their average."""
+    views = [v for v in z1] + [v for v in z2]
+    count, batch = len(views), len(z1)
+    total = 0.0
+    for i in range(count):
+        partner = (i + batch) % count
+        similarity = [float(views[i] @ views[k] / (views[i].norm() * views[k].norm())) for k in range(count)]
+        denominator = sum(math.exp(similarity[k] / temperature) for k in range(count) if k != i)
+        total += -math.log(math.exp(similarity[partner] / temperature) / denominator)
+    return total / count
+
+
+@given(seeds, st.integers(1, 6), st.integers(1, 5), st.floats(0.05, 2.0))
+def test_simclr_equals_the_nt_xent_formula(seed, batch, dim, temperature):
+    z1, z2 = randn(seed, batch, dim), randn(seed + 1, batch, dim)
+    assert simclr_loss(z1, z2, temperature).item() == pytest.approx(nt_xent_reference(z1, z2, temperature), rel=1e-9)
+
+
+def test_simclr_of_a_hand_computed_case():
+    """B = 1, orthogonal views: the only other view is the partner, so the loss is -log 1 = 0 whatever τ;
+    B = 2 with views (1,0),(0,1) | (1,0),(0,1) at τ = 1: each view's partner has similarity 1, the two
+    others 0 and 0, so the loss is -log(e / (e + 2))."""
+    assert simclr_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 0.3).item() == pytest.approx(0.0, abs=1e-7)
+    views = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert simclr_loss(views, views.clone(), 1.0).item() == pytest.approx(-math.log(math.e / (math.e + 2)), rel=1e-12)
 
 
 @given(seeds, st.integers(1, 50))

@@ -41,11 +41,20 @@ def test_repro_runs_every_stage_and_writes_the_summary(repro):
     methods = {"mkdt", "random", "high_loss", "no_pretrain", "full_data"}
     assert set(summary) == methods | {"mkdt - random", "mkdt - high_loss", "mkdt - no_pretrain", "full_data - random",
                                       "full_data - no_pretrain"}
-    for rows in summary.values():
+    accuracies = {method: [run["accuracy"] for run in json.loads(
+        (root / "artifacts" / "evaluate" / f"{method}.json").read_text())["runs"] if run["horizon"] == "equal_steps"] for method in methods}
+    for name, rows in summary.items():
         assert set(rows) == {"0.05", "0.5"}
-        for cell in rows.values():
-            assert set(cell) == {"mean", "std", "n"} and cell["n"] == 3 and -100 <= cell["mean"] <= 100
-    assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 1
+        for fraction, cell in rows.items():
+            assert set(cell) == {"mean", "std", "n"} and cell["n"] == 3 and cell["std"] >= 0
+            if name in methods:  # the mean of the method's 3 evaluation runs, each an accuracy in percent
+                values = [accuracy[fraction] for accuracy in accuracies[name]]
+                assert all(0 <= value <= 100 for value in values)
+                assert cell["mean"] == pytest.approx(sum(values) / 3)
+            else:  # one distilled set, 3 evaluation seeds: the paired differences' mean is that of the means
+                method, baseline = name.split(" - ")
+                assert cell["mean"] == pytest.approx(summary[method][fraction]["mean"] - summary[baseline][fraction]["mean"])
+    assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 2  # one table per horizon
     sidecar = json.loads((root / "artifacts" / "distill" / "synthetic_seed0.pt.meta.json").read_text())
     assert {"operative_config", "inputs", "shapes", "code_version", "sha256"} <= set(sidecar)
     assert sidecar["shapes"]["images"]["shape"] == [20, 1, 8, 8]
@@ -68,3 +77,24 @@ def test_the_variance_study_runs_on_its_own_from_the_pipeline_artifacts(repro):
     results = json.loads((root / "results" / "variance.json").read_text())
     assert {"grad_variance_ratio", "dispersion_ratio", "final_matching_loss"} <= set(results)
     assert ran(sh(root, "dvc", "repro", "studies/variance/dvc.yaml")) == set()
+
+
+def changed_stages(root: Path) -> set[str]:
+    return set(json.loads(sh(root, "dvc", "status", "--json")))
+
+
+def test_editing_tracking_code_changes_no_stage_but_editing_method_code_does(repro):
+    """Per-stage deps (tests/test_stage_deps.py): a comment appended to the tracking module leaves every
+    stage unchanged; one appended to the unrolled matching's module changes exactly the stages running it."""
+    root, _ = repro
+    sh(root, "dvc", "repro")
+    sh(root, "dvc", "repro", "studies/variance/dvc.yaml")
+    assert changed_stages(root) == set()
+    for module, expected in (("infra/tracking.py", set()), ("unroll.py", {"distill", "studies/variance/dvc.yaml:variance"})):
+        path = root / "sslkd" / module
+        original = path.read_text()
+        path.write_text(original + "# an edit\n")
+        try:
+            assert changed_stages(root) == expected, module
+        finally:
+            path.write_text(original)

@@ -1,4 +1,4 @@
-"""Experiment tracking (sslkd/tracking.py): where runs go, failing fast, and run status and resumption
+"""Experiment tracking (sslkd/infra/tracking.py): where runs go, failing fast, and run status and resumption
 on the embedded SQLite store. tests/test_tracking_server.py runs the pipeline against a real server."""
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sslkd import tracking, tracking_upload
 from sslkd.cli import main
 from sslkd.errors import SslkdError
+from sslkd.infra import tracking, tracking_upload
 
 from conftest import make_workspace
-
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,12 +18,12 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from test_tracking import free_port
 
-from sslkd import tracking
 from sslkd.cli import main
+from sslkd.infra import tracking
 
 from conftest import make_workspace
-from test_tracking import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from sslkd.errors import SslkdError
 from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps, train_kd
 from sslkd.losses import kd_mse_loss
 from sslkd.models import ConvNetConfig, ParameterLayout, instance_norm, write_out_instance_norms
-from sslkd.errors import SslkdError
 from sslkd.unroll import SNAPSHOTS, match_trajectory, segment_lengths
 
 

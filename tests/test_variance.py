@@ -15,6 +15,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
+from test_cli import run, workspace  # noqa: F401  (the CLI workspace fixture)
 from torch import nn
 
 from sslkd.augmentations import AugmentConfig
@@ -24,11 +25,15 @@ from sslkd.experts import ExpertsConfig, build_student
 from sslkd.models import ConvNetConfig
 from sslkd.teacher import SSLConfig
 from sslkd.variance import (
-    full_kd_gradient, kd_gradient, parameter_dispersion, relative_dispersion, relative_variance,
-    sample_minibatches, ssl_gradient, train_runs,
+    full_kd_gradient,
+    kd_gradient,
+    parameter_dispersion,
+    relative_dispersion,
+    relative_variance,
+    sample_minibatches,
+    ssl_gradient,
+    train_runs,
 )
-
-from test_cli import run, workspace  # noqa: F401  (the CLI workspace fixture)
 
 seeds = st.integers(0, 2**31 - 1)
 

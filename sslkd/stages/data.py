@@ -7,10 +7,11 @@ import dataclasses
 from sslkd import config
 from sslkd.artifacts import save_artifact
 from sslkd.datasets import Normalisation, check_dataset, load_dataset
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     data_config = config.build("data")
     dataset = load_dataset(data_config)
     check_dataset(dataset, f"{data_config.dataset} {data_config.root}".strip())

@@ -7,21 +7,24 @@ import logging
 
 import torch
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import load_artifact, save_artifact
-from sslkd.checkpoints import CheckpointPolicy, run_checkpoints
-from sslkd.devices import stage_device
+from sslkd.checkpoints import run_checkpoints
 from sslkd.distill import distill
+from sslkd.infra import tracking
+from sslkd.infra.devices import stage_device
 from sslkd.plots import plot_distillation_curve, plot_synthetic_set
 from sslkd.seeding import generator
 from sslkd.stages.inputs import expert_trajectories, representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
-def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
-    """``checkpoints``: save each seed's state periodically and resume from it (jobs of a launcher)."""
+def main(workspace: Workspace, options: StageOptions) -> None:
+    """``options.checkpoints``: save each seed's state periodically and resume from it (jobs of a launcher)."""
+    checkpoints = options.checkpoints
     distill_config = config.build("distill")
     device = stage_device()
     data = student_data(workspace)

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from sslkd import config, tracking
+from sslkd import config
+from sslkd.infra import tracking
 from sslkd.artifacts import load_artifact, save_json_artifact
-from sslkd.devices import stage_device
+from sslkd.infra.devices import stage_device
 from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd, probe_at_fractions
@@ -30,10 +31,11 @@ from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.report import summarise
-from sslkd.seeding import derive_seed, generator
+from sslkd.seeding import EvaluateStream, derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stage_configs import METHODS, EvaluateConfig
 from sslkd.stages.inputs import TrainingData, check_input_space, representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, ta
         return [PretrainingSet(images, targets, baseline_lr)], {}
     if method in ("random", "high_loss"):
         high_loss = load_artifact(workspace.init_indices, "init", produced_by="init")["high_loss_indices"]
-        indices = high_loss if method == "high_loss" else random_indices(len(images), len(high_loss), generator(eval_seed, 3))
+        indices = high_loss if method == "high_loss" else random_indices(len(images), len(high_loss), generator(eval_seed, EvaluateStream.RANDOM_SUBSET))
         return [PretrainingSet(images[indices], targets[indices], baseline_lr)], {"init": workspace.init_indices}
     paths = sorted(workspace.distill_dir.glob("synthetic_seed*.pt"))
     if not paths:
@@ -92,20 +94,20 @@ def evaluate_set(pretraining_set: PretrainingSet | None, eval_seed: int, horizon
                  pool: torch.Tensor, out_dim: int, evaluate_config: EvaluateConfig, device: torch.device,
                  steps: KDSteps | None) -> tuple[dict[str, Any], KDSteps | None]:
     """Pre-train a fresh encoder on one set at one horizon, probe it; returns the run's record."""
-    student = build_student(evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, 0)).to(device)
+    student = build_student(evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, EvaluateStream.ENCODER_INIT)).to(device)
     pretrain_config = evaluate_config.pretrain.at_horizon(horizon)
     losses: list[float] = []
     if pretraining_set is not None:
         steps = steps or KDSteps(student, ParameterLayout.of(student), compile=pretrain_config.compile,
                                  precision=pretrain_config.precision)
         losses = pretrain_kd(student, pretraining_set.images.to(device), pretraining_set.targets.to(device),
-                             pretraining_set.lr, pretrain_config, generator(eval_seed, 1), steps)
+                             pretraining_set.lr, pretrain_config, generator(eval_seed, EvaluateStream.PRETRAINING), steps)
         distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
         for epoch, loss in enumerate(losses, start=1):
             tracking.log_metric(f"pretrain_loss/{horizon}/eval_seed_{eval_seed}{distilled}", loss, epoch)
     accuracy = probe_at_fractions(
         student, pool, data.pool_labels, data.test_images.to(device), data.test_labels, evaluate_config.probe,
-        lambda fraction_index: generator(eval_seed, 2, fraction_index),
+        lambda fraction_index: generator(eval_seed, EvaluateStream.LABELLED_SUBSET, fraction_index),
     )
     return {
         "eval_seed": eval_seed,
@@ -119,7 +121,8 @@ def evaluate_set(pretraining_set: PretrainingSet | None, eval_seed: int, horizon
     }, steps
 
 
-def main(workspace: Workspace, method: str) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
+    method = options.method
     if method not in METHODS:
         raise SslkdError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     evaluate_config = config.build("evaluate")

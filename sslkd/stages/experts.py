@@ -17,15 +17,17 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
-from sslkd.devices import stage_device
 from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_expert
+from sslkd.infra import tracking
+from sslkd.infra.devices import stage_device
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
-from sslkd.seeding import generator
+from sslkd.seeding import ExpertStream, generator
 from sslkd.stages.inputs import TrainingData, representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def expert(run: ExpertsRun, index: int) -> dict:
         run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile,
                             precision=run.config.precision)
     snapshots, epoch_losses = train_expert(
-        student, run.data.images, run.targets, run.config, generator(run.config.seed, index, 1),
+        student, run.data.images, run.targets, run.config, generator(run.config.seed, index, ExpertStream.TRAINING),
         run.data.space, run.steps, resume=run.checkpoints.load(state_name),
         on_checkpoint=run.checkpoints.saver(state_name),
     )
@@ -95,9 +97,9 @@ def train_parts(workspace: Workspace, indices: Sequence[int], checkpoints: Check
         expert(run, index)
 
 
-def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     """All experts (merging finished parts when checkpointing) -> the trajectories artifact."""
-    run = prepare(workspace, checkpoints, stage_device())
+    run = prepare(workspace, options.checkpoints, stage_device())
     experts_config = run.config
     parts = [expert(run, index) for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None)]
     layout = ParameterLayout.of(build_student(experts_config.student, run.data.image_shape, run.targets.shape[1], 0))

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.devices import stage_device
+from sslkd.infra.devices import stage_device
 from sslkd.seeding import generator
 from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
 from sslkd.stages.inputs import expert_trajectories, representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     init_config = config.build("init")
     data = student_data(workspace)
     targets = representations(workspace, data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ class TrainingData:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        return cast("tuple[int, int, int]", tuple(self.images.shape[1:]))
 
     def pool_pixels(self) -> torch.Tensor:
         """The pool as float32 pixels in [0, 1]: [P, C, H, W]."""

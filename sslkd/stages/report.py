@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import (atomic_write, load_json_artifact, sidecar_path, write_json_atomic,
                              write_text_atomic)
+from sslkd.infra import tracking
 from sslkd.plots import pyplot
 from sslkd.report import markdown_table, paired_differences, summarise
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def teacher_section(metadata: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     report_config = config.build("report")
     evaluations = {
         method: load_json_artifact(workspace.evaluation(method), "evaluation", produced_by=f"evaluate --method {method}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.devices import stage_device
+from sslkd.infra.devices import stage_device
 from sslkd.stages.inputs import teacher_encoder, training_data
+from sslkd.stages.options import StageOptions
 from sslkd.teacher import representations
 from sslkd.workspace import Workspace
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     represent_config = config.build("represent")
     data = training_data(workspace)
     encoder = teacher_encoder(workspace, data)

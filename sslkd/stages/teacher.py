@@ -11,14 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import save_artifact
-from sslkd.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
-from sslkd.devices import stage_device
+from sslkd.checkpoints import RunCheckpoints, run_checkpoints
 from sslkd.evaluation import probe_gain, probe_runs
+from sslkd.infra import tracking
+from sslkd.infra.devices import stage_device
 from sslkd.models import build_teacher_encoder, seeded_module, teacher_architecture
-from sslkd.seeding import derive_seed, generator
+from sslkd.seeding import TeacherStream, derive_seed, generator
 from sslkd.stages.inputs import TrainingData, training_data
+from sslkd.stages.options import StageOptions
 from sslkd.teacher import TeacherConfig, import_encoder_state, projector, representations, train_ssl
 from sslkd.workspace import Workspace
 
@@ -29,7 +31,7 @@ PROBE_SEEDS = (0, 1, 2)  # label draws of the teacher's probe (seed streams of t
 
 def probe_seeds(teacher_config: TeacherConfig) -> list:
     """The label draws of the teacher's probe (seed streams of their own), the same at every probe."""
-    return [lambda index, seed=seed: generator(teacher_config.seed, 3, seed, index) for seed in PROBE_SEEDS]
+    return [lambda index, seed=seed: generator(teacher_config.seed, TeacherStream.PROBE_LABELS, seed, index) for seed in PROBE_SEEDS]
 
 
 def encoder_probe_runs(encoder: nn.Module, data: TrainingData, teacher_config: TeacherConfig,
@@ -49,8 +51,9 @@ def log_probe(probe: dict[str, Any], step: int) -> None:
         f"{probe['untrained'][key]['mean']:.1f}, gain {probe['gain'][key]['mean']:+.1f})" for key in probe["gain"]))
 
 
-def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> None:
-    """``checkpoints``: save the training state periodically and resume from it (jobs of a launcher)."""
+def main(workspace: Workspace, options: StageOptions) -> None:
+    """``options.checkpoints``: save the training state periodically and resume from it (jobs of a launcher)."""
+    checkpoints = options.checkpoints
     teacher_config = config.build("teacher")
     device = stage_device()
     data = training_data(workspace)
@@ -58,7 +61,7 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
     architecture = teacher_architecture(teacher_config.encoder)
     encoder_fields = dataclasses.asdict(teacher_config.encoder)
     encoder = seeded_module(lambda: build_teacher_encoder(architecture, encoder_fields, channels),
-                            derive_seed(teacher_config.seed, 0)).to(device)
+                            derive_seed(teacher_config.seed, TeacherStream.ENCODER_INIT)).to(device)
     untrained = encoder_probe_runs(encoder, data, teacher_config, device)
     inputs = {"dataset": workspace.dataset}
     run = run_checkpoints(checkpoints, "teacher", teacher_config, [workspace.dataset])
@@ -96,7 +99,7 @@ def train(encoder: nn.Module, data: TrainingData, teacher_config: TeacherConfig,
     """SSL training of ``encoder`` on the pool, probing it after each of probe_epochs; returns the
     epoch losses and the probe history [{"epoch", "steps", "probe"}] (kept in the resumable state)."""
     head = seeded_module(lambda: projector(encoder.representation_dim, teacher_config.ssl.projector_dim),
-                         derive_seed(teacher_config.seed, 1)).to(device)
+                         derive_seed(teacher_config.seed, TeacherStream.PROJECTOR_INIT)).to(device)
     pixels = data.pool_pixels().to(device)
     steps_per_epoch = max(1, len(pixels) // teacher_config.ssl.batch_size)
     resume = run.load("training")
@@ -112,6 +115,6 @@ def train(encoder: nn.Module, data: TrainingData, teacher_config: TeacherConfig,
             encoder.train()
 
     on_checkpoint = None if save is None else (lambda state: save({**state, "probe_history": list(history)}))
-    losses = train_ssl(encoder, head, pixels, data.space.apply, teacher_config.ssl, generator(teacher_config.seed, 2),
+    losses = train_ssl(encoder, head, pixels, data.space.apply, teacher_config.ssl, generator(teacher_config.seed, TeacherStream.TRAINING),
                        resume=resume, on_checkpoint=on_checkpoint, on_epoch=on_epoch)
     return losses, history

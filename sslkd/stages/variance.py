@@ -15,18 +15,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sslkd import config, tracking
+from sslkd import config
 from sslkd.artifacts import atomic_write, save_json_artifact
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
+from sslkd.infra import tracking
 from sslkd.models import ConvNet
 from sslkd.plots import pyplot
-from sslkd.seeding import derive_seed, generator
+from sslkd.seeding import VarianceStream, derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, student_data
+from sslkd.stages.options import StageOptions
 from sslkd.variance import (
-    GradientVariance, VarianceConfig, matching_losses, measure_gradient_variance, parameter_dispersion,
-    relative_dispersion, tail_mean, train_runs,
+    GradientVariance,
+    VarianceConfig,
+    matching_losses,
+    measure_gradient_variance,
+    parameter_dispersion,
+    relative_dispersion,
+    tail_mean,
+    train_runs,
 )
 from sslkd.workspace import Workspace
 
@@ -43,28 +51,31 @@ def stopwatch(seconds: dict, part: str) -> Iterator[None]:
     seconds[part] = {"wall": round(time.perf_counter() - wall, 1), "cpu": round(time.process_time() - cpu, 1)}
 
 
-def main(workspace: Workspace) -> None:
+def main(workspace: Workspace, options: StageOptions) -> None:
     variance_config = config.build("variance")
     data = student_data(workspace)
     targets = representations(workspace, data)
     if variance_config.measured_batch_sizes[-1] > len(data.images):
         raise SslkdError(f"variance batch sizes go up to {variance_config.measured_batch_sizes[-1]}, "
                          f"the training set has {len(data.images)} images: lower variance.batch_sizes")
-    seed, seconds, runs, matching = variance_config.seed, {}, {}, {}
+    seed = variance_config.seed
+    seconds: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict] = {}
+    matching: dict[str, dict] = {}
 
     def make_student(init_seed: int) -> ConvNet:
         return build_student(variance_config.experts.student, data.image_shape, targets.shape[1], init_seed)
 
-    init_seed = derive_seed(seed, 0)
+    init_seed = derive_seed(seed, VarianceStream.STUDENT_INIT)
     with stopwatch(seconds, "gradient_variance"):
         gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.space,
-                                              variance_config, generator(seed, 1))
-    start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, 4))
+                                              variance_config, generator(seed, VarianceStream.GRADIENT_BATCHES))
+    start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, VarianceStream.START_SUBSET))
     for kind, objective in {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}.items():
         with stopwatch(seconds, f"dispersion_{kind}"):
             snapshots, losses = train_runs(
                 make_student, [init_seed] * variance_config.runs,
-                [generator(seed, 2, r) for r in range(variance_config.runs)],
+                [generator(seed, VarianceStream.DISPERSION_RUN, r) for r in range(variance_config.runs)],
                 data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.space,
             )
             runs[kind] = {"absolute": parameter_dispersion(snapshots).tolist(),
@@ -72,11 +83,11 @@ def main(workspace: Workspace) -> None:
         with stopwatch(seconds, f"matching_{kind}"):
             count = variance_config.matching_experts
             experts, _ = train_runs(
-                make_student, [derive_seed(seed, 3, k) for k in range(count)], [generator(seed, 5, k) for k in range(count)],
+                make_student, [derive_seed(seed, VarianceStream.MATCHING_EXPERT_INIT, k) for k in range(count)], [generator(seed, VarianceStream.MATCHING_EXPERT_TRAINING, k) for k in range(count)],
                 data.images, targets, variance_config.trajectories(objective, count), data.space,
             )
             matching[kind] = matching_losses(make_student(init_seed), experts, data.images[start_indices],
-                                             targets[start_indices], variance_config, generator(seed, 6))
+                                             targets[start_indices], variance_config, generator(seed, VarianceStream.MATCHING))
         log.info("%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f", kind, objective,
                  ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["initial"], matching[kind]["final"])
 
@@ -84,6 +95,11 @@ def main(workspace: Workspace) -> None:
     log.info("SSL/KD: gradient variance %.3g, dispersion %.3g; final matching loss kd %.4f, ssl %.4f",
              results["grad_variance_ratio"], results["dispersion_ratio"],
              results["final_matching_loss"]["kd"], results["final_matching_loss"]["ssl"])
+    write_results(workspace, results, seconds, matching)
+
+
+def write_results(workspace: Workspace, results: dict, seconds: dict, matching: dict) -> None:
+    """results/variance.json (with the parts' timings) and its plots, then the same to tracking."""
     plot(results, workspace.results)
     save_json_artifact(
         workspace.results / "variance.json", "variance", results,
@@ -95,8 +111,8 @@ def main(workspace: Workspace) -> None:
                           "dispersion_ratio": results["dispersion_ratio"],
                           "final_matching_loss_kd": results["final_matching_loss"]["kd"],
                           "final_matching_loss_ssl": results["final_matching_loss"]["ssl"]}, 0)
-    for kind, losses in matching.items():
-        for iteration, loss in enumerate(losses["losses"]):
+    for kind, result in matching.items():
+        for iteration, loss in enumerate(result["losses"]):
             tracking.log_metric(f"matching_loss/{kind}_experts", loss, iteration)
     tracking.log_artifact(workspace.results / "variance.json")
     for name in PLOTS:

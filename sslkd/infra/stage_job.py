@@ -8,7 +8,6 @@ stages checkpoint under ``jobs/<stage>/state/`` and resume from there after a re
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -18,8 +17,11 @@ from pathlib import Path
 import submitit
 
 import sslkd
-from sslkd import allocator, config, devices
+from sslkd import config
 from sslkd.checkpoints import CheckpointPolicy
+from sslkd.infra import allocator, devices
+from sslkd.infra.registry import run_stage_main
+from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class StageRequest:
     bindings: tuple[str, ...]
     workdir: Path
     cwd: Path
-    device: str = "auto"  # sslkd.devices: resolved on the node that runs the job
+    device: str = "auto"  # sslkd.infra.devices: resolved on the node that runs the job
 
     def parse_config(self) -> None:
         params = config.read_params(self.params)
@@ -72,15 +74,13 @@ class StageJob(submitit.helpers.Checkpointable):
         request.parse_config()
         workspace = Workspace(request.workdir)
         policy = CheckpointPolicy(workspace.job_state(request.stage), self.checkpoint_interval_s)
-        module = importlib.import_module(f"sslkd.stages.{request.stage}")
         if self.experts is not None:
-            module.train_parts(workspace, self.experts, policy)
-        elif request.stage == "evaluate":
-            module.main(workspace, request.method)
-        elif request.stage in RESUMABLE_STAGES:
-            module.main(workspace, policy)
+            from sslkd.stages.experts import train_parts
+
+            train_parts(workspace, self.experts, policy)
         else:
-            module.main(workspace)
+            checkpoints = policy if request.stage in RESUMABLE_STAGES else None
+            run_stage_main(request.stage, workspace, StageOptions(request.method, checkpoints))
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """On SLURM's signal: requeue this same job; it resumes from the last checkpoint on disk.

@@ -14,7 +14,7 @@ overrides it). A stage run again with the same three tags continues its unfinish
 or left running by a killed job) instead of starting another; a finished run is never reopened.
 
 Cost: a stage never imports mlflow. It appends its run's events to a spool in the workspace
-(``.sslkd-tracking/``), and one detached uploader per spool (sslkd/tracking_upload.py) imports mlflow
+(``.sslkd-tracking/``), and one detached uploader per spool (sslkd/infra/tracking_upload.py) imports mlflow
 once and sends them, so a pipeline pays mlflow's import and store set-up once, not once per stage.
 ``sslkd compare`` sends what is still pending before it reads. Only this module's ``compare`` and the
 uploader import mlflow.
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from sslkd import tracking_upload as upload
 from sslkd.errors import SslkdError
+from sslkd.infra import tracking_upload as upload
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def pipeline_id(code_version: str, parsed_config: str) -> str:
 @dataclass
 class StageRun:
     """The run of one stage execution, spooled: events appended to ``<spool>/<entry>/events.jsonl``
-    (files under ``files/``) for the uploader (sslkd/tracking_upload.py), which this process starts when
+    (files under ``files/``) for the uploader (sslkd/infra/tracking_upload.py), which this process starts when
     none is running. Nothing here imports mlflow or waits for a store.
 
     identity: the tags that make a run the same work (pipeline, stage, params hash); tags: the rest.
@@ -233,7 +233,7 @@ def start_uploader(spool: Path) -> None:
     if upload.uploader_running(spool):
         return
     with open(spool / "uploader.log", "a") as uploader_log:
-        subprocess.Popen([sys.executable, "-m", "sslkd.tracking_upload", str(spool)], stdin=subprocess.DEVNULL,
+        subprocess.Popen([sys.executable, "-m", "sslkd.infra.tracking_upload", str(spool)], stdin=subprocess.DEVNULL,
                          stdout=uploader_log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
 
 

@@ -30,10 +30,10 @@ from submitit.core.utils import FailedJobError, pickle_load
 from sslkd import config
 from sslkd.artifacts import CODE_VERSION_STAMP, PACKAGE_DIR, code_version
 from sslkd.checkpoints import CheckpointPolicy
-from sslkd.devices import selected_device
 from sslkd.errors import SslkdError
-from sslkd.launchers import SlurmConfig
-from sslkd.stage_job import StageJob, StageRequest
+from sslkd.infra.devices import selected_device
+from sslkd.infra.launchers import SlurmConfig
+from sslkd.infra.stage_job import StageJob, StageRequest
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)

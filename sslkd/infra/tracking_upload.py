@@ -1,9 +1,9 @@
-"""The uploader: sends the stages' spooled runs (sslkd/tracking.py) to MLflow.
+"""The uploader: sends the stages' spooled runs (sslkd/infra/tracking.py) to MLflow.
 
 A stage never imports mlflow: it appends its run's events (start with tags and params, metrics with
 steps, artifacts, end with the status) to an entry of the spool, ``<workspace>/.sslkd-tracking/``, and
 makes sure an uploader is running. The uploader is one detached process per spool
-(``python -m sslkd.tracking_upload SPOOL``, log in ``SPOOL/uploader.log``): it imports mlflow once,
+(``python -m sslkd.infra.tracking_upload SPOOL``, log in ``SPOOL/uploader.log``): it imports mlflow once,
 streams every entry to its run — a run appears as RUNNING while its stage computes, with its metrics at
 most FLUSH_SECONDS late — ends the run with the entry's status, deletes the entry, and exits after
 IDLE_SECONDS without work. So a `dvc repro` pays mlflow's import and store set-up once instead of once
@@ -240,7 +240,7 @@ def uploader_running(spool: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sslkd.tracking_upload SPOOL``: run as the spool's uploader unless one already is.
+    """``python -m sslkd.infra.tracking_upload SPOOL``: run as the spool's uploader unless one already is.
     ``--drain SPOOL``: send what is pending now, in this process, and return (before a container or a
     job ends and would take a running uploader with it)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if drain:
         argv = argv[1:]
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m sslkd.tracking_upload [--drain] SPOOL\n")
+        sys.stderr.write("usage: python -m sslkd.infra.tracking_upload [--drain] SPOOL\n")
         return 2
     spool = Path(argv[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s: %(message)s")

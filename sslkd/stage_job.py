@@ -18,7 +18,7 @@ from pathlib import Path
 import submitit
 
 import sslkd
-from sslkd import allocator, config, devices
+from sslkd import allocator, config, devices, termination
 from sslkd.checkpoints import CheckpointPolicy
 from sslkd.workspace import Workspace
 
@@ -41,6 +41,7 @@ class StageRequest:
     workdir: Path
     cwd: Path
     device: str = "auto"  # sslkd.devices: resolved on the node that runs the job
+    launcher_pid: int | None = None  # a local job: the sslkd process that waits for it (the job ends with it)
 
     def parse_config(self) -> None:
         params = config.read_params(self.params)
@@ -61,6 +62,9 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> None:
         request = self.request
+        if request.launcher_pid is not None:  # a local job: stop with the sslkd command that launched it
+            termination.handle_termination()
+            termination.exit_with(request.launcher_pid)
         os.chdir(request.cwd)
         devices.select(request.device)
         allocator.keep_freed_memory()

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from sslkd import termination
 from sslkd import tracking_upload as upload
 from sslkd.errors import SslkdError
 
@@ -229,17 +230,13 @@ def upload_pending(destination: Target) -> None:
 _active: StageRun | None = None
 
 
-def _raise_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 @contextlib.contextmanager
 def stage_run(destination: Target | None, stage: str, identity: dict[str, str], tags: dict[str, str],
               operative_config: Callable[[], str]) -> Iterator[StageRun | None]:
     """Record the enclosed stage as one MLflow run (nothing when ``destination`` is None).
 
     The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM (which is turned into
-    SystemExit so that the run is closed); ``operative_config()`` is read at the end.
+    sslkd.termination.Terminated, a SystemExit, so that the run is closed); ``operative_config()`` is read at the end.
     """
     global _active
     if destination is None:
@@ -248,7 +245,7 @@ def stage_run(destination: Target | None, stage: str, identity: dict[str, str], 
     params = flatten_config(operative_config())
     run = StageRun(destination, stage, identity, tags, params).start()
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
+    previous_handler = signal.signal(signal.SIGTERM, termination.raise_terminated) if in_main_thread else None
     _active = run
     status = "FAILED"
     try:

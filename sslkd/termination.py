@@ -10,6 +10,8 @@ write its artifacts behind DVC's back. So every ``sslkd`` process
   killed the parent (SIGTERM, SIGKILL, a crash).
 
 A launcher's job (sslkd/stage_job.py) also watches the process that launched it (:func:`exit_with`).
+A process started with SIGHUP ignored (``nohup sslkd teacher &``) was asked to outlive its terminal: it
+keeps SIGHUP ignored and does not ask for the parent-death signal.
 """
 
 from __future__ import annotations
@@ -45,17 +47,24 @@ def raise_terminated(signum: int, frame) -> None:
     raise Terminated(signum)
 
 
+def nohup() -> bool:
+    """Whether this process was started with SIGHUP ignored (nohup)."""
+    return signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
 def handle_termination() -> None:
-    """Turn SIGTERM and SIGHUP into :class:`Terminated` (main thread only, as Python requires)."""
+    """Turn SIGTERM and SIGHUP (unless ignored: nohup) into :class:`Terminated` (main thread only, as
+    Python requires)."""
     if threading.current_thread() is threading.main_thread():
         for signum in SIGNALS:
-            signal.signal(signum, raise_terminated)
+            if not (signum == signal.SIGHUP and nohup()):
+                signal.signal(signum, raise_terminated)
 
 
 def die_with_parent(signum: int = signal.SIGTERM) -> bool:
     """Have the kernel send ``signum`` to this process when its parent dies; returns whether it could
     (Linux only). A parent that died before the request leaves no signal to come: then exit now."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or nohup():
         return False
     parent = os.getppid()
     try:

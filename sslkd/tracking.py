@@ -164,6 +164,7 @@ class StageRun:
                     artifact_location=self.destination.artifact_location, stage=self.stage,
                     identity=self.identity, tags=self.tags, params=self.params, pid=os.getpid())
         threading.Thread(target=self._heartbeat, name="tracking-heartbeat", daemon=True).start()
+        report_store_error(spool)
         start_uploader(spool)
         return self
 
@@ -209,7 +210,22 @@ class StageRun:
         finally:
             self._stop.set()
             self._events.close()
+        report_store_error(self.entry.parent)
         start_uploader(self.entry.parent)
+
+
+def report_store_error(spool: Path) -> None:
+    """Say once, in one line, that the uploader could not send runs (the first stage to see its note)."""
+    note = spool / upload.STORE_ERROR
+    try:
+        os.rename(note, spool / upload.STORE_ERROR_REPORTED)  # exactly one process wins
+        error = json.loads((spool / upload.STORE_ERROR_REPORTED).read_text())
+    except (OSError, ValueError):
+        return
+    log.warning("tracking: runs do not reach %s (%s); %d wait in %s for the next uploader (fix the store, or "
+                "move a broken mlflow.db aside, then `python -m sslkd.tracking_upload --drain %s`; %s=off "
+                "stops tracking)", error.get("uri"), error.get("error"), len(upload.entries(spool)), spool, spool,
+                SWITCH_ENV)
 
 
 def start_uploader(spool: Path) -> None:
@@ -311,7 +327,18 @@ class Comparison:
 
 def compare(destination: Target, pipeline: str | None = None) -> Comparison:
     """The latest finished evaluate run of each method in ``pipeline`` (default: the pipeline of the
-    most recent evaluate run), read from the tracking store."""
+    most recent evaluate run), read from the tracking store. A store that cannot be read (a broken
+    mlflow.db, a server that refuses) is one SslkdError line."""
+    try:
+        return _compare(destination, pipeline)
+    except SslkdError:
+        raise
+    except Exception as error:
+        raise SslkdError(f"cannot read the tracking store {destination.uri} ({upload.one_line(error)}); a broken "
+                         f"mlflow.db can be moved aside (a new one is created by the next stage)") from None
+
+
+def _compare(destination: Target, pipeline: str | None) -> Comparison:
     upload_pending(destination)
     if destination.uri.startswith("sqlite:///") and not Path(destination.uri.removeprefix("sqlite:///")).is_file():
         raise SslkdError(f"no tracking store {destination.uri.removeprefix('sqlite:///')}: run `dvc repro` first")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,18 +138,26 @@ def test_a_signalled_stage_says_so_in_one_line_and_exits_at_once(long_study, sig
 
 
 @pytest.mark.slow
-def test_a_stage_dies_with_its_parent_even_when_the_parent_is_sigkilled(long_study):
+@pytest.mark.parametrize("nohup", [False, True])
+def test_a_stage_dies_with_its_parent_even_when_the_parent_is_sigkilled(long_study, nohup):
     """A shell that does not exec the stage (``; true``) keeps it as its child; SIGKILL leaves no handler
-    to run in the parent: the kernel's parent-death signal stops the stage."""
+    to run in the parent: the kernel's parent-death signal stops the stage. Unless it was started with
+    SIGHUP ignored (nohup): then it was asked to outlive its parent, and does."""
     log = long_study / "shell.log"
+    script = ("trap '' HUP; " if nohup else "") + "sslkd teacher; true"
     with open(log, "w") as out:
-        shell = subprocess.Popen(["bash", "-c", "sslkd teacher; true"], cwd=long_study, env=environment(long_study),
+        shell = subprocess.Popen(["bash", "-c", script], cwd=long_study, env=environment(long_study),
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     teacher = training_teacher(shell.pid, "sslkd teacher", log)
     try:
         shell.send_signal(signal.SIGKILL)
         shell.wait(timeout=10)
-        wait_for(lambda: not alive(teacher), 10, f"sslkd teacher (pid {teacher}) gone after its shell's SIGKILL", log)
+        if nohup:
+            time.sleep(5)
+            assert alive(teacher), "a nohup'ed stage stopped with its parent"
+        else:
+            wait_for(lambda: not alive(teacher), 10, f"sslkd teacher (pid {teacher}) gone after its shell's SIGKILL",
+                     log)
     finally:
         stop(shell, teacher)
 
@@ -236,3 +245,37 @@ def test_after_a_default_repro_only_the_separate_study_is_not_up_to_date(reprodu
     import json
 
     assert set(json.loads(everything.stdout)) == {"studies/variance/dvc.yaml:variance"}, everything.stdout
+
+
+# Silence: a long stage without a terminal logs its progress at a steady rhythm.
+
+def test_a_stage_without_a_terminal_logs_iteration_loss_rate_and_eta(tiny_study, tmp_path):
+    from conftest import clone_study
+
+    root = clone_study(tiny_study, tmp_path / "study", ("data", "teacher", "represent", "experts", "init"))
+    env = {**environment(root), "SSLKD_PROGRESS_SECONDS": "0.3"}
+    result = subprocess.run(["sslkd", "distill", "--bind", "sslkd.distill.iterations = 60"], cwd=root, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = re.findall(r"sslkd\.progress: distill: (\d+)/60 \(\d+%\) +[\d.]+(?:it/s|s/it), ETA [\d:?]+, "
+                       r"elapsed [\d:]+, loss=[\d.]+", result.stderr)
+    assert len(lines) >= 2 and lines[-1] == "60", result.stderr[-3000:]
+    assert [int(n) for n in lines] == sorted(int(n) for n in lines)
+
+
+def test_progress_lines_come_at_the_period_and_a_short_loop_is_silent(monkeypatch, caplog):
+    from sslkd.progress import track
+
+    monkeypatch.setenv("SSLKD_PROGRESS_SECONDS", "0.2")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    caplog.set_level("INFO", logger="sslkd.progress")
+    for _ in track(range(3), desc="short"):
+        pass
+    assert not caplog.records
+    loop = track(range(12), desc="long")
+    for step in loop:
+        time.sleep(0.05)
+        loop.set_postfix(loss=f"{1 / (step + 1):.3f}")
+    messages = [record.getMessage() for record in caplog.records]
+    assert 2 <= len(messages) <= 6, messages  # ~0.6 s of work at one line per 0.2 s, and the last
+    assert messages[-1].startswith("long: 12/12 (100%)") and "ETA" in messages[-1] and "loss=0.083" in messages[-1]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from sslkd import config, tracking
 from sslkd.artifacts import save_artifact
@@ -24,6 +23,7 @@ from sslkd.devices import stage_device
 from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_expert
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
+from sslkd.progress import track
 from sslkd.seeding import generator
 from sslkd.stages.inputs import TrainingData, representations, student_data
 from sslkd.workspace import Workspace
@@ -99,7 +99,7 @@ def main(workspace: Workspace, checkpoints: CheckpointPolicy | None = None) -> N
     """All experts (merging finished parts when checkpointing) -> the trajectories artifact."""
     run = prepare(workspace, checkpoints, stage_device())
     experts_config = run.config
-    parts = [expert(run, index) for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None)]
+    parts = [expert(run, index) for index in track(range(experts_config.num_experts), desc="experts", leave=True)]
     layout = ParameterLayout.of(build_student(experts_config.student, run.data.image_shape, run.targets.shape[1], 0))
     for index, part in enumerate(parts):
         for epoch, loss in enumerate(part["epoch_losses"], start=1):

@@ -249,18 +249,26 @@ def test_after_a_default_repro_only_the_separate_study_is_not_up_to_date(reprodu
 
 # Silence: a long stage without a terminal logs its progress at a steady rhythm.
 
-def test_a_stage_without_a_terminal_logs_iteration_loss_rate_and_eta(tiny_study, tmp_path):
-    from conftest import clone_study
-
-    root = clone_study(tiny_study, tmp_path / "study", ("data", "teacher", "represent", "experts", "init"))
-    env = {**environment(root), "SSLKD_PROGRESS_SECONDS": "0.3"}
-    result = subprocess.run(["sslkd", "distill", "--bind", "sslkd.distill.iterations = 60"], cwd=root, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = re.findall(r"sslkd\.progress: distill: (\d+)/60 \(\d+%\) +[\d.]+(?:it/s|s/it), ETA [\d:?]+, "
-                       r"elapsed [\d:]+, loss=[\d.]+", result.stderr)
-    assert len(lines) >= 2 and lines[-1] == "60", result.stderr[-3000:]
-    assert [int(n) for n in lines] == sorted(int(n) for n in lines)
+@pytest.mark.slow
+def test_a_stage_without_a_terminal_logs_its_progress_rate_and_eta(long_study):
+    """The teacher (trained until stopped) with stderr to a pipe: progress lines at the period."""
+    env = {**environment(long_study), "SSLKD_PROGRESS_SECONDS": "0.5"}
+    stage = subprocess.Popen(["sslkd", "teacher"], cwd=long_study, env=env, stdin=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pattern = re.compile(r"sslkd\.progress: teacher epochs: (\d+)/100000 \(\d+%\) +[\d.]+(?:it/s|s/it), "
+                         r"ETA [\d:?]+, elapsed [\d:]+")
+    steps: list[int] = []
+    try:
+        deadline = time.monotonic() + 600
+        while len(steps) < 3 and time.monotonic() < deadline:
+            line = stage.stderr.readline()
+            if not line:
+                break
+            if match := pattern.search(line):
+                steps.append(int(match.group(1)))
+    finally:
+        stop(stage)
+    assert len(steps) == 3 and steps == sorted(steps) and steps[0] >= 1, steps
 
 
 def test_progress_lines_come_at_the_period_and_a_short_loop_is_silent(monkeypatch, caplog):
@@ -279,3 +287,23 @@ def test_progress_lines_come_at_the_period_and_a_short_loop_is_silent(monkeypatc
     messages = [record.getMessage() for record in caplog.records]
     assert 2 <= len(messages) <= 6, messages  # ~0.6 s of work at one line per 0.2 s, and the last
     assert messages[-1].startswith("long: 12/12 (100%)") and "ETA" in messages[-1] and "loss=0.083" in messages[-1]
+
+
+def test_check_validates_params_yaml_in_one_line_and_writes_only_when_valid(tmp_path, monkeypatch, capsys):
+    from sslkd.cli import main
+
+    root = make_workspace(tmp_path)
+    monkeypatch.chdir(root)
+    params = root / "params.yaml"
+    good = params.read_text()
+    for bad, error in [(good.replace("setting: tiny", "setting: nope"), "unknown setting 'nope'"),
+                       (good.replace("teacher:\n  seed: 0", "teacher:\n  seed: 0\n  sed: 1"), "sed"),
+                       (good + "distil:\n  seeds: [0]\n", "unknown section 'distil'")]:
+        params.write_text(bad)
+        assert main(["check"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sslkd check: error:") and error in err[0], err
+        assert not (root / "artifacts").exists()
+    params.write_text(good)
+    assert main(["check"]) == 0
+    assert (root / "artifacts" / "check" / "params.txt").read_text() == "setting: tiny\n"

@@ -90,6 +90,8 @@ def client_for(uri: str):
         os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
+    for name in ("mlflow.store.db.utils", "alembic"):  # its store set-up chatter: not a line for the user
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(uri)
 
 
@@ -280,7 +282,8 @@ def serve(spool: Path) -> Uploader:
         elif time.monotonic() - idle_since > IDLE_SECONDS:
             return uploader
         if uploader.gave_up():
-            error = json.loads((spool / STORE_ERROR).read_text()) if (spool / STORE_ERROR).is_file() else {}
+            notes = [spool / name for name in (STORE_ERROR, STORE_ERROR_REPORTED) if (spool / name).is_file()]
+            error = json.loads(notes[0].read_text()) if notes else {}
             log.error("uploader gives up after %.0f s of failures (%s); %d runs wait in %s",
                       GIVE_UP_SECONDS, error.get("error", "see above"), len(entries(spool)), spool)
             return uploader

@@ -148,7 +148,8 @@ def test_a_server_that_refuses_everything_stops_the_uploader_after_a_bound(study
     assert first.returncode == 0, first.stderr[-3000:]  # the stage itself succeeds
     wait_for_the_uploader(spool, 300)
     log = (spool / "uploader.log").read_text()
-    assert log.count("uploader gives up after 3 s of failures") == 1, log[-3000:]
+    # one uploader per stage start and end at most (the stage's end starts one when the first has gone)
+    assert 1 <= log.count("uploader gives up after 3 s of failures") <= 2, log[-3000:]
     assert time.monotonic() - started < 300  # bounded (on a loaded machine mlflow takes a while to import)
     assert len(tracking_upload.entries(spool)) == 1  # kept for a later uploader or --drain
 

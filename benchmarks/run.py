@@ -56,8 +56,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sslkd import allocator  # noqa: E402
 from sslkd.experts import build_student  # noqa: E402
+from sslkd.infra import allocator  # noqa: E402
 from sslkd.kd_steps import KDSteps  # noqa: E402
 from sslkd.models import ConvNetConfig, ParameterLayout  # noqa: E402
 from sslkd.unroll import match_trajectory  # noqa: E402

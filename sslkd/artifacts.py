@@ -80,7 +80,7 @@ def git_commit() -> str | None:
 def source_version() -> str:
     """Package version and a hash of its sources: what artifact sidecars record as their code version.
 
-    It depends only on the code (a code snapshot of sslkd.launch has the same sources, hence the same
+    It depends only on the code (a code snapshot of sslkd.infra.launch has the same sources, hence the same
     value), so a rerun of the same code on the same inputs writes a byte-identical sidecar whatever the
     git work tree's state.
     """

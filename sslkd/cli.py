@@ -3,7 +3,8 @@
 Each stage reads the setting named in params.yaml (``--setting`` overrides it), the params.yaml sections
 as gin bindings, extra ``--gin`` files and ``--bind`` bindings (applied last), runs, and writes its
 artifacts under the workspace; it is recorded as one MLflow run (sslkd/infra/tracking.py).
-``sslkd compare`` prints the methods' accuracies from the tracking store. Errors in the user's input
+``sslkd compare`` prints the methods' accuracies from the tracking store; ``sslkd check`` validates
+params.yaml (dvc.yaml's first stage, sslkd/stages/check.py). Errors in the user's input
 end with one line on stderr and exit code 2.
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sslkd.config import STAGES
 from sslkd.errors import SslkdError
-from sslkd.infra import allocator, devices
+from sslkd.infra import allocator, devices, termination
 from sslkd.infra.launchers import LAUNCHERS, chosen_launcher
 
 log = logging.getLogger("sslkd")
@@ -64,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
         if stage == "evaluate":
             command.add_argument("--method", required=True,
                                  help="no_pretrain | random | high_loss | full_data | mkdt")
+    check = commands.add_parser("check", help="validate params.yaml and the setting (dvc.yaml's first stage)")
+    _add_study_options(check)
+    check.add_argument("--config-dir", type=Path, default=Path("gin"), help="gin folder (default: %(default)s)")
     compare = commands.add_parser("compare", help="the methods' accuracies, read back from the MLflow store")
     _add_study_options(compare)
     compare.add_argument("--experiment", help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME or sslkd-<setting>)")
@@ -127,6 +133,13 @@ def run_stage(args: argparse.Namespace) -> None:
             run_stage_main(args.stage, workspace, StageOptions(method=getattr(args, "method", None)))
 
 
+def run_check(args: argparse.Namespace) -> None:
+    from sslkd.stages import check
+    from sslkd.workspace import Workspace
+
+    check.main(Workspace(args.workdir), args.params, args.config_dir, args.setting)
+
+
 def run_compare(args: argparse.Namespace) -> None:
     from sslkd import config
     from sslkd.infra import tracking
@@ -145,19 +158,33 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``sslkd`` command (``argv`` None: the process's own command line, and the process ends with
+    its parent, sslkd/infra/termination.py). SIGTERM and SIGHUP end the stage with one line, nothing half-written."""
+    if argv is None:
+        termination.die_with_parent()
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    previous = {signum: signal.getsignal(signum) for signum in termination.SIGNALS}
+    termination.handle_termination()
     try:
-        run_compare(args) if args.stage == "compare" else run_stage(args)
+        {"compare": run_compare, "check": run_check}.get(args.stage, run_stage)(args)
     except SslkdError as error:
         print(f"sslkd {args.stage}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sslkd {args.stage}: interrupted", file=sys.stderr)
         return 130
+    except termination.Terminated as stop:
+        print(f"sslkd {args.stage}: stopped by {stop.name} before it finished (nothing half-written; rerun it)",
+              file=sys.stderr)
+        return stop.code
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return 0
 
 

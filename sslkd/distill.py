@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ConvNet, ParameterLayout
+from sslkd.progress import track
 from sslkd.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def distill(
         order = expert_order(len(trajectories), config.iterations, generator)
     else:
         order, first = _restore(resume, images, representations, lr, optimisers, sampler, generator, result)
-    progress = tqdm(order[first:], desc="distill", leave=False, disable=None)
+    progress = track(order[first:], desc="distill")
     for iteration, expert in enumerate(progress, start=first):
         start, target = (theta.to(images.device) for theta in sample_segment(trajectories[expert], config, generator))
         batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]

@@ -18,11 +18,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ParameterLayout
+from sslkd.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def pretrain_kd(
     epochs = train_kd(steps, parameters, images, targets, lr=lr, momentum=config.momentum,
                       weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=num_epochs,
                       generator=generator)
-    for parameters, _, loss in tqdm(epochs, total=num_epochs, desc="pre-train", leave=False, disable=None):
+    for parameters, _, loss in track(epochs, total=num_epochs, desc="pre-train"):
         losses.append(loss)
     layout.load_into(student, parameters)
     return losses

@@ -11,13 +11,13 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sslkd.augmentations import AugmentConfig, two_views
 from sslkd.errors import SslkdError
-from sslkd.losses import barlow_twins_loss, simclr_loss
 from sslkd.evaluation import ProbeConfig
+from sslkd.losses import barlow_twins_loss, simclr_loss
 from sslkd.models import BNConvNetConfig, ResNetConfig
+from sslkd.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def train_ssl(
         generator.set_state(resume["generator"])
         epoch_losses, first_epoch = list(resume["epoch_losses"]), resume["epoch"]
         log.info("teacher: resuming after epoch %d", first_epoch)
-    for epoch in tqdm(range(first_epoch, config.epochs), desc="teacher epochs", leave=False, disable=None):
+    for epoch in track(range(first_epoch, config.epochs), desc="teacher epochs"):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):

@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sslkd.augmentations import two_views
 from sslkd.datasets import InputSpace
@@ -28,6 +27,7 @@ from sslkd.errors import SslkdError
 from sslkd.experts import ExpertsConfig, train_expert
 from sslkd.losses import kd_mse_loss
 from sslkd.models import ParameterLayout
+from sslkd.progress import track
 from sslkd.stage_configs import InitConfig
 from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 
@@ -204,7 +204,7 @@ def measure_gradient_variance(
     pixels = input_space.invert(images)
     full = full_kd_gradient(model, images, targets)
     ssl_configs = {o: replace(config.experts.ssl, objective=o) for o in config.ssl_objectives}
-    for batch in tqdm(result.batch_sizes, desc="gradient variance", leave=False, disable=None):
+    for batch in track(result.batch_sizes, desc="gradient variance"):
         minibatches = sample_minibatches(len(images), batch, config.minibatches, generator)
         result.kd.append(relative_variance(torch.stack([kd_gradient(model, images[b], targets[b]) for b in minibatches]), full))
         for objective, ssl in ssl_configs.items():
@@ -235,8 +235,7 @@ def train_runs(
     Returns (snapshots [R, epochs + 1, P], loss per epoch of each run).
     """
     snapshots, losses = [], []
-    for init_seed, generator in tqdm(list(zip(init_seeds, generators)), desc=f"{config.objective} runs",
-                                     leave=False, disable=None):
+    for init_seed, generator in track(list(zip(init_seeds, generators)), desc=f"{config.objective} runs"):
         run, epoch_losses = train_expert(make_student(init_seed), images, targets, config, generator, input_space)
         snapshots.append(run)
         losses.append(epoch_losses)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import assert_one_line_error, file_size_limit, sslkd
 
 from sslkd.artifacts import load_json_artifact, save_json_artifact, sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
 
 from conftest import clone_study, copy_study, make_workspace
-from faults import assert_one_line_error, file_size_limit, sslkd
 
 
 def flip_floats(path: Path, count: int = 1024) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+from faults import assert_one_line_error, file_size_limit, sslkd
 
 from sslkd.cli import main
 
 from conftest import make_workspace
-from faults import assert_one_line_error, file_size_limit, sslkd
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import torch
 
 from sslkd.artifacts import sidecar_path
 from sslkd.cli import main
-from sslkd.models import BNConvNet, BNConvNetConfig, build_teacher_encoder
 from sslkd.errors import SslkdError
+from sslkd.models import BNConvNet, BNConvNetConfig, build_teacher_encoder
 from sslkd.teacher import warmup_cosine
 
 from conftest import clone_study

@@ -98,7 +98,7 @@ def launch(launcher: str, args: argparse.Namespace, workspace: Workspace) -> Non
     request = StageRequest(
         stage=args.stage, method=getattr(args, "method", None), params=args.params, setting=args.setting,
         config_dir=args.config_dir, gin_files=tuple(args.gin), bindings=tuple(args.bind), workdir=args.workdir,
-        cwd=Path.cwd(), device=selected_device(),
+        cwd=Path.cwd(), device=selected_device(), launcher_pid=os.getpid() if launcher == "local" else None,
     )
     resources = stage_resources(args.stage)
     folder = workspace.jobs / args.stage / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -156,7 +156,8 @@ def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:
 
     A job ends with a result file (success or the error it raised), or without one when the scheduler
     killed it (cancelled, out of memory, node failure): SLURM's job states are read with squeue, which
-    works without accounting. Why a job waits is logged when it changes. Ctrl-C cancels the jobs.
+    works without accounting. Why a job waits is logged when it changes. Ctrl-C, SIGTERM or SIGHUP
+    (sslkd/infra/termination.py) cancels the jobs: none outlives the command.
     """
     watch = JobWatch(launcher, stage, {job.job_id: job for job in jobs})
     next_query = time.monotonic() + SQUEUE_EVERY_S
@@ -168,7 +169,7 @@ def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:
                 next_query = time.monotonic() + SQUEUE_EVERY_S
             if watch.pending:
                 time.sleep(POLL_S)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         for job in watch.pending.values():
             job.cancel(check=False)
         log.warning("%s: cancelled jobs %s", stage, ", ".join(watch.pending))

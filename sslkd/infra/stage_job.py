@@ -19,7 +19,7 @@ import submitit
 import sslkd
 from sslkd import config
 from sslkd.checkpoints import CheckpointPolicy
-from sslkd.infra import allocator, devices
+from sslkd.infra import allocator, devices, termination
 from sslkd.infra.registry import run_stage_main
 from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
@@ -43,6 +43,7 @@ class StageRequest:
     workdir: Path
     cwd: Path
     device: str = "auto"  # sslkd.infra.devices: resolved on the node that runs the job
+    launcher_pid: int | None = None  # a local job: the sslkd process that waits for it (the job ends with it)
 
     def parse_config(self) -> None:
         params = config.read_params(self.params)
@@ -63,6 +64,9 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> None:
         request = self.request
+        if request.launcher_pid is not None:  # a local job: stop with the sslkd command that launched it
+            termination.handle_termination()
+            termination.exit_with(request.launcher_pid)
         os.chdir(request.cwd)
         devices.select(request.device)
         allocator.keep_freed_memory()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from sslkd.errors import SslkdError
+from sslkd.infra import termination
 from sslkd.infra import tracking_upload as upload
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class StageRun:
             shutil.rmtree(self.entry, ignore_errors=True)
             raise
         threading.Thread(target=self._heartbeat, name="tracking-heartbeat", daemon=True).start()
+        report_store_error(spool)
         start_uploader(spool)
         return self
 
@@ -225,7 +227,22 @@ class StageRun:
             self._stop.set()
             with contextlib.suppress(OSError):  # what a full disk kept in the buffer is lost with the run
                 self._events.close()
+        report_store_error(self.entry.parent)
         start_uploader(self.entry.parent)
+
+
+def report_store_error(spool: Path) -> None:
+    """Say once, in one line, that the uploader could not send runs (the first stage to see its note)."""
+    note = spool / upload.STORE_ERROR
+    try:
+        os.rename(note, spool / upload.STORE_ERROR_REPORTED)  # exactly one process wins
+        error = json.loads((spool / upload.STORE_ERROR_REPORTED).read_text())
+    except (OSError, ValueError):
+        return
+    log.warning("tracking: runs do not reach %s (%s); %d wait in %s for the next uploader (fix the store, or "
+                "move a broken mlflow.db aside, then `python -m sslkd.infra.tracking_upload --drain %s`; %s=off "
+                "stops tracking)", error.get("uri"), error.get("error"), len(upload.entries(spool)), spool, spool,
+                SWITCH_ENV)
 
 
 def start_uploader(spool: Path) -> None:
@@ -246,17 +263,13 @@ def upload_pending(destination: Target) -> None:
 _active: StageRun | None = None
 
 
-def _raise_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 @contextlib.contextmanager
 def stage_run(destination: Target | None, stage: str, identity: dict[str, str], tags: dict[str, str],
               operative_config: Callable[[], str]) -> Iterator[StageRun | None]:
     """Record the enclosed stage as one MLflow run (nothing when ``destination`` is None).
 
     The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM (which is turned into
-    SystemExit so that the run is closed); ``operative_config()`` is read at the end.
+    sslkd.infra.termination.Terminated, a SystemExit, so that the run is closed); ``operative_config()`` is read at the end.
     """
     global _active
     if destination is None:
@@ -265,7 +278,7 @@ def stage_run(destination: Target | None, stage: str, identity: dict[str, str], 
     params = flatten_config(operative_config())
     run = StageRun(destination, stage, identity, tags, params).start()
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
+    previous_handler = signal.signal(signal.SIGTERM, termination.raise_terminated) if in_main_thread else None
     _active = run
     status = "FAILED"
     try:
@@ -331,7 +344,18 @@ class Comparison:
 
 def compare(destination: Target, pipeline: str | None = None) -> Comparison:
     """The latest finished evaluate run of each method in ``pipeline`` (default: the pipeline of the
-    most recent evaluate run), read from the tracking store."""
+    most recent evaluate run), read from the tracking store. A store that cannot be read (a broken
+    mlflow.db, a server that refuses) is one SslkdError line."""
+    try:
+        return _compare(destination, pipeline)
+    except SslkdError:
+        raise
+    except Exception as error:
+        raise SslkdError(f"cannot read the tracking store {destination.uri} ({upload.one_line(error)}); a broken "
+                         f"mlflow.db can be moved aside (a new one is created by the next stage)") from None
+
+
+def _compare(destination: Target, pipeline: str | None) -> Comparison:
     upload_pending(destination)
     if destination.uri.startswith("sqlite:///") and not Path(destination.uri.removeprefix("sqlite:///")).is_file():
         raise SslkdError(f"no tracking store {destination.uri.removeprefix('sqlite:///')}: run `dvc repro` first")

@@ -11,10 +11,17 @@ per stage (the stage processes of a pipeline on 2 cores paid ~4 s each).
 
 Runs are found as before: an entry whose identity tags (pipeline, stage, params hash) match an
 unfinished run continues it (``sslkd.attempts`` + 1); a finished run is never reopened. An entry whose
-stage died without writing its end (SIGKILL, a lost node: no heartbeat for STALE_SECONDS) ends FAILED.
-A store that cannot be reached keeps the entry in the spool, retried every RETRY_SECONDS and by the
-next uploader; :func:`upload_pending` sends everything pending in the calling process (``sslkd
-compare`` and the tests call it).
+stage died without writing its end (SIGKILL, a lost node: no heartbeat for STALE_SECONDS) ends FAILED,
+unless a later attempt continued its run: a superseded attempt never sets the run's status.
+
+A store that cannot be reached or refuses (a server answering 404 or 500, a SQLite store broken by a
+full disk) keeps the entry in the spool, retried every RETRY_SECONDS. The first failure writes one line
+to ``SPOOL/store_error`` (removed by the next success), which the next stage to start or end reports
+once on its stderr (sslkd/tracking.py). After GIVE_UP_SECONDS of failures without a success
+(``SSLKD_UPLOADER_GIVE_UP_SECONDS``, default 600) the uploader stops retrying and exits; the entries
+wait for the next stage's uploader or ``--drain``. mlflow's own HTTP retries are bounded too
+(MLFLOW_HTTP_REQUEST_MAX_RETRIES 3, BACKOFF_FACTOR 1, TIMEOUT 60 s unless set). :func:`upload_pending`
+sends everything pending in the calling process (``sslkd compare`` and the tests call it).
 
 Locks (flock): ``uploader.lock`` is held by the one running uploader; ``pass.lock`` around each pass
 over the spool, so an in-process :func:`upload_pending` and the uploader never send an entry twice.
@@ -46,6 +53,11 @@ IDLE_SECONDS = float(os.environ.get("SSLKD_UPLOADER_IDLE_SECONDS", "30"))  # exi
 HEARTBEAT_SECONDS = 30.0  # a stage touches its events file this often
 STALE_SECONDS = 300.0     # an entry without a heartbeat for this long: its stage died
 RETRY_SECONDS = 30.0
+GIVE_UP_SECONDS = float(os.environ.get("SSLKD_UPLOADER_GIVE_UP_SECONDS", "600"))  # failing this long: exit
+STORE_ERROR = "store_error"                  # the first failure since the last success, one line
+STORE_ERROR_REPORTED = "store_error.reported"  # ... once a stage has shown it
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 MAX_PER_BATCH = 100       # MLflow's limit of params (or tags) per log_batch request
 MAX_METRICS_PER_BATCH = 1000
 
@@ -74,8 +86,12 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def client_for(uri: str):
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():  # a failing request may not block a pass for minutes
+        os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
+    for name in ("mlflow.store.db.utils", "alembic"):  # its store set-up chatter: not a line for the user
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(uri)
 
 
@@ -101,8 +117,9 @@ def send_metrics(client, run_id: str, metrics: list[tuple[str, float, int, int]]
         del metrics[:len(chunk)]
 
 
-def open_run(client, start: Mapping[str, Any]) -> str:
-    """The run of a start event: this work's unfinished run, continued, or a new one."""
+def open_run(client, start: Mapping[str, Any]) -> tuple[str, int]:
+    """The run of a start event and the attempt this is: this work's unfinished run, continued (its
+    ``sslkd.attempts`` + 1), or a new one (attempt 1)."""
     from mlflow.entities import Param, RunTag
 
     experiment = experiment_id(client, start["experiment"], start.get("artifact_location"), create=True)
@@ -122,11 +139,17 @@ def open_run(client, start: Mapping[str, Any]) -> str:
             client.log_batch(run_id, tags=chunk)
         log.info("continuing MLflow run %s (%s, attempt %d)", run_id, start["stage"], attempts)
     else:
+        attempts = 1
         run_id = client.create_run(experiment, run_name=start["stage"], start_time=start["time"],
                                    tags={**identity, **tags, "sslkd.attempts": "1"}).info.run_id
     for chunk in _chunks([Param(key, value) for key, value in params.items()], MAX_PER_BATCH):
         client.log_batch(run_id, params=chunk)
-    return run_id
+    return run_id, attempts
+
+
+def superseded(client, run_id: str, attempt: int) -> bool:
+    """Whether a later attempt (a rerun of the stage) has continued the run since ``attempt`` opened it."""
+    return int(client.get_run(run_id).data.tags.get("sslkd.attempts", "1")) > attempt
 
 
 @dataclass
@@ -135,6 +158,7 @@ class Uploader:
 
     clients: dict[str, Any] = field(default_factory=dict)
     failed_at: dict[Path, float] = field(default_factory=dict)
+    failing_since: float | None = None  # monotonic time of the first failure since the last success
 
     def client(self, uri: str):
         if uri not in self.clients:
@@ -154,12 +178,22 @@ class Uploader:
                 try:
                     self.upload_entry(entry, final)
                     self.failed_at.pop(entry, None)
+                    self.failing_since = None
+                    for name in (STORE_ERROR, STORE_ERROR_REPORTED):
+                        (spool / name).unlink(missing_ok=True)
                 except Exception as error:  # the store is down or refuses: keep the entry, retry later
                     self.failed_at[entry] = time.monotonic()
-                    log.warning("%s: not sent yet (%s)", entry.name, " ".join(str(error).split())[:300])
+                    self.failing_since = self.failing_since or time.monotonic()
+                    reason = one_line(error)
+                    log.warning("%s: not sent yet (%s)", entry.name, reason)
+                    record_store_error(spool, entry, reason)
                     if final:
                         raise
             return sum(1 for entry in entries(spool) if _live(entry))
+
+    def gave_up(self) -> bool:
+        """Whether every try has failed for GIVE_UP_SECONDS."""
+        return self.failing_since is not None and time.monotonic() - self.failing_since > GIVE_UP_SECONDS
 
     def upload_entry(self, entry: Path, final: bool) -> None:
         state_path = entry / STATE
@@ -171,7 +205,7 @@ class Uploader:
         start = events[0]
         client = self.client(start["uri"])
         if state["run_id"] is None:
-            state["run_id"] = open_run(client, start)
+            state["run_id"], state["attempt"] = open_run(client, start)
             _write_json(state_path, state)
         new = events[max(state["lines"], 1):]
         end = next((event for event in new if event["event"] == "end"), None)
@@ -189,9 +223,29 @@ class Uploader:
             if event["event"] == "artifact":
                 client.log_artifact(state["run_id"], str(entry / FILES / event["file"]), event["folder"])
         status = end["status"] if end is not None else "FAILED"
-        client.set_terminated(state["run_id"], status, end_time=end["time"] if end is not None else None)
-        log.info("%s: run %s (%s) ended %s", entry.name, state["run_id"], start["stage"], status)
+        if superseded(client, state["run_id"], state.get("attempt", 1)):  # its rerun's entry ends the run
+            log.info("%s: attempt %d of run %s (%s) ended %s; a later attempt continues the run", entry.name,
+                     state.get("attempt", 1), state["run_id"], start["stage"], status)
+        else:
+            client.set_terminated(state["run_id"], status, end_time=end["time"] if end is not None else None)
+            log.info("%s: run %s (%s) ended %s", entry.name, state["run_id"], start["stage"], status)
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines[0].split())[:300]}" if lines else type(error).__name__
+
+
+def record_store_error(spool: Path, entry: Path, reason: str) -> None:
+    """Leave the first failure since the last success for a stage to report (once)."""
+    if (spool / STORE_ERROR).exists() or (spool / STORE_ERROR_REPORTED).exists():
+        return
+    try:
+        uri = read_events(entry)[0]["uri"]
+    except (OSError, ValueError, IndexError, KeyError):
+        uri = "the tracking store"
+    _write_json(spool / STORE_ERROR, {"uri": uri, "error": reason, "time": time.time()})
 
 
 def _live(entry: Path) -> bool:
@@ -216,16 +270,23 @@ def upload_pending(spool: Path) -> None:
         Uploader().upload(spool, final=True)
 
 
-def serve(spool: Path) -> None:
-    """The uploader's loop: passes over the spool until no entry has been live for IDLE_SECONDS (what a
-    store that is down leaves behind waits for the next uploader, or ``--drain``)."""
+def serve(spool: Path) -> Uploader:
+    """The uploader's loop: passes over the spool until no entry has been live for IDLE_SECONDS, or every
+    try has failed for GIVE_UP_SECONDS (what a store that is down or refuses leaves behind waits for the
+    next uploader, or ``--drain``). Returns the uploader, with what it tried."""
     uploader = Uploader()
     idle_since = time.monotonic()
     while True:
         if uploader.upload(spool, final=False):
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since > IDLE_SECONDS:
-            return
+            return uploader
+        if uploader.gave_up():
+            notes = [spool / name for name in (STORE_ERROR, STORE_ERROR_REPORTED) if (spool / name).is_file()]
+            error = json.loads(notes[0].read_text()) if notes else {}
+            log.error("uploader gives up after %.0f s of failures (%s); %d runs wait in %s",
+                      GIVE_UP_SECONDS, error.get("error", "see above"), len(entries(spool)), spool)
+            return uploader
         time.sleep(POLL_SECONDS)
 
 
@@ -268,11 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             except BlockingIOError:
                 return 0  # another uploader is running: it will send this stage's entry
             try:
-                serve(spool)
+                uploader = serve(spool)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-            # A stage that found the lock held just before it was released started no uploader: look again.
-            if not entries(spool):
+            # A stage that found the lock held just before it was released started no uploader: look again,
+            # for the entries this uploader has not tried (those that failed wait for the next uploader).
+            if uploader.gave_up() or not set(entries(spool)) - set(uploader.failed_at):
                 log.info("uploader exits: %.2f s CPU", time.process_time())
                 return 0
 

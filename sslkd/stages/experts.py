@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from sslkd import config
 from sslkd.artifacts import save_artifact
@@ -25,6 +24,7 @@ from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
+from sslkd.progress import track
 from sslkd.seeding import ExpertStream, generator
 from sslkd.stages.inputs import TrainingData, representations, student_data
 from sslkd.stages.options import StageOptions
@@ -101,7 +101,7 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     """All experts (merging finished parts when checkpointing) -> the trajectories artifact."""
     run = prepare(workspace, options.checkpoints, stage_device())
     experts_config = run.config
-    parts = [expert(run, index) for index in tqdm(range(experts_config.num_experts), desc="experts", disable=None)]
+    parts = [expert(run, index) for index in track(range(experts_config.num_experts), desc="experts", leave=True)]
     layout = ParameterLayout.of(build_student(experts_config.student, run.data.image_shape, run.targets.shape[1], 0))
     for index, part in enumerate(parts):
         for epoch, loss in enumerate(part["epoch_losses"], start=1):

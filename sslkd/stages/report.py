@@ -14,8 +14,7 @@ import json
 import logging
 
 from sslkd import config
-from sslkd.artifacts import (atomic_write, load_json_artifact, sidecar_path, write_json_atomic,
-                             write_text_atomic)
+from sslkd.artifacts import atomic_write, load_json_artifact, sidecar_path, write_json_atomic, write_text_atomic
 from sslkd.infra import tracking
 from sslkd.plots import pyplot
 from sslkd.report import markdown_table, paired_differences, summarise

@@ -1,0 +1,97 @@
+"""No stage outlives the command that ran it.
+
+``dvc repro``, SLURM and most job runners stop a command with SIGTERM (a closed terminal: SIGHUP), and
+DVC does not pass the signal on to the stage it runs: the stage used to keep running with ppid 1 and
+write its artifacts behind DVC's back. So every ``sslkd`` process
+
+- turns SIGTERM and SIGHUP into :class:`Terminated` (a SystemExit: ``finally`` blocks run, the atomic
+  writes of sslkd/artifacts.py remove their temporary file, the tracking run ends KILLED), and
+- asks the kernel to send it SIGTERM when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), whatever
+  killed the parent (SIGTERM, SIGKILL, a crash).
+
+A launcher's job (sslkd/stage_job.py) also watches the process that launched it (:func:`exit_with`).
+A process started with SIGHUP ignored (``nohup sslkd teacher &``) was asked to outlive its terminal: it
+keeps SIGHUP ignored and does not ask for the parent-death signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread by SIGTERM or SIGHUP; exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+def nohup() -> bool:
+    """Whether this process was started with SIGHUP ignored (nohup)."""
+    return signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+def handle_termination() -> None:
+    """Turn SIGTERM and SIGHUP (unless ignored: nohup) into :class:`Terminated` (main thread only, as
+    Python requires)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            if not (signum == signal.SIGHUP and nohup()):
+                signal.signal(signum, raise_terminated)
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> bool:
+    """Have the kernel send ``signum`` to this process when its parent dies; returns whether it could
+    (Linux only). A parent that died before the request leaves no signal to come: then exit now."""
+    if not sys.platform.startswith("linux") or nohup():
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent or parent == 1:  # the parent was already gone: we were reparented
+        os.kill(os.getpid(), signum)
+    return True
+
+
+def exit_with(pid: int, period_s: float = 1.0) -> None:
+    """Watch process ``pid`` from a daemon thread; when it is gone, end this process as if SIGTERM had
+    reached it (:class:`Terminated` in the main thread). For a job whose launching process is not its
+    parent (submitit's local jobs run under a shell and a controller)."""
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # alive, someone else's (cannot be ours: pid reused)
+                break
+        log.warning("the process that launched this job (pid %d) is gone: stopping", pid)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()

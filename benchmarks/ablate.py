@@ -75,21 +75,47 @@ def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
     indices = start_indices(args.init, init, data.labels, len(data.images))
     started = time.perf_counter()
-    result = distill(experts.student, experts.layout, experts.snapshots, data.images[indices], targets[indices],
-                     distill_config, generator(seed))
+    result = distill(
+        experts.student,
+        experts.layout,
+        experts.snapshots,
+        data.images[indices],
+        targets[indices],
+        distill_config,
+        generator(seed),
+    )
     losses = np.asarray(result.matching_losses)
-    blocks = [round(float(losses[i:i + 25].mean()), 4) for i in range(0, len(losses), 25)]
+    blocks = [round(float(losses[i : i + 25].mean()), 4) for i in range(0, len(losses), 25)]
     print(f"{args.init}: {time.perf_counter() - started:.0f} s; matching loss, means of 25 iterations: {blocks}")
-    print(f"inner lr {distill_config.lr_init} -> {result.lr:.4f}; rms change: images "
-          f"{float((result.images - data.images[indices]).pow(2).mean().sqrt()):.3f}, representations "
-          f"{float((result.representations - targets[indices]).pow(2).mean().sqrt()):.4f} "
-          f"(their rms {float(targets[indices].pow(2).mean().sqrt()):.3f})")
-    torch.save({"images": result.images, "representations": result.representations, "lr": result.lr,
-                "init": args.init, "matching_losses": result.matching_losses, "input_space": data.space.name}, args.out)
+    print(
+        f"inner lr {distill_config.lr_init} -> {result.lr:.4f}; rms change: images "
+        f"{float((result.images - data.images[indices]).pow(2).mean().sqrt()):.3f}, representations "
+        f"{float((result.representations - targets[indices]).pow(2).mean().sqrt()):.4f} "
+        f"(their rms {float(targets[indices].pow(2).mean().sqrt()):.3f})"
+    )
+    torch.save(
+        {
+            "images": result.images,
+            "representations": result.representations,
+            "lr": result.lr,
+            "init": args.init,
+            "matching_losses": result.matching_losses,
+            "input_space": data.space.name,
+        },
+        args.out,
+    )
 
 
-def pretraining_set(name: str, workspace: Workspace, data, targets: torch.Tensor, init: dict, eval_seed: int,
-                    baseline_lr: float, distilled_lr: float | None = None) -> PretrainingSet | None:
+def pretraining_set(
+    name: str,
+    workspace: Workspace,
+    data,
+    targets: torch.Tensor,
+    init: dict,
+    eval_seed: int,
+    baseline_lr: float,
+    distilled_lr: float | None = None,
+) -> PretrainingSet | None:
     """The set ``name`` pre-trains on at ``eval_seed`` (None: no pre-training): a method other than mkdt
     as ``sslkd evaluate`` builds it, an extra real subset (EXTRA_SETS) or a set saved by ``distill``."""
     if name in BASELINES:
@@ -117,28 +143,47 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
         started, rows = time.perf_counter(), []
         if name == TEACHER:  # the represent stage's features of the training images; the test images' here
             standardised = training_data(workspace)  # what the teacher sees, whatever the students see
-            teacher_test_features = teacher_representations(teacher_encoder(workspace, standardised),
-                                                            standardised.test_images)
+            teacher_test_features = teacher_representations(
+                teacher_encoder(workspace, standardised), standardised.test_images
+            )
         for seed in evaluate_config.seeds:
             if name == TEACHER:  # the same labelled subsets as every set at this seed
-                accuracy = probe_features_at_fractions(targets, data.labels, teacher_test_features, data.test_labels,
-                                                       evaluate_config.probe, lambda index: generator(seed, 2, index))
+                accuracy = probe_features_at_fractions(
+                    targets,
+                    data.labels,
+                    teacher_test_features,
+                    data.test_labels,
+                    evaluate_config.probe,
+                    lambda index: generator(seed, 2, index),
+                )
                 rows.append(list(accuracy.values()))
                 continue
             student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1], derive_seed(seed, 0))
-            chosen = pretraining_set(name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr,
-                                     args.distilled_lr)
+            chosen = pretraining_set(
+                name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr, args.distilled_lr
+            )
             if chosen is not None:
-                pretrain_kd(student, chosen.images, chosen.targets, chosen.lr, evaluate_config.pretrain,
-                            generator(seed, 1))
-            accuracy = probe_at_fractions(student, data.images, data.labels, data.test_images, data.test_labels,
-                                          evaluate_config.probe, lambda index: generator(seed, 2, index))
+                pretrain_kd(
+                    student, chosen.images, chosen.targets, chosen.lr, evaluate_config.pretrain, generator(seed, 1)
+                )
+            accuracy = probe_at_fractions(
+                student,
+                data.images,
+                data.labels,
+                data.test_images,
+                data.test_labels,
+                evaluate_config.probe,
+                lambda index: generator(seed, 2, index),
+            )
             rows.append(list(accuracy.values()))
         table = np.asarray(rows)
-        cells = ", ".join(f"{float(key) * 100:g}% {table[:, i].mean():.1f} ± {table[:, i].std(ddof=1):.1f}"
-                          for i, key in enumerate(accuracy))
-        print(f"{name}: {cells}; per seed {table.round(1).tolist()} ({time.perf_counter() - started:.0f} s)",
-              flush=True)
+        cells = ", ".join(
+            f"{float(key) * 100:g}% {table[:, i].mean():.1f} ± {table[:, i].std(ddof=1):.1f}"
+            for i, key in enumerate(accuracy)
+        )
+        print(
+            f"{name}: {cells}; per seed {table.round(1).tolist()} ({time.perf_counter() - started:.0f} s)", flush=True
+        )
 
 
 def main() -> None:
@@ -155,11 +200,18 @@ def main() -> None:
             command.add_argument("--init", choices=("random", "high_loss", "high_loss_per_class"), default="random")
             command.add_argument("--out", required=True, help="where to save the synthetic set (torch.save)")
         else:
-            command.add_argument("--sets", required=True,
-                                 help=f"comma-separated: {', '.join(BASELINES + EXTRA_SETS + (TEACHER,))} or saved sets")
-            command.add_argument("--distilled-lr", type=float, default=None,
-                                 help="pre-train saved distilled sets at this lr instead of their learned one "
-                                      "(real sets use sslkd.pretrain.lr)")
+            command.add_argument(
+                "--sets",
+                required=True,
+                help=f"comma-separated: {', '.join(BASELINES + EXTRA_SETS + (TEACHER,))} or saved sets",
+            )
+            command.add_argument(
+                "--distilled-lr",
+                type=float,
+                default=None,
+                help="pre-train saved distilled sets at this lr instead of their learned one "
+                "(real sets use sslkd.pretrain.lr)",
+            )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:

@@ -42,7 +42,8 @@ def reverse_over_forward(loss: Callable) -> Callable:
             return derivative, derivative
 
         (hvp, d_images, d_targets), derivative = grad(directional, argnums=(0, 1, 2), has_aux=True)(
-            parameters, images, targets)
+            parameters, images, targets
+        )
         return derivative, hvp, d_images, d_targets
 
     return gradient_of_gradient
@@ -89,7 +90,8 @@ def variants() -> dict[str, Callable[[], object]]:
         "compiled_vjp_grad_channels_last": lambda: vjp_grad(theta, channels_last, targets, cotangent),
         # KDSteps' compiled default: the same on channels-last images with the instance norms written out
         "compiled_vjp_grad_channels_last_written_out_norms": lambda: compiled.gradient_of_gradient(
-            theta, images, targets, cotangent),
+            theta, images, targets, cotangent
+        ),
         "compiled_reverse_over_forward": lambda: forward(theta, images, targets, cotangent),
         "eager_sgd_step": lambda: eager.sgd_step(theta, images, targets, lr),
         "compiled_sgd_step": lambda: compiled.sgd_step(theta, images, targets, lr),

@@ -78,11 +78,13 @@ VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots, $SSLKD_MALLO
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: mmap (and unmap when freed) blocks ≥ 128 KiB
 PRESETS = {  # width, depth, batch_syn, synthetic set size M, image size, D, syn_steps, expert batch
     "cpu": dict(width=32, depth=3, batch=64, size=256, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256),
-    "paper": dict(width=128, depth=3, batch=256, size=1000, image_size=32, dim=512, syn_steps=[10, 40],
-                  expert_batch=256),
+    "paper": dict(
+        width=128, depth=3, batch=256, size=1000, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256
+    ),
     # METHOD.md's TinyImageNet 2% row: 2000 images of 64×64, a depth-4 ConvNet, syn_steps 10
-    "tinyimagenet_2pct": dict(width=128, depth=4, batch=256, size=2000, image_size=64, dim=512, syn_steps=[10],
-                              expert_batch=256),
+    "tinyimagenet_2pct": dict(
+        width=128, depth=4, batch=256, size=2000, image_size=64, dim=512, syn_steps=[10], expert_batch=256
+    ),
 }
 # A default-sized experts stage for the compile-included rate: the cifar10_cpu setting
 # (8 experts × 4 epochs × 10k images) on CPU, the paper's experts (100 × 4 epochs × 50k or 100k) on CUDA.
@@ -90,6 +92,7 @@ STAGE_IMAGES = {"cpu": 8 * 4 * 10_000, "paper": 100 * 4 * 50_000, "tinyimagenet_
 
 
 # --- measurement helpers (run inside a worker) -------------------------------------------------------
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -167,8 +170,9 @@ def count_flops(run) -> int:
 
 
 def student_for(args: argparse.Namespace, device: torch.device):
-    student = build_student(ConvNetConfig(args.width, args.depth), (3, args.image_size, args.image_size), args.dim,
-                            seed=0)
+    student = build_student(
+        ConvNetConfig(args.width, args.depth), (3, args.image_size, args.image_size), args.dim, seed=0
+    )
     return student.to(device), ParameterLayout.of(student)
 
 
@@ -228,9 +232,12 @@ def distill_memory_worker(args: argparse.Namespace, device: torch.device) -> dic
 
 
 EXPERT_VARIANTS = {  # name -> (compiled, precision of the training step, $SSLKD_MALLOC)
-    "eager": (False, "float32", "keep"), "compiled": (True, "float32", "keep"),
-    "eager_bfloat16": (False, "bfloat16", "keep"), "compiled_bfloat16": (True, "bfloat16", "keep"),
-    "eager_system_malloc": (False, "float32", "system"), "compiled_system_malloc": (True, "float32", "system"),
+    "eager": (False, "float32", "keep"),
+    "compiled": (True, "float32", "keep"),
+    "eager_bfloat16": (False, "bfloat16", "keep"),
+    "compiled_bfloat16": (True, "bfloat16", "keep"),
+    "eager_system_malloc": (False, "float32", "system"),
+    "compiled_system_malloc": (True, "float32", "system"),
 }
 
 
@@ -257,13 +264,15 @@ def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
         parameters, velocity, _ = steps.train_step(parameters, velocity, images, targets, lr, 0.9, 1e-4)
 
     serve(step, device)
-    flops = count_flops(lambda: KDSteps(student, layout, compile=False).train_step(
-        parameters, velocity, images, targets, lr, 0.9, 1e-4))
+    flops = count_flops(
+        lambda: KDSteps(student, layout, compile=False).train_step(parameters, velocity, images, targets, lr, 0.9, 1e-4)
+    )
     return {"gflop": flops / 1e9}
 
 
-def matmul_seconds(device: torch.device, size: int = 2048, repeats: int = 10,
-                   dtype: torch.dtype = torch.float32) -> tuple[float, dict[str, float]]:
+def matmul_seconds(
+    device: torch.device, size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
+) -> tuple[float, dict[str, float]]:
     """(GFLOP, seconds) of one dense matmul: the machine's practical limit for these workloads."""
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
@@ -275,12 +284,34 @@ WORKERS = {"distill": distill_worker, "distill_memory": distill_memory_worker, "
 
 # --- driver ------------------------------------------------------------------------------------------
 
+
 def worker_command(args: argparse.Namespace, kind: str, variant: str, syn_steps: int) -> list[str]:
-    return [sys.executable, __file__, "--worker", kind, "--variant", variant, "--syn-steps", str(syn_steps),
-            "--device", args.device, "--width", str(args.width), "--depth", str(args.depth),
-            "--batch", str(args.batch),
-            "--size", str(args.size), "--image-size", str(args.image_size), "--dim", str(args.dim),
-            "--expert-batch", str(args.expert_batch)] + (["--threads", str(args.threads)] if args.threads else [])
+    return [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--variant",
+        variant,
+        "--syn-steps",
+        str(syn_steps),
+        "--device",
+        args.device,
+        "--width",
+        str(args.width),
+        "--depth",
+        str(args.depth),
+        "--batch",
+        str(args.batch),
+        "--size",
+        str(args.size),
+        "--image-size",
+        str(args.image_size),
+        "--dim",
+        str(args.dim),
+        "--expert-batch",
+        str(args.expert_batch),
+    ] + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def variant_malloc(kind: str, variant: str) -> str:
@@ -292,17 +323,24 @@ def worker_env(cache: str, malloc: str, env: dict[str, str] | None = None) -> di
     """The environment of a worker with inductor cache ``cache`` and allocator ``malloc`` (as a stage sets
     it, unless ``env`` tunes malloc itself)."""
     env = {**os.environ, **(env or {}), "TORCHINDUCTOR_CACHE_DIR": cache, allocator.MALLOC_ENV: malloc}
-    if torch.get_num_threads() == 1:  # the CPU-time basis: the C++ compiler runs as a waited-for child, so its time counts
+    if (
+        torch.get_num_threads() == 1
+    ):  # the CPU-time basis: the C++ compiler runs as a waited-for child, so its time counts
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     # (otherwise inductor's default compile workers, as in a stage run)
     return env
 
 
-def run_worker(args: argparse.Namespace, kind: str, variant: str, syn_steps: int, cache: str,
-               env: dict[str, str] | None = None) -> dict:
+def run_worker(
+    args: argparse.Namespace, kind: str, variant: str, syn_steps: int, cache: str, env: dict[str, str] | None = None
+) -> dict:
     """The JSON a ``--worker kind`` subprocess prints, run to its end with inductor cache ``cache``."""
-    result = subprocess.run(worker_command(args, kind, variant, syn_steps), capture_output=True, text=True,
-                            env=worker_env(cache, variant_malloc(kind, variant), env))
+    result = subprocess.run(
+        worker_command(args, kind, variant, syn_steps),
+        capture_output=True,
+        text=True,
+        env=worker_env(cache, variant_malloc(kind, variant), env),
+    )
     if result.returncode != 0:
         sys.exit(f"worker {kind}/{variant}/{syn_steps} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -318,8 +356,9 @@ def reply(worker: subprocess.Popen, errors, name: str) -> dict:
     return json.loads(line)
 
 
-def run_interleaved(args: argparse.Namespace, kind: str, variants: list[str], syn_steps: int,
-                    rounds: int) -> dict[str, dict]:
+def run_interleaved(
+    args: argparse.Namespace, kind: str, variants: list[str], syn_steps: int, rounds: int
+) -> dict[str, dict]:
     """The ``kind`` workers of ``variants`` side by side, each in a process of its own (its peak memory
     its own) with a cold inductor cache: they start and compile one after the other, then time one call
     each in turn for ``rounds`` rounds, so that a slower or faster spell of the machine falls on every
@@ -332,9 +371,16 @@ def run_interleaved(args: argparse.Namespace, kind: str, variants: list[str], sy
         for variant in variants:
             cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="sslkd-bench-inductor-"))
             errors = stack.enter_context(tempfile.TemporaryFile(mode="w+"))  # a file: a full pipe would block it
-            worker = stack.enter_context(subprocess.Popen(
-                worker_command(args, kind, variant, syn_steps), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=errors, text=True, env=worker_env(cache, variant_malloc(kind, variant))))
+            worker = stack.enter_context(
+                subprocess.Popen(
+                    worker_command(args, kind, variant, syn_steps),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    text=True,
+                    env=worker_env(cache, variant_malloc(kind, variant)),
+                )
+            )
             raw = {"first": reply(worker, errors, variant)["first"], "calls": []}
             workers[variant] = worker, errors, cache, raw
         for _ in range(rounds):
@@ -348,8 +394,11 @@ def run_interleaved(args: argparse.Namespace, kind: str, variants: list[str], sy
             worker.wait()
             raw["steady"] = steady(raw["calls"])
             if kind == "distill":  # the live-memory worker, on the warm inductor cache
-                raw.update(run_worker(args, "distill_memory", variant, syn_steps, cache, LIVE_MEMORY_ENV)
-                           if args.device == "cpu" else {"peak_live_mb": raw["peak_mb"]})
+                raw.update(
+                    run_worker(args, "distill_memory", variant, syn_steps, cache, LIVE_MEMORY_ENV)
+                    if args.device == "cpu"
+                    else {"peak_live_mb": raw["peak_mb"]}
+                )
             results[variant] = raw
     return results
 
@@ -368,10 +417,14 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
         for steps, raw in by_steps.items():
             seconds = raw["steady"][basis]
             summary[variant][steps] = {
-                "s_per_iter": seconds, "peak_mb": raw["peak_mb"], "peak_live_mb": raw["peak_live_mb"],
+                "s_per_iter": seconds,
+                "peak_mb": raw["peak_mb"],
+                "peak_live_mb": raw["peak_live_mb"],
                 "gflop_per_iter": raw["gflop"],
-                "gflops": raw["gflop"] / seconds, "compile_s": max(raw["first"][basis] - seconds, 0.0),
-                "wall_s_per_iter": raw["steady"]["wall"], "cpu_s_per_iter": raw["steady"]["cpu"],
+                "gflops": raw["gflop"] / seconds,
+                "compile_s": max(raw["first"][basis] - seconds, 0.0),
+                "wall_s_per_iter": raw["steady"]["wall"],
+                "cpu_s_per_iter": raw["steady"]["cpu"],
             }
     for variant, by_steps in summary.items():  # the targets' ratios: × the full unroll, live-memory growth
         smallest = by_steps[min(by_steps, key=int)]["peak_live_mb"]
@@ -379,7 +432,8 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
             if steps in summary.get("full", {}):
                 figures["speedup_vs_full"] = summary["full"][steps]["s_per_iter"] / figures["s_per_iter"]
                 figures["speedup_vs_full_paired"] = paired_ratio(
-                    distill["full"][steps]["calls"], distill[variant][steps]["calls"], basis)
+                    distill["full"][steps]["calls"], distill[variant][steps]["calls"], basis
+                )
             figures["peak_live_growth"] = figures["peak_live_mb"] / smallest - 1
     if experts is None:
         return summary, None
@@ -393,7 +447,8 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
         for reference in ("eager", "eager_system_malloc"):  # the median over rounds of the within-round ratio
             if reference in experts:
                 figures[f"{variant}_x_{reference}_paired"] = paired_ratio(
-                    experts[reference]["calls"], experts[variant]["calls"], basis)
+                    experts[reference]["calls"], experts[variant]["calls"], basis
+                )
         if compiled:
             compile_s = max(experts[variant]["first"][basis] - seconds, 0.0)
             figures[compile_key(variant)] = compile_s
@@ -403,38 +458,51 @@ def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int
 
 def table(results: dict) -> str:
     peak = results["matmul_gflops"]
-    lines = [f"machine: {results['machine']}, {results['threads']} torch thread(s), torch {results['torch']}; "
-             f"load average before / after: {results['load_before']} / {results['load_after']}",
-             f"times: {results['time_basis']} seconds; dense matmul: {peak:.1f} GFLOP/s", "",
-             "| distill variant | syn_steps | s / iteration | × full | × full, paired | peak MB | peak live MB "
-             "| live growth | compile s | GFLOP/s | % of matmul |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"machine: {results['machine']}, {results['threads']} torch thread(s), torch {results['torch']}; "
+        f"load average before / after: {results['load_before']} / {results['load_after']}",
+        f"times: {results['time_basis']} seconds; dense matmul: {peak:.1f} GFLOP/s",
+        "",
+        "| distill variant | syn_steps | s / iteration | × full | × full, paired | peak MB | peak live MB "
+        "| live growth | compile s | GFLOP/s | % of matmul |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant, by_steps in results["distill"].items():
         for steps, r in by_steps.items():
-            speedup = (f"{r['speedup_vs_full']:.2f} | {r['speedup_vs_full_paired']:.2f}" if "speedup_vs_full" in r
-                       else "– | –")
-            lines.append(f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {speedup} | {r['peak_mb']:.0f} | "
-                         f"{r['peak_live_mb']:.0f} | {100 * r['peak_live_growth']:+.1f}% | {r['compile_s']:.0f} | "
-                         f"{r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% |")
+            speedup = (
+                f"{r['speedup_vs_full']:.2f} | {r['speedup_vs_full_paired']:.2f}" if "speedup_vs_full" in r else "– | –"
+            )
+            lines.append(
+                f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {speedup} | {r['peak_mb']:.0f} | "
+                f"{r['peak_live_mb']:.0f} | {100 * r['peak_live_growth']:+.1f}% | {r['compile_s']:.0f} | "
+                f"{r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% |"
+            )
     e = results["experts"]
     if e is None:
         return "\n".join(lines)
-    lines += ["", "| expert training | images/s | × eager float32 | × eager, paired "
-              "| × eager, system malloc, paired | GFLOP/s | % of matmul (its precision) | compile s "
-              f"| images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| expert training | images/s | × eager float32 | × eager, paired "
+        "| × eager, system malloc, paired | GFLOP/s | % of matmul (its precision) | compile s "
+        f"| images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant, (compiled, precision, _) in EXPERT_VARIANTS.items():
         if f"{variant}_img_s" not in e:
             continue
         reference = results["matmul_gflops"] if precision == "float32" else results["matmul_bfloat16_gflops"]
         rate, gflops = e[f"{variant}_img_s"], e[f"{variant}_gflops"]
-        paired = " | ".join(f"{e[key]:.2f}" if key in e else "–" for key in (
-            f"{variant}_x_eager_paired", f"{variant}_x_eager_system_malloc_paired"))
-        row = (f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {paired} | {gflops:.1f} | "
-               f"{100 * gflops / reference:.0f}% | ")
+        paired = " | ".join(
+            f"{e[key]:.2f}" if key in e else "–"
+            for key in (f"{variant}_x_eager_paired", f"{variant}_x_eager_system_malloc_paired")
+        )
+        row = (
+            f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {paired} | {gflops:.1f} | "
+            f"{100 * gflops / reference:.0f}% | "
+        )
         if compiled:
             with_compile = e[f"{variant}_img_s_with_compile"]
-            row += (f"{e[compile_key(variant)]:.0f} | {with_compile:.0f} | "
-                    f"{with_compile / e['eager_img_s']:.2f} |")
+            row += f"{e[compile_key(variant)]:.0f} | {with_compile:.0f} | {with_compile / e['eager_img_s']:.2f} |"
         else:
             row += "– | | |"
         lines.append(row)
@@ -449,12 +517,21 @@ def main() -> None:
     for name in ("width", "depth", "batch", "size", "image-size", "dim", "iterations", "expert-batch", "expert-steps"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--syn-steps", type=int, nargs="+")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated distill variants (default: all of %(default)s)")
-    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure the distill variants (default: yes)")
-    parser.add_argument("--experts", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure expert training, eager vs compiled, float32 and bfloat16 (default: yes)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated distill variants (default: all of %(default)s)"
+    )
+    parser.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the distill variants (default: yes)",
+    )
+    parser.add_argument(
+        "--experts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure expert training, eager vs compiled, float32 and bfloat16 (default: yes)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -481,21 +558,32 @@ def main() -> None:
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     matmul_gflop, matmul = matmul_seconds(device)
     _, matmul_bfloat16 = matmul_seconds(device, dtype=torch.bfloat16)
-    by_steps = {str(n): run_interleaved(args, "distill", variants, n, args.iterations)
-                for n in (args.syn_steps if args.distill else [])}
-    distill = {variant: {n: results[variant] for n, results in by_steps.items()}
-               for variant in (variants if args.distill else [])}
-    experts = (run_interleaved(args, "experts", list(EXPERT_VARIANTS), 0, args.expert_steps)
-               if args.experts else None)
-    summary, experts_summary = summarise(basis, distill, experts and {**experts, "batch": args.expert_batch},
-                                         STAGE_IMAGES[preset])
+    by_steps = {
+        str(n): run_interleaved(args, "distill", variants, n, args.iterations)
+        for n in (args.syn_steps if args.distill else [])
+    }
+    distill = {
+        variant: {n: results[variant] for n, results in by_steps.items()}
+        for variant in (variants if args.distill else [])
+    }
+    experts = run_interleaved(args, "experts", list(EXPERT_VARIANTS), 0, args.expert_steps) if args.experts else None
+    summary, experts_summary = summarise(
+        basis, distill, experts and {**experts, "batch": args.expert_batch}, STAGE_IMAGES[preset]
+    )
     results = {
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
-        "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
-        "time_basis": basis, "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "preset": preset, "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
-        "matmul_gflops": matmul_gflop / matmul[basis], "matmul_bfloat16_gflops": matmul_gflop / matmul_bfloat16[basis],
-        "distill": summary, "experts": experts_summary,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "torch": torch.__version__,
+        "time_basis": basis,
+        "load_before": load_before,
+        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "preset": preset,
+        "setting": {key: getattr(args, key) for key in PRESETS["cpu"]},
+        "matmul_gflops": matmul_gflop / matmul[basis],
+        "matmul_bfloat16_gflops": matmul_gflop / matmul_bfloat16[basis],
+        "distill": summary,
+        "experts": experts_summary,
         "raw": {"matmul_s": matmul, "matmul_bfloat16_s": matmul_bfloat16, "distill": distill, "experts": experts},
     }
     print(table(results))

@@ -32,12 +32,26 @@ from sslkd.teacher import warmup_cosine
 
 log = logging.getLogger("teacher_curve")
 
-AUGMENT = AugmentConfig(crop_scale=(0.2, 1.0), flip=True, jitter_prob=0.8, brightness=0.4, contrast=0.4,
-                        saturation=0.4, grayscale_prob=0.2, solarize_prob=0.0)
+AUGMENT = AugmentConfig(
+    crop_scale=(0.2, 1.0),
+    flip=True,
+    jitter_prob=0.8,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.4,
+    grayscale_prob=0.2,
+    solarize_prob=0.0,
+)
 
 
-def probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-          fraction: float, seed: int) -> float:
+def probe(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    test_labels: torch.Tensor,
+    fraction: float,
+    seed: int,
+) -> float:
     """Accuracy (%) of a logistic regression on standardised features of a stratified fraction of the labels."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -46,11 +60,14 @@ def probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, t
     chosen = []
     for label in range(int(train_labels.max()) + 1):
         members = torch.nonzero(train_labels == label).flatten()
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:max(1, round(fraction * len(members)))]])
+        chosen.append(
+            members[torch.randperm(len(members), generator=generator)[: max(1, round(fraction * len(members)))]]
+        )
     subset = torch.cat(chosen)
     scaler = StandardScaler().fit(train[subset].numpy())
-    classifier = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(train[subset].numpy()),
-                                                              train_labels[subset].numpy())
+    classifier = LogisticRegression(C=1.0, max_iter=1000).fit(
+        scaler.transform(train[subset].numpy()), train_labels[subset].numpy()
+    )
     return float(100 * np.mean(classifier.predict(scaler.transform(test.numpy())) == test_labels.numpy()))
 
 
@@ -77,14 +94,25 @@ def main() -> None:
     pixels = train.float() / 255
     mean, std = pixels.mean((0, 2, 3)).view(1, 3, 1, 1), pixels.std((0, 2, 3)).view(1, 3, 1, 1)
     encoder = seeded_module(lambda: BNConvNet(BNConvNetConfig(32), 3), 0)
-    head = seeded_module(lambda: nn.Sequential(nn.Linear(256, 1024, bias=False), nn.BatchNorm1d(1024),
-                                               nn.ReLU(inplace=True), nn.Linear(1024, 1024, bias=False)), 1)
+    head = seeded_module(
+        lambda: nn.Sequential(
+            nn.Linear(256, 1024, bias=False),
+            nn.BatchNorm1d(1024),
+            nn.ReLU(inplace=True),
+            nn.Linear(1024, 1024, bias=False),
+        ),
+        1,
+    )
     results: dict[str, object] = {}
 
     def record(tag: str) -> None:
         train_features, test_features = features(encoder, train, mean, std), features(encoder, test, mean, std)
-        results[tag] = {str(f): float(np.mean([probe(train_features, train_labels, test_features, test_labels, f, s)
-                                               for s in range(3)])) for f in (0.01, 0.05)}
+        results[tag] = {
+            str(f): float(
+                np.mean([probe(train_features, train_labels, test_features, test_labels, f, s) for s in range(3)])
+            )
+            for f in (0.01, 0.05)
+        }
         log.info("%s: %s", tag, results[tag])
 
     record("untrained")
@@ -96,7 +124,7 @@ def main() -> None:
         for first in range(0, len(pixels) - 255, 256):
             encoder.train()
             head.train()
-            view1, view2 = two_views(pixels[order[first:first + 256]], AUGMENT, generator)
+            view1, view2 = two_views(pixels[order[first : first + 256]], AUGMENT, generator)
             loss = barlow_twins_loss(head(encoder((view1 - mean) / std)), head(encoder((view2 - mean) / std)), 5e-3)
             optimiser.zero_grad()
             loss.backward()

@@ -65,7 +65,12 @@ def source_digest() -> str:
 def _git(*arguments: str) -> str:
     """stdout of a git command in the package's repository (raises outside a repository)."""
     return subprocess.run(
-        ["git", *arguments], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10, check=True,
+        ["git", *arguments],
+        cwd=PACKAGE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     ).stdout.strip()
 
 
@@ -131,8 +136,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         cause = _os_error(error)
         if cause is None:
             raise
-        raise SslkdError(f"cannot write {path}: {cause.strerror or cause}; nothing was written (free space or "
-                         f"make {path.parent} writable, then rerun)") from None
+        raise SslkdError(
+            f"cannot write {path}: {cause.strerror or cause}; nothing was written (free space or "
+            f"make {path.parent} writable, then rerun)"
+        ) from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -178,8 +185,9 @@ def on_cpu(value: Any) -> Any:
     return value
 
 
-def _sidecar(path: Path, kind: str, shapes: dict, config: str, inputs: dict[str, Path] | None,
-             extra: dict[str, Any] | None) -> dict[str, Any]:
+def _sidecar(
+    path: Path, kind: str, shapes: dict, config: str, inputs: dict[str, Path] | None, extra: dict[str, Any] | None
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "kind": kind,
         "code_version": source_version(),
@@ -258,14 +266,18 @@ def verify_artifact(path: Path, kind: str, *, produced_by: str) -> dict[str, Any
     if not isinstance(metadata, dict) or not isinstance(metadata.get("sha256"), str):
         raise SslkdError(f"the sidecar {meta} records no sha256: {rerun}")
     if metadata.get("kind") != kind:
-        raise SslkdError(f"the sidecar {meta} describes a {metadata.get('kind')!r} artifact, expected {kind!r}: {rerun}")
+        raise SslkdError(
+            f"the sidecar {meta} describes a {metadata.get('kind')!r} artifact, expected {kind!r}: {rerun}"
+        )
     try:
         actual = file_sha256(path)
     except OSError as error:
         raise SslkdError(f"cannot read {path}: {error.strerror or error}") from None
     if actual != metadata["sha256"]:
-        raise SslkdError(f"{path} does not match the sha256 in its sidecar (corrupt, truncated or changed since "
-                         f"it was written): {rerun}")
+        raise SslkdError(
+            f"{path} does not match the sha256 in its sidecar (corrupt, truncated or changed since "
+            f"it was written): {rerun}"
+        )
     return metadata
 
 

@@ -116,6 +116,8 @@ class CheckpointPolicy:
         return RunCheckpoints(self.root / run_key(stage, stage_config, inputs), self.interval_s)
 
 
-def run_checkpoints(policy: CheckpointPolicy | None, stage: str, stage_config: Any, inputs: list[Path]) -> RunCheckpoints:
+def run_checkpoints(
+    policy: CheckpointPolicy | None, stage: str, stage_config: Any, inputs: list[Path]
+) -> RunCheckpoints:
     """The run's checkpoints under ``policy``; ``NO_CHECKPOINTS`` when there is none (inline runs)."""
     return NO_CHECKPOINTS if policy is None else policy.run(stage, stage_config, inputs)

@@ -39,8 +39,12 @@ STAGE_HELP = {
 
 
 def _add_study_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--params", type=Path, default=Path("params.yaml"),
-                         help="params.yaml: the setting and the DVC-tracked values (default: %(default)s)")
+    command.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params.yaml: the setting and the DVC-tracked values (default: %(default)s)",
+    )
     command.add_argument("--setting", help="gin/settings/<SETTING>.gin instead of params.yaml's setting")
     command.add_argument("--workdir", type=Path, default=Path("."), help="workspace root (default: %(default)s)")
 
@@ -54,19 +58,26 @@ def parser() -> argparse.ArgumentParser:
         _add_study_options(command)
         command.add_argument("--config-dir", type=Path, default=Path("gin"), help="gin folder (default: %(default)s)")
         command.add_argument("--gin", type=Path, action="append", default=[], help="extra gin file (repeatable)")
-        command.add_argument("--bind", action="append", default=[],
-                             help="extra gin binding, e.g. 'sslkd.distill.iterations = 10' (repeatable)")
-        command.add_argument("--no-tracking", action="store_true",
-                             help="record no MLflow run (same as SSLKD_TRACKING=off)")
-        command.add_argument("--launcher", choices=LAUNCHERS,
-                             help="inline (this process), local (submitit job) or slurm (SLURM job); "
-                                  "default: $SSLKD_LAUNCHER, else inline")
-        command.add_argument("--device",
-                             help="cpu, cuda, cuda:N or auto (CUDA when there is a GPU); "
-                                  "default: $SSLKD_DEVICE, else auto")
+        command.add_argument(
+            "--bind",
+            action="append",
+            default=[],
+            help="extra gin binding, e.g. 'sslkd.distill.iterations = 10' (repeatable)",
+        )
+        command.add_argument(
+            "--no-tracking", action="store_true", help="record no MLflow run (same as SSLKD_TRACKING=off)"
+        )
+        command.add_argument(
+            "--launcher",
+            choices=LAUNCHERS,
+            help="inline (this process), local (submitit job) or slurm (SLURM job); "
+            "default: $SSLKD_LAUNCHER, else inline",
+        )
+        command.add_argument(
+            "--device", help="cpu, cuda, cuda:N or auto (CUDA when there is a GPU); default: $SSLKD_DEVICE, else auto"
+        )
         if stage == "evaluate":
-            command.add_argument("--method", required=True,
-                                 help="no_pretrain | random | high_loss | full_data | mkdt")
+            command.add_argument("--method", required=True, help="no_pretrain | random | high_loss | full_data | mkdt")
     check = commands.add_parser("check", help="validate params.yaml and the setting (dvc.yaml's first stage)")
     _add_study_options(check)
     check.add_argument("--config-dir", type=Path, default=Path("gin"), help="gin folder (default: %(default)s)")
@@ -89,8 +100,11 @@ def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[s
         "sslkd.stage": name,
         "sslkd.params_hash": tracking.config_hash(config.operative_config()),
     }
-    tags = {"sslkd.setting": setting, "sslkd.code_version": version,
-            "sslkd.workspace": str(Path(args.workdir).resolve())}
+    tags = {
+        "sslkd.setting": setting,
+        "sslkd.code_version": version,
+        "sslkd.workspace": str(Path(args.workdir).resolve()),
+    }
     if args.stage == "evaluate":
         tags["sslkd.method"] = args.method
     if os.environ.get("DVC_EXP_NAME"):
@@ -165,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     previous = {signum: signal.getsignal(signum) for signum in termination.SIGNALS}
     termination.handle_termination()
@@ -178,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sslkd {args.stage}: interrupted", file=sys.stderr)
         return 130
     except termination.Terminated as stop:
-        print(f"sslkd {args.stage}: stopped by {stop.name} before it finished (nothing half-written; rerun it)",
-              file=sys.stderr)
+        print(
+            f"sslkd {args.stage}: stopped by {stop.name} before it finished (nothing half-written; rerun it)",
+            file=sys.stderr,
+        )
         return stop.code
     finally:
         if threading.current_thread() is threading.main_thread():

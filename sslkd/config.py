@@ -86,7 +86,11 @@ class Params:
     sections: dict[str, dict[str, Any]]
 
     def bindings(self) -> list[str]:
-        return [f"sslkd.{section}.{key} = {value!r}" for section, items in self.sections.items() for key, value in items.items()]
+        return [
+            f"sslkd.{section}.{key} = {value!r}"
+            for section, items in self.sections.items()
+            for key, value in items.items()
+        ]
 
 
 def read_params(path: Path) -> Params:
@@ -101,8 +105,10 @@ def read_params(path: Path) -> Params:
     sections = {key: value for key, value in raw.items() if key != "setting"}
     for section, items in sections.items():
         if section not in PARAMS_SECTIONS:
-            raise SslkdError(f"{path}: unknown section {section!r}; sections are stage names or student_input: "
-                             f"{', '.join(PARAMS_SECTIONS)}")
+            raise SslkdError(
+                f"{path}: unknown section {section!r}; sections are stage names or student_input: "
+                f"{', '.join(PARAMS_SECTIONS)}"
+            )
         if not isinstance(items, dict):
             raise SslkdError(f"{path}: section {section!r} must map parameter names to values")
     return Params(raw["setting"], sections)
@@ -174,8 +180,11 @@ def conforms(value: Any, annotation: Any) -> bool:
 
 
 def _type_name(annotation: Any) -> str:
-    return annotation.__name__ if isinstance(annotation, type) and not typing.get_args(annotation) else \
-        str(annotation).replace("typing.", "")
+    return (
+        annotation.__name__
+        if isinstance(annotation, type) and not typing.get_args(annotation)
+        else str(annotation).replace("typing.", "")
+    )
 
 
 def check_binding_types() -> None:
@@ -192,8 +201,10 @@ def check_binding_types() -> None:
             for parameter, value in bindings.items():
                 annotation = annotations.get(parameter)
                 if annotation is not None and not conforms(value, annotation):
-                    raise SslkdError(f"config error: {selector}.{parameter} must be {_type_name(annotation)}, "
-                                     f"got {value!r} ({type(value).__name__})")
+                    raise SslkdError(
+                        f"config error: {selector}.{parameter} must be {_type_name(annotation)}, "
+                        f"got {value!r} ({type(value).__name__})"
+                    )
 
 
 def build(name: str) -> Any:

@@ -110,8 +110,9 @@ def _from_nhwc(array: np.ndarray, what: str) -> torch.Tensor:
         raise SslkdError(f"{what}: expected uint8 images [N, H, W, C], got {array.dtype} {array.shape}")
     if array.shape[-1] not in CHANNELS:
         layout = " (it looks like NCHW: transpose it to NHWC)" if array.shape[1] in CHANNELS else ""
-        raise SslkdError(f"{what}: expected images [N, H, W, C] with C = 1 or 3 channels last, got shape "
-                         f"{array.shape}{layout}")
+        raise SslkdError(
+            f"{what}: expected images [N, H, W, C] with C = 1 or 3 channels last, got shape {array.shape}{layout}"
+        )
     if len(array) == 0:
         raise SslkdError(f"{what}: holds no images (shape {array.shape})")
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
@@ -130,13 +131,16 @@ def check_dataset(dataset: "ImageDataset", what: str) -> None:
     needs two), or an empty test split (too few images per class for the hold-out fraction)."""
     classes = torch.unique(dataset.train_labels)
     if len(classes) < 2:
-        raise SslkdError(f"{what}: the training images hold {len(classes)} class(es); the linear-probe "
-                         "evaluation needs at least 2")
+        raise SslkdError(
+            f"{what}: the training images hold {len(classes)} class(es); the linear-probe evaluation needs at least 2"
+        )
     if len(dataset.test_images) == 0:
         counts = torch.bincount(dataset.train_labels)
-        raise SslkdError(f"{what}: the test split is empty ({len(dataset.train_images)} training images, at most "
-                         f"{int(counts.max())} per class): give more images per class, a larger holdout_fraction "
-                         "or a test_path")
+        raise SslkdError(
+            f"{what}: the test split is empty ({len(dataset.train_images)} training images, at most "
+            f"{int(counts.max())} per class): give more images per class, a larger holdout_fraction "
+            "or a test_path"
+        )
 
 
 def load_digits_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -223,8 +227,11 @@ def _tinyimagenet(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
         test_images.append(_read_rgb(base / "val" / "images" / filename))
         test_labels.append(index_of[wnid])
     return (
-        _from_nhwc(np.stack(train_images), "tinyimagenet train"), torch.tensor(train_labels),
-        _from_nhwc(np.stack(test_images), "tinyimagenet val"), torch.tensor(test_labels), wnids,
+        _from_nhwc(np.stack(train_images), "tinyimagenet train"),
+        torch.tensor(train_labels),
+        _from_nhwc(np.stack(test_images), "tinyimagenet val"),
+        torch.tensor(test_labels),
+        wnids,
     )
 
 
@@ -248,14 +255,18 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         if config.test_path:
             test_images, test_labels, _ = read_npz(Path(config.test_path).expanduser())
             if test_images.shape[1:] != images.shape[1:]:
-                raise SslkdError(f"test images {tuple(test_images.shape[1:])} differ from train {tuple(images.shape[1:])}")
+                raise SslkdError(
+                    f"test images {tuple(test_images.shape[1:])} differ from train {tuple(images.shape[1:])}"
+                )
             test = (test_images, test_labels)
     elif config.dataset in ("cifar10", "cifar100") and root.suffix == ".npz":
         images, labels, names = read_npz(root)  # an offline copy of the training set: a test split is held out
         classes = CIFAR_CLASSES[config.dataset]
         if int(labels.max()) + 1 != classes or tuple(images.shape[1:]) != (3, 32, 32):
-            raise SslkdError(f"{root} is not {config.dataset}: {int(labels.max()) + 1} classes of "
-                             f"{tuple(images.shape[1:])} images, expected {classes} of (3, 32, 32)")
+            raise SslkdError(
+                f"{root} is not {config.dataset}: {int(labels.max()) + 1} classes of "
+                f"{tuple(images.shape[1:])} images, expected {classes} of (3, 32, 32)"
+            )
         if config.test_path:
             test_images, test_labels, _ = read_npz(Path(config.test_path).expanduser())
             test = (test_images, test_labels)
@@ -277,8 +288,14 @@ def load_dataset(config: DataConfig) -> ImageDataset:
     if config.image_size:
         images, test = resize(images, config.image_size), (resize(test[0], config.image_size), test[1])
         pool = pool and (resize(pool[0], config.image_size), pool[1])
-    log.info("%s: %d train (of a pool of %d), %d test images of shape %s", config.dataset, len(images),
-             len(pool[0]) if pool else len(images), len(test[0]), tuple(images.shape[1:]))
+    log.info(
+        "%s: %d train (of a pool of %d), %d test images of shape %s",
+        config.dataset,
+        len(images),
+        len(pool[0]) if pool else len(images),
+        len(test[0]),
+        tuple(images.shape[1:]),
+    )
     return ImageDataset(images, labels, test[0], test[1], names, *(pool or (None, None)))
 
 
@@ -374,7 +391,9 @@ class ZCAWhitening:
     def whiten(self, standardised: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
         """Standardised [N, C, H, W] -> whitened [N, C, H, W] (in batches: the matrix is F × F)."""
         matrix, mean = self.matrix.to(standardised), self.mean.to(standardised)
-        return torch.cat([((chunk.flatten(1) - mean) @ matrix).view_as(chunk) for chunk in standardised.split(batch_size)])
+        return torch.cat(
+            [((chunk.flatten(1) - mean) @ matrix).view_as(chunk) for chunk in standardised.split(batch_size)]
+        )
 
     def unwhiten(self, whitened: torch.Tensor) -> torch.Tensor:
         """Whitened [N, C, H, W] -> standardised [N, C, H, W]."""

@@ -73,12 +73,16 @@ class DistillConfig:
         if not 0 < self.lr_min <= self.lr_init:
             raise SslkdError(f"need 0 < lr_min <= lr_init, got lr_min={self.lr_min}, lr_init={self.lr_init}")
         if not self.lr_images > 0 or min(self.lr_representations, self.lr_lr) < 0:
-            raise SslkdError(f"distill needs lr_images > 0 and lr_representations, lr_lr >= 0 (0 freezes), got "
-                             f"{self.lr_images}, {self.lr_representations}, {self.lr_lr}")
+            raise SslkdError(
+                f"distill needs lr_images > 0 and lr_representations, lr_lr >= 0 (0 freezes), got "
+                f"{self.lr_images}, {self.lr_representations}, {self.lr_lr}"
+            )
         momenta = (self.momentum_images, self.momentum_representations, self.momentum_lr)
         if not all(0 <= momentum < 1 for momentum in momenta):
-            raise SslkdError(f"distill's momentum_images, momentum_representations and momentum_lr must lie in "
-                             f"[0, 1), got {', '.join(map(str, momenta))}")
+            raise SslkdError(
+                f"distill's momentum_images, momentum_representations and momentum_lr must lie in "
+                f"[0, 1), got {', '.join(map(str, momenta))}"
+            )
         if not self.seeds:
             raise SslkdError("distill.seeds must name at least one seed")
 
@@ -110,7 +114,7 @@ class MinibatchSampler:
     def next(self) -> torch.Tensor:
         if len(self.pending) < self.batch:
             self.pending = torch.cat([self.pending, torch.randperm(self.size, generator=self.generator)])
-        batch, self.pending = self.pending[: self.batch], self.pending[self.batch:]
+        batch, self.pending = self.pending[: self.batch], self.pending[self.batch :]
         return batch
 
 
@@ -170,8 +174,9 @@ def check_trajectories(trajectories: torch.Tensor, layout: ParameterLayout, conf
         raise SslkdError(f"trajectories hold {trajectories.shape[2]} parameters, the student has {layout.numel}")
 
 
-def make_optimisers(images: torch.Tensor, representations: torch.Tensor, lr: torch.Tensor,
-                    config: DistillConfig) -> list[torch.optim.Optimizer]:
+def make_optimisers(
+    images: torch.Tensor, representations: torch.Tensor, lr: torch.Tensor, config: DistillConfig
+) -> list[torch.optim.Optimizer]:
     """SGD with momentum on the images, on the inner learning rate α and, if learnt, on the representations."""
     optimisers: list[torch.optim.Optimizer] = [
         torch.optim.SGD([images], lr=config.lr_images, momentum=config.momentum_images),
@@ -184,15 +189,28 @@ def make_optimisers(images: torch.Tensor, representations: torch.Tensor, lr: tor
     return optimisers
 
 
-def checkpoint_state(iteration: int, order: list[int], images: torch.Tensor, representations: torch.Tensor,
-                     lr: torch.Tensor, optimisers: list[torch.optim.Optimizer], sampler: MinibatchSampler,
-                     generator: torch.Generator, result: DistillResult) -> dict[str, Any]:
+def checkpoint_state(
+    iteration: int,
+    order: list[int],
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    optimisers: list[torch.optim.Optimizer],
+    sampler: MinibatchSampler,
+    generator: torch.Generator,
+    result: DistillResult,
+) -> dict[str, Any]:
     """Everything ``distill(resume=...)`` needs to continue at ``iteration`` bit-identically."""
     return {
-        "iteration": iteration, "order": order, "images": images.detach(),
-        "representations": representations.detach(), "lr": lr.detach(),
-        "optimisers": [optimiser.state_dict() for optimiser in optimisers], "sampler": sampler.pending,
-        "generator": generator.get_state(), "matching_losses": list(result.matching_losses),
+        "iteration": iteration,
+        "order": order,
+        "images": images.detach(),
+        "representations": representations.detach(),
+        "lr": lr.detach(),
+        "optimisers": [optimiser.state_dict() for optimiser in optimisers],
+        "sampler": sampler.pending,
+        "generator": generator.get_state(),
+        "matching_losses": list(result.matching_losses),
         "learning_rates": list(result.learning_rates),
     }
 
@@ -235,8 +253,9 @@ def distill(
         batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]
         for optimiser in optimisers:
             optimiser.zero_grad(set_to_none=True)
-        loss = match_trajectory(config.unroll, steps, start, target, images, representations, lr, batches,
-                                config.adjoint_snapshots)
+        loss = match_trajectory(
+            config.unroll, steps, start, target, images, representations, lr, batches, config.adjoint_snapshots
+        )
         if not torch.isfinite(loss):
             raise SslkdError(
                 f"matching loss became {loss.item()} at iteration {iteration}: lower distill.lr_images or lr_lr"
@@ -251,8 +270,11 @@ def distill(
         if on_iteration is not None:
             on_iteration(iteration, loss.item(), lr.item())
         if on_checkpoint is not None:
-            on_checkpoint(checkpoint_state(iteration + 1, order, images, representations, lr, optimisers, sampler,
-                                           generator, result))
+            on_checkpoint(
+                checkpoint_state(
+                    iteration + 1, order, images, representations, lr, optimisers, sampler, generator, result
+                )
+            )
     result.images = images.detach()
     result.representations = representations.detach()
     result.lr = lr.item()

@@ -101,9 +101,18 @@ def pretrain_kd(
     steps = steps or KDSteps(student, layout, compile=config.compile, precision=config.precision)
     parameters, losses = layout.flatten(student), []
     num_epochs = config.epochs_for(len(images))
-    epochs = train_kd(steps, parameters, images, targets, lr=lr, momentum=config.momentum,
-                      weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=num_epochs,
-                      generator=generator)
+    epochs = train_kd(
+        steps,
+        parameters,
+        images,
+        targets,
+        lr=lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        epochs=num_epochs,
+        generator=generator,
+    )
     for parameters, _, loss in track(epochs, total=num_epochs, desc="pre-train"):
         losses.append(loss)
     layout.load_into(student, parameters)
@@ -114,7 +123,7 @@ def pretrain_kd(
 def trunk_features(student: ConvNet, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Frozen trunk features (head dropped): images [N, C, H, W] on the student's device -> [N, F] on the CPU."""
     student.eval()
-    return torch.cat([student.features(images[i:i + batch_size]).cpu() for i in range(0, len(images), batch_size)])
+    return torch.cat([student.features(images[i : i + batch_size]).cpu() for i in range(0, len(images), batch_size)])
 
 
 def labelled_subset(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -162,8 +171,14 @@ def probe_at_fractions(
     ``seed_generator(fraction_index)`` returns the generator that picks the labelled subset, so every
     method sees the same labels at a given seed.
     """
-    return probe_features_at_fractions(trunk_features(student, train_images), train_labels,
-                                       trunk_features(student, test_images), test_labels, config, seed_generator)
+    return probe_features_at_fractions(
+        trunk_features(student, train_images),
+        train_labels,
+        trunk_features(student, test_images),
+        test_labels,
+        config,
+        seed_generator,
+    )
 
 
 def probe_features_at_fractions(
@@ -208,8 +223,10 @@ def probe_runs(
     """One :func:`probe_features_at_fractions` per entry of ``seed_generators`` (its labelled subsets) on
     features (train [N, F], test [T, F])."""
     train, test = features
-    return [probe_features_at_fractions(train, train_labels, test, test_labels, config, seed_generator)
-            for seed_generator in seed_generators]
+    return [
+        probe_features_at_fractions(train, train_labels, test, test_labels, config, seed_generator)
+        for seed_generator in seed_generators
+    ]
 
 
 def probe_gain(trained: list[dict[str, float]], untrained: list[dict[str, float]]) -> dict[str, dict[str, dict]]:
@@ -217,5 +234,7 @@ def probe_gain(trained: list[dict[str, float]], untrained: list[dict[str, float]
     same labelled subsets): {"trained" | "untrained" | "gain": {label_fraction: {"mean", "std", "n"}}}."""
     keys = list(trained[0])
     gains = [{k: t[k] - u[k] for k in keys} for t, u in zip(trained, untrained, strict=True)]
-    return {name: {k: summary_stats([run[k] for run in runs]) for k in keys}
-            for name, runs in (("trained", trained), ("untrained", untrained), ("gain", gains))}
+    return {
+        name: {k: summary_stats([run[k] for run in runs]) for k in keys}
+        for name, runs in (("trained", trained), ("untrained", untrained), ("gain", gains))
+    }

@@ -50,12 +50,15 @@ class ExpertsConfig:
     def __post_init__(self) -> None:
         check_precision(self.precision)
         if self.objective not in EXPERT_OBJECTIVES:
-            raise SslkdError(f"unknown expert objective {self.objective!r}; choose one of {', '.join(EXPERT_OBJECTIVES)}")
+            raise SslkdError(
+                f"unknown expert objective {self.objective!r}; choose one of {', '.join(EXPERT_OBJECTIVES)}"
+            )
         if self.num_experts < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise SslkdError("experts need num_experts, epochs, batch_size >= 1 and lr > 0")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise SslkdError(f"experts need momentum in [0, 1) and weight_decay >= 0, got {self.momentum}, "
-                             f"{self.weight_decay}")
+            raise SslkdError(
+                f"experts need momentum in [0, 1) and weight_decay >= 0, got {self.momentum}, {self.weight_decay}"
+            )
 
 
 def build_student(config: ConvNetConfig, image_shape: tuple[int, ...], out_dim: int, seed: int) -> ConvNet:
@@ -99,8 +102,13 @@ def train_expert(
 
 
 def _train_kd_expert(
-    student: ConvNet, images: torch.Tensor, targets: torch.Tensor, config: ExpertsConfig,
-    generator: torch.Generator, steps: KDSteps | None, resume: dict[str, Any] | None,
+    student: ConvNet,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    config: ExpertsConfig,
+    generator: torch.Generator,
+    steps: KDSteps | None,
+    resume: dict[str, Any] | None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
@@ -111,22 +119,40 @@ def _train_kd_expert(
         snapshots, epoch_losses = list(resume["snapshots"]), list(resume["epoch_losses"])
         velocity = resume["velocity"].to(images.device)
     for parameters, velocity, loss in train_kd(  # noqa: B020 (the last velocity is kept for a resume)
-        steps, snapshots[-1].to(images.device), images, targets, lr=config.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, batch_size=config.batch_size, epochs=config.epochs - len(epoch_losses),
-        generator=generator, velocity=velocity,
+        steps,
+        snapshots[-1].to(images.device),
+        images,
+        targets,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        epochs=config.epochs - len(epoch_losses),
+        generator=generator,
+        velocity=velocity,
     ):
         snapshots.append(parameters.cpu())
         epoch_losses.append(loss)
         if on_checkpoint is not None:
-            on_checkpoint({"velocity": velocity, "generator": generator.get_state(),
-                           "snapshots": torch.stack(snapshots), "epoch_losses": list(epoch_losses)})
+            on_checkpoint(
+                {
+                    "velocity": velocity,
+                    "generator": generator.get_state(),
+                    "snapshots": torch.stack(snapshots),
+                    "epoch_losses": list(epoch_losses),
+                }
+            )
     layout.load_into(student, snapshots[-1])
     return torch.stack(snapshots), epoch_losses
 
 
 def _train_ssl_expert(
-    student: ConvNet, images: torch.Tensor, config: ExpertsConfig, generator: torch.Generator,
-    input_space: InputSpace, resume: dict[str, Any] | None,
+    student: ConvNet,
+    images: torch.Tensor,
+    config: ExpertsConfig,
+    generator: torch.Generator,
+    input_space: InputSpace,
+    resume: dict[str, Any] | None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[torch.Tensor, list[float]]:
     layout = ParameterLayout.of(student)
@@ -144,7 +170,7 @@ def _train_ssl_expert(
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for start in range(0, len(images), config.batch_size):
-            batch = order[start:start + config.batch_size]
+            batch = order[start : start + config.batch_size]
             if len(batch) < 2:  # the SSL losses standardise over the batch
                 continue
             view1, view2 = two_views(input_space.invert(images[batch]), config.ssl.augment, generator)
@@ -158,9 +184,13 @@ def _train_ssl_expert(
         snapshots.append(layout.flatten(student).cpu())
         epoch_losses.append(total / max(count, 1))
         if on_checkpoint is not None:
-            on_checkpoint({
-                "student": student.state_dict(), "optimiser": optimiser.state_dict(),
-                "generator": generator.get_state(), "snapshots": torch.stack(snapshots),
-                "epoch_losses": list(epoch_losses),
-            })
+            on_checkpoint(
+                {
+                    "student": student.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "generator": generator.get_state(),
+                    "snapshots": torch.stack(snapshots),
+                    "epoch_losses": list(epoch_losses),
+                }
+            )
     return torch.stack(snapshots), epoch_losses

@@ -57,8 +57,12 @@ def autocast_loss(loss: Loss, dtype: torch.dtype) -> Loss:
 
 
 def momentum_update(
-    parameters: torch.Tensor, velocity: torch.Tensor, gradient: torch.Tensor,
-    lr: torch.Tensor, momentum: float, weight_decay: float,
+    parameters: torch.Tensor,
+    velocity: torch.Tensor,
+    gradient: torch.Tensor,
+    lr: torch.Tensor,
+    momentum: float,
+    weight_decay: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.optim.SGD's update (dampening 0, no Nesterov; a zero buffer is its first step):
     v ← m·v + (g + wd·θ), θ ← θ − lr·v. All of θ, v, g: [P]; lr: scalar tensor."""
@@ -91,7 +95,10 @@ class KDSteps:
         self._eager: dict[str, Loss] = {"loss": self.loss}
         self._training_kind = "loss"
         if autocast_dtype is not None:
-            self._eager["training_loss"], self._training_kind = autocast_loss(self.loss, autocast_dtype), "training_loss"
+            self._eager["training_loss"], self._training_kind = (
+                autocast_loss(self.loss, autocast_dtype),
+                "training_loss",
+            )
         self._compiled: dict[str, Callable] = {}
         self._shapes: dict[str, torch.Size] = {}
         if compile:
@@ -120,8 +127,14 @@ class KDSteps:
         return self._shapes.setdefault(kind, images.shape) == images.shape
 
     def train_step(
-        self, parameters: torch.Tensor, velocity: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
-        lr: torch.Tensor, momentum: float, weight_decay: float,
+        self,
+        parameters: torch.Tensor,
+        velocity: torch.Tensor,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        lr: torch.Tensor,
+        momentum: float,
+        weight_decay: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One SGD-with-momentum step on the KD loss: θ, v [P], images [B, C, H, W], targets [B, D], lr
         scalar tensor -> (θ', v', loss before the step), all without autograd history. The forward pass runs
@@ -133,8 +146,9 @@ class KDSteps:
         with torch.no_grad():
             return *momentum_update(parameters, velocity, gradient, lr, momentum, weight_decay), value.detach()
 
-    def sgd_step(self, parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
-                 lr: torch.Tensor) -> torch.Tensor:
+    def sgd_step(
+        self, parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor
+    ) -> torch.Tensor:
         """θ − α ∇ℓ(θ; X_b, Y_b) without a graph: θ [P], images [B, C, H, W], targets [B, D], lr scalar."""
         loss, images = self._loss_for("loss", images)
         parameters = parameters.detach().requires_grad_(True)
@@ -142,7 +156,11 @@ class KDSteps:
         return (parameters - lr * gradient).detach()
 
     def gradient_of_gradient(
-        self, parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, cotangent: torch.Tensor,
+        self,
+        parameters: torch.Tensor,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        cotangent: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """g = ∇_θ ℓ(θ; X_b, Y_b) and the gradient of ⟨λ, g⟩ w.r.t. (θ, X_b, Y_b), from one double backward.
 
@@ -182,9 +200,10 @@ def train_kd(
         order = torch.randperm(len(images), generator=generator).to(images.device)
         total = parameters.new_zeros(())
         for start in range(0, len(images), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             parameters, velocity, loss = steps.train_step(
-                parameters, velocity, images[batch], targets[batch], lr_tensor, momentum, weight_decay)
+                parameters, velocity, images[batch], targets[batch], lr_tensor, momentum, weight_decay
+            )
             total += loss * len(batch)
         mean_loss = total.item() / len(images)
         if not math.isfinite(mean_loss):

@@ -138,9 +138,11 @@ class ResNet18(nn.Module):
                 downsample = nn.Sequential(
                     nn.Conv2d(channels, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
                 )
-            setattr(self, f"layer{stage}", nn.Sequential(
-                BasicBlock(channels, planes, stride, downsample), BasicBlock(planes, planes)
-            ))
+            setattr(
+                self,
+                f"layer{stage}",
+                nn.Sequential(BasicBlock(channels, planes, stride, downsample), BasicBlock(planes, planes)),
+            )
             channels = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.representation_dim = channels
@@ -182,7 +184,11 @@ class BNConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             for multiple in widths:
                 out = multiple * config.width
-                layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(out),
+                    nn.ReLU(inplace=True),
+                ]
                 channels = out
         self.trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.representation_dim = channels

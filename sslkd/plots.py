@@ -33,7 +33,7 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 1) -> torch.Te
     for index, image in enumerate(images):
         row, column = divmod(index, columns)
         top, left = padding + row * (height + padding), padding + column * (width + padding)
-        canvas[:, top:top + height, left:left + width] = image
+        canvas[:, top : top + height, left : left + width] = image
     return canvas.permute(1, 2, 0)
 
 
@@ -47,8 +47,9 @@ def plot_synthetic_set(initial: torch.Tensor, distilled: torch.Tensor, path: Pat
     for axis, title, images in zip(axes, ("initial", "distilled"), (initial, distilled)):
         grid = image_grid(images[:count].detach().float().clamp(0, 1), columns).numpy()
         grey = grid.shape[-1] == 1
-        axis.imshow(grid[..., 0] if grey else grid, cmap="gray" if grey else None, vmin=0, vmax=1,
-                    interpolation="nearest")
+        axis.imshow(
+            grid[..., 0] if grey else grid, cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest"
+        )
         axis.set_title(f"{title} ({count} of {len(images)})")
         axis.axis("off")
     figure.tight_layout()

@@ -73,5 +73,13 @@ def track(iterable: Iterable[T], desc: str, total: int | None = None, leave: boo
         total = len(iterable)  # type: ignore[arg-type]
     if sys.stderr.isatty():
         return tqdm(iterable, desc=desc, total=total, leave=leave)
-    return _LoggedProgress(iterable, desc=desc, total=total, file=_LogLines(), mininterval=period_s(), miniters=1,
-                           leave=True, bar_format=LOG_FORMAT if total is not None else LOG_FORMAT_NO_TOTAL)
+    return _LoggedProgress(
+        iterable,
+        desc=desc,
+        total=total,
+        file=_LogLines(),
+        mininterval=period_s(),
+        miniters=1,
+        leave=True,
+        bar_format=LOG_FORMAT if total is not None else LOG_FORMAT_NO_TOTAL,
+    )

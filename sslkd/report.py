@@ -39,12 +39,22 @@ def markdown_table(summary: dict, paired: dict[str, dict]) -> str:
     header = "| pre-training set | " + " | ".join(f"{float(f) * 100:g}% labels" for f in fractions) + " |"
     lines = [header, "|---|" + "---|" * len(fractions)]
     for method, rows in summary.items():
-        cells = [f"{rows[f]['mean']:.1f} ± {rows[f]['std']:.1f} ({rows[f]['n']})" if f in rows else "–" for f in fractions]
+        cells = [
+            f"{rows[f]['mean']:.1f} ± {rows[f]['std']:.1f} ({rows[f]['n']})" if f in rows else "–" for f in fractions
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if paired:
-        lines += ["", "Paired differences (same evaluation seed: same encoder init, same labels), points:", "",
-                  header.replace("pre-training set", "difference"), "|---|" + "---|" * len(fractions)]
+        lines += [
+            "",
+            "Paired differences (same evaluation seed: same encoder init, same labels), points:",
+            "",
+            header.replace("pre-training set", "difference"),
+            "|---|" + "---|" * len(fractions),
+        ]
         for name, rows in paired.items():
-            cells = [f"{rows[f]['mean']:+.1f} ± {rows[f]['std']:.1f} ({rows[f]['n']})" if f in rows else "–" for f in fractions]
+            cells = [
+                f"{rows[f]['mean']:+.1f} ± {rows[f]['std']:.1f} ({rows[f]['n']})" if f in rows else "–"
+                for f in fractions
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -41,7 +41,8 @@ class InitConfig:
             raise SslkdError(f"unknown init method {self.method!r}; choose one of {', '.join(INIT_METHODS)}")
         if self.high_loss_scope not in HIGH_LOSS_SCOPES:
             raise SslkdError(
-                f"unknown init.high_loss_scope {self.high_loss_scope!r}; choose one of {', '.join(HIGH_LOSS_SCOPES)}")
+                f"unknown init.high_loss_scope {self.high_loss_scope!r}; choose one of {', '.join(HIGH_LOSS_SCOPES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class EvaluateConfig:
             raise SslkdError("evaluate.seeds must name at least one seed")
         unknown = [h for h in self.horizons if h not in HORIZONS]
         if not self.horizons or unknown or len(set(self.horizons)) != len(self.horizons):
-            raise SslkdError(f"evaluate.horizons must be distinct names from {', '.join(HORIZONS)}, got {self.horizons}")
+            raise SslkdError(
+                f"evaluate.horizons must be distinct names from {', '.join(HORIZONS)}, got {self.horizons}"
+            )
 
 
 @dataclass(frozen=True)

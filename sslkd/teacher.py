@@ -56,11 +56,13 @@ class SSLConfig:
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """The lr factor at each step: linear from 1/warmup_steps to 1 over the warm-up, then a half cosine
     from 1 to 0 over the rest of ``total_steps``."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
     return factor
 
 
@@ -86,8 +88,12 @@ class TeacherConfig:
 def projector(in_dim: int, out_dim: int) -> nn.Module:
     """Barlow Twins' projector: two Linear–BatchNorm–ReLU layers and a final Linear."""
     return nn.Sequential(
-        nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True),
-        nn.Linear(out_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, out_dim, bias=False),
+        nn.BatchNorm1d(out_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(out_dim, out_dim, bias=False),
+        nn.BatchNorm1d(out_dim),
+        nn.ReLU(inplace=True),
         nn.Linear(out_dim, out_dim, bias=False),
     )
 
@@ -121,7 +127,8 @@ def train_ssl(
     optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(images) // config.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, warmup_cosine(config.warmup_steps, config.epochs * steps_per_epoch))
+        optimiser, warmup_cosine(config.warmup_steps, config.epochs * steps_per_epoch)
+    )
     encoder.train()
     head.train()
     epoch_losses: list[float] = []
@@ -138,7 +145,7 @@ def train_ssl(
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for start in range(0, steps_per_epoch * config.batch_size, config.batch_size):
-            batch = images[order[start:start + config.batch_size]]
+            batch = images[order[start : start + config.batch_size]]
             view1, view2 = two_views(batch, config.augment, generator)
             loss = ssl_loss(config, head(encoder(normalise(view1))), head(encoder(normalise(view2))))
             if not torch.isfinite(loss):
@@ -153,11 +160,17 @@ def train_ssl(
         if on_epoch is not None:
             on_epoch(epoch + 1, epoch_losses[-1])
         if on_checkpoint is not None:
-            on_checkpoint({
-                "epoch": epoch + 1, "encoder": encoder.state_dict(), "head": head.state_dict(),
-                "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-                "generator": generator.get_state(), "epoch_losses": list(epoch_losses),
-            })
+            on_checkpoint(
+                {
+                    "epoch": epoch + 1,
+                    "encoder": encoder.state_dict(),
+                    "head": head.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(),
+                    "epoch_losses": list(epoch_losses),
+                }
+            )
     return epoch_losses
 
 
@@ -204,4 +217,4 @@ def representations(encoder: nn.Module, images: torch.Tensor, batch_size: int = 
     device; moved to the encoder's batch by batch) -> [N, D] on the CPU."""
     encoder.eval()
     device = next(encoder.parameters()).device
-    return torch.cat([encoder(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+    return torch.cat([encoder(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])

@@ -69,8 +69,13 @@ def _accumulate(tensor: torch.Tensor, gradient: torch.Tensor) -> None:
 
 
 def full_matching(
-    steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
-    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor],
+    steps: KDSteps,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    batches: list[torch.Tensor],
 ) -> torch.Tensor:
     """The matching loss through the full unroll; backpropagates into X, Y, α. Shapes: see module doc."""
     loss = trajectory_matching_loss(unroll_sgd(steps, start, images, representations, lr, batches), start, target)
@@ -87,12 +92,16 @@ def check_snapshots(snapshots: Snapshots, num_steps: int) -> None:
     if isinstance(snapshots, str) and snapshots in SNAPSHOTS:
         return
     if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 1:
-        raise SslkdError(f"unknown adjoint snapshots {snapshots!r}; choose one of {', '.join(SNAPSHOTS)} "
-                         "or a number of snapshots >= 1")
+        raise SslkdError(
+            f"unknown adjoint snapshots {snapshots!r}; choose one of {', '.join(SNAPSHOTS)} "
+            "or a number of snapshots >= 1"
+        )
     if snapshots * (snapshots + 1) // 2 < num_steps:
         least = next(k for k in range(1, num_steps + 1) if k * (k + 1) // 2 >= num_steps)
-        raise SslkdError(f"an adjoint snapshot budget of {snapshots} cannot unroll {num_steps} inner steps "
-                         f"(a budget K unrolls at most K(K + 1)/2; {num_steps} needs {least} or more)")
+        raise SslkdError(
+            f"an adjoint snapshot budget of {snapshots} cannot unroll {num_steps} inner steps "
+            f"(a budget K unrolls at most K(K + 1)/2; {num_steps} needs {least} or more)"
+        )
 
 
 def segment_lengths(num_steps: int, snapshots: Snapshots) -> list[int]:
@@ -116,8 +125,12 @@ def segment_lengths(num_steps: int, snapshots: Snapshots) -> list[int]:
 
 
 def sgd_steps(
-    steps: KDSteps, start: torch.Tensor, images: torch.Tensor, representations: torch.Tensor,
-    lr: torch.Tensor, batches: list[torch.Tensor],
+    steps: KDSteps,
+    start: torch.Tensor,
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    batches: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """θ_0..θ_n for the n = len(batches) given minibatches, without a graph: start θ_0 [P]; images
     [M, C, H, W], representations [M, D] and lr α (scalar) detached. Returns n + 1 tensors [P]; the same
@@ -129,8 +142,14 @@ def sgd_steps(
 
 
 def adjoint_matching(
-    steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
-    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: Snapshots = "all",
+    steps: KDSteps,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    batches: list[torch.Tensor],
+    snapshots: Snapshots = "all",
 ) -> torch.Tensor:
     """The matching loss and its exact gradients by the adjoint recursion (module doc), accumulated into
     ``.grad`` of images X [M, C, H, W], representations Y [M, D] and lr α (scalar) where they require it.
@@ -156,7 +175,8 @@ def adjoint_matching(
             segment_snapshots = sgd_steps(steps, checkpoints.pop(), data, targets, alpha, segment[:-1])
         for batch in reversed(segment):
             gradient, hvp, d_images, d_targets = steps.gradient_of_gradient(
-                segment_snapshots.pop(), data[batch], targets[batch], adjoint)
+                segment_snapshots.pop(), data[batch], targets[batch], adjoint
+            )
             grad_lr -= torch.dot(adjoint, gradient)
             grad_images.index_add_(0, batch, d_images)  # × −α at the end: α is the same in every step
             grad_targets.index_add_(0, batch, d_targets)
@@ -168,8 +188,15 @@ def adjoint_matching(
 
 
 def match_trajectory(
-    unroll: str, steps: KDSteps, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
-    representations: torch.Tensor, lr: torch.Tensor, batches: list[torch.Tensor], snapshots: Snapshots = "all",
+    unroll: str,
+    steps: KDSteps,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    batches: list[torch.Tensor],
+    snapshots: Snapshots = "all",
 ) -> torch.Tensor:
     """The matching loss of one segment with gradients accumulated into X, Y, α by the chosen unroll;
     ``snapshots`` (``all`` | ``sqrt`` | a budget K) is the adjoint's (the full unroll keeps its whole

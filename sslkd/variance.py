@@ -87,9 +87,9 @@ class VarianceConfig:
 def flat_gradient(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """∇ loss w.r.t. the model's parameters, flattened in parameter order: [P]."""
     gradients = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-    return torch.cat([
-        (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gradients, model.parameters())
-    ]).detach()
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gradients, model.parameters())]
+    ).detach()
 
 
 def kd_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,8 @@ def full_kd_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     (the loss is a mean over examples, so the weighted sum of chunk gradients is the full gradient)."""
     total = len(images)
     return sum(
-        kd_gradient(model, images[start:start + chunk], targets[start:start + chunk]) * (min(chunk, total - start) / total)
+        kd_gradient(model, images[start : start + chunk], targets[start : start + chunk])
+        * (min(chunk, total - start) / total)
         for start in range(0, total, chunk)
     )
 
@@ -206,18 +207,26 @@ def measure_gradient_variance(
     ssl_configs = {o: replace(config.experts.ssl, objective=o) for o in config.ssl_objectives}
     for batch in track(result.batch_sizes, desc="gradient variance"):
         minibatches = sample_minibatches(len(images), batch, config.minibatches, generator)
-        result.kd.append(relative_variance(torch.stack([kd_gradient(model, images[b], targets[b]) for b in minibatches]), full))
+        result.kd.append(
+            relative_variance(torch.stack([kd_gradient(model, images[b], targets[b]) for b in minibatches]), full)
+        )
         for objective, ssl in ssl_configs.items():
-            gradients = torch.stack([ssl_gradient(model, pixels[b], input_space.apply, ssl, generator) for b in minibatches])
+            gradients = torch.stack(
+                [ssl_gradient(model, pixels[b], input_space.apply, ssl, generator) for b in minibatches]
+            )
             result.ssl[objective].append(relative_variance(gradients))
             if batch == config.experts.batch_size:
                 fixed = pixels[minibatches[0]]
-                gradients = torch.stack([
-                    ssl_gradient(model, fixed, input_space.apply, ssl, generator) for _ in range(config.minibatches)
-                ])
+                gradients = torch.stack(
+                    [ssl_gradient(model, fixed, input_space.apply, ssl, generator) for _ in range(config.minibatches)]
+                )
                 result.augmentation_only[objective] = relative_variance(gradients)
-        log.info("batch %d: relative gradient variance kd %.4g, %s", batch, result.kd[-1],
-                 ", ".join(f"{o} {v[-1]:.4g}" for o, v in result.ssl.items()))
+        log.info(
+            "batch %d: relative gradient variance kd %.4g, %s",
+            batch,
+            result.kd[-1],
+            ", ".join(f"{o} {v[-1]:.4g}" for o, v in result.ssl.items()),
+        )
     return result
 
 
@@ -242,11 +251,23 @@ def train_runs(
     return torch.stack(snapshots), losses
 
 
-def matching_losses(student: nn.Module, experts: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
-                    variance_config: VarianceConfig, generator: torch.Generator) -> dict:
+def matching_losses(
+    student: nn.Module,
+    experts: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    variance_config: VarianceConfig,
+    generator: torch.Generator,
+) -> dict:
     """Distil from experts [K, S, P], starting from images [M, C, H, W] with targets [M, D]: the matching
     loss per iteration, its mean over the first and the last final_window iterations, the learned lr."""
-    result = distill(student, ParameterLayout.of(student), experts, images, targets, variance_config.matching(), generator)
+    result = distill(
+        student, ParameterLayout.of(student), experts, images, targets, variance_config.matching(), generator
+    )
     losses, window = result.matching_losses, variance_config.final_window
-    return {"losses": losses, "initial": tail_mean(losses[:window], window), "final": tail_mean(losses, window),
-            "learned_lr": result.lr}
+    return {
+        "losses": losses,
+        "initial": tail_mean(losses[:window], window),
+        "final": tail_mean(losses, window),
+        "learned_lr": result.lr,
+    }

@@ -19,7 +19,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("SSLKD_TRACKING", "off")  # tests/test_tracking.py switches it on where it tests it
 os.environ.setdefault("SSLKD_UPLOADER_IDLE_SECONDS", "2")
-os.environ.setdefault("SSLKD_DEVICE", "cpu")  # the bit-for-bit checks hold on the CPU (sslkd/infra/devices.py)  # tests' tracking uploaders exit soon after their work
+os.environ.setdefault(
+    "SSLKD_DEVICE", "cpu"
+)  # the bit-for-bit checks hold on the CPU (sslkd/infra/devices.py)  # tests' tracking uploaders exit soon after their work
 
 REPO = Path(__file__).resolve().parents[1]
 

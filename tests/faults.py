@@ -35,16 +35,31 @@ def assert_one_line_error(code: int, stderr: str, stage: str, *fragments: str) -
 def file_size_limit(size: int):
     """A preexec_fn: files the child writes may not grow past ``size`` bytes (RLIMIT_FSIZE), and a write
     past it fails with EFBIG instead of killing the child with SIGXFSZ: a full disk, without root."""
+
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
     return limit
 
 
-def sslkd(cwd: Path, *argv: str, env: dict[str, str] | None = None, preexec_fn=None,
-          pythonpath: Path = REPO) -> subprocess.CompletedProcess:
+def sslkd(
+    cwd: Path, *argv: str, env: dict[str, str] | None = None, preexec_fn=None, pythonpath: Path = REPO
+) -> subprocess.CompletedProcess:
     """The real ``sslkd`` command (``python -m sslkd``) in ``cwd``, running the package at ``pythonpath``."""
-    environment = {**os.environ, "PYTHONPATH": str(pythonpath), "SSLKD_TRACKING": "off", "SSLKD_DEVICE": "cpu",
-                   **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sslkd", *argv], cwd=cwd, env=environment, capture_output=True,
-                          text=True, preexec_fn=preexec_fn, timeout=600)
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(pythonpath),
+        "SSLKD_TRACKING": "off",
+        "SSLKD_DEVICE": "cpu",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "sslkd", *argv],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec_fn,
+        timeout=600,
+    )

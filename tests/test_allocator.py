@@ -90,15 +90,18 @@ def test_an_unknown_choice_fails_the_stage_in_one_line(tmp_path, monkeypatch, ca
     assert not (tmp_path / "artifacts").exists()
 
 
-@pytest.mark.parametrize("variable, value, tuned", [
-    ("MALLOC_MMAP_THRESHOLD_", "131072", True),
-    ("MALLOC_ARENA_MAX", "2", False),  # the number of arenas: none of what keep sets
-    ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0", True),
-    ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2", False),
-    ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", True),
-    ("LD_PRELOAD", "/usr/lib/libtcmalloc_minimal.so.4", True),
-    ("LD_PRELOAD", "/opt/libfaketime.so", False),
-])
+@pytest.mark.parametrize(
+    "variable, value, tuned",
+    [
+        ("MALLOC_MMAP_THRESHOLD_", "131072", True),
+        ("MALLOC_ARENA_MAX", "2", False),  # the number of arenas: none of what keep sets
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0", True),
+        ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2", False),
+        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", True),
+        ("LD_PRELOAD", "/usr/lib/libtcmalloc_minimal.so.4", True),
+        ("LD_PRELOAD", "/opt/libfaketime.so", False),
+    ],
+)
 def test_an_allocator_tuned_by_the_environment_is_recognised(variable, value, tuned):
     assert allocator.tuned_elsewhere({"PATH": "/bin", variable: value}) == (variable if tuned else None)
 

@@ -49,10 +49,13 @@ def assert_identical(first, second):
 @pytest.mark.parametrize("stop_at", [1, 3])
 def test_distill_resumes_bit_identically(tmp_path, stop_at):
     student, layout, images, targets = make_tiny_problem()
-    trajectories = torch.stack([torch.stack([layout.flatten(student) * (1 + 0.1 * k + 0.01 * s)
-                                             for s in range(4)]) for k in range(3)])
+    trajectories = torch.stack(
+        [torch.stack([layout.flatten(student) * (1 + 0.1 * k + 0.01 * s) for s in range(4)]) for k in range(3)]
+    )
     cfg = distill_config(iterations=5)
-    run = lambda **hooks: distill(student, layout, trajectories, images, targets, cfg, torch.Generator().manual_seed(7), **hooks)
+    run = lambda **hooks: distill(
+        student, layout, trajectories, images, targets, cfg, torch.Generator().manual_seed(7), **hooks
+    )
     reference = run()
     store = RunCheckpoints(tmp_path)
     with pytest.raises(Stop):
@@ -67,11 +70,28 @@ def test_distill_resumes_bit_identically(tmp_path, stop_at):
 
 def test_expert_training_resumes_bit_identically(tmp_path):
     _, _, images, targets = make_tiny_problem()
-    cfg = ExpertsConfig(student=ConvNetConfig(width=4, depth=2), objective="kd", num_experts=1, epochs=4, lr=0.1,
-                        momentum=0.9, weight_decay=1e-4, batch_size=5, ssl=None, compile=False, precision="float32",
-                        seed=0)
-    run = lambda **hooks: train_expert(build_student(cfg.student, (3, 8, 8), 6, seed=3), images, targets, cfg,
-                                       torch.Generator().manual_seed(11), **hooks)
+    cfg = ExpertsConfig(
+        student=ConvNetConfig(width=4, depth=2),
+        objective="kd",
+        num_experts=1,
+        epochs=4,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+        batch_size=5,
+        ssl=None,
+        compile=False,
+        precision="float32",
+        seed=0,
+    )
+    run = lambda **hooks: train_expert(
+        build_student(cfg.student, (3, 8, 8), 6, seed=3),
+        images,
+        targets,
+        cfg,
+        torch.Generator().manual_seed(11),
+        **hooks,
+    )
     reference = run()
     store = RunCheckpoints(tmp_path)
     with pytest.raises(Stop):
@@ -82,10 +102,27 @@ def test_expert_training_resumes_bit_identically(tmp_path):
 
 def test_teacher_training_resumes_bit_identically(tmp_path):
     images = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    augment = AugmentConfig(crop_scale=(0.4, 1.0), flip=True, jitter_prob=0.8, brightness=0.4, contrast=0.4,
-                            saturation=0.0, grayscale_prob=0.0, solarize_prob=0.2)
-    cfg = SSLConfig(objective="barlow_twins", projector_dim=8, epochs=3, batch_size=4, lr=1e-2, weight_decay=1e-4,
-                    off_diagonal_weight=5e-3, temperature=0.5, augment=augment)
+    augment = AugmentConfig(
+        crop_scale=(0.4, 1.0),
+        flip=True,
+        jitter_prob=0.8,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.0,
+        grayscale_prob=0.0,
+        solarize_prob=0.2,
+    )
+    cfg = SSLConfig(
+        objective="barlow_twins",
+        projector_dim=8,
+        epochs=3,
+        batch_size=4,
+        lr=1e-2,
+        weight_decay=1e-4,
+        off_diagonal_weight=5e-3,
+        temperature=0.5,
+        augment=augment,
+    )
 
     def run(**hooks):
         encoder = seeded_module(lambda: ResNet18(ResNetConfig(width=2), 1), 0)

@@ -19,7 +19,9 @@ def workspace(tmp_path, monkeypatch):
     """A workspace with the repo's gin files, the toy setting and default params."""
     shutil.copytree(REPO / "gin", tmp_path / "gin")
     shutil.copy(REPO / "tests" / "configs" / "tiny.gin", tmp_path / "gin" / "settings" / "tiny.gin")
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("setting: digits", "setting: tiny"))
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text().replace("setting: digits", "setting: tiny")
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -19,8 +19,16 @@ ROOTS = [stage for stage in config.STAGES]
 
 
 def test_the_required_settings_exist():
-    assert {"digits", "cifar10_cpu", "cifar10_2pct", "cifar10_5pct", "cifar100_2pct", "cifar100_5pct",
-            "tinyimagenet_2pct", "tinyimagenet_5pct"} <= set(SETTINGS)
+    assert {
+        "digits",
+        "cifar10_cpu",
+        "cifar10_2pct",
+        "cifar10_5pct",
+        "cifar100_2pct",
+        "cifar100_5pct",
+        "tinyimagenet_2pct",
+        "tinyimagenet_5pct",
+    } <= set(SETTINGS)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

@@ -59,8 +59,7 @@ def container(tmp_path):
     env.pop("PYTHONPATH", None)
 
     def run(*args: str) -> tuple[str, str]:
-        result = subprocess.run(["sh", str(ENTRYPOINT), *args], cwd=workspace, env=env,
-                                capture_output=True, text=True)
+        result = subprocess.run(["sh", str(ENTRYPOINT), *args], cwd=workspace, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         return result.stdout, result.stderr
 
@@ -120,8 +119,9 @@ def test_an_unwritable_workspace_is_one_clear_error():
         workspace.mkdir()
         folder.chmod(0o755)
         workspace.chmod(0o555)
-        result = subprocess.run([*as_nobody, "sh", str(folder / "entrypoint.sh")], cwd=workspace,
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [*as_nobody, "sh", str(folder / "entrypoint.sh")], cwd=workspace, capture_output=True, text=True
+        )
     finally:
         shutil.rmtree(folder)
     assert result.returncode == 2

@@ -21,8 +21,16 @@ from sslkd.errors import SslkdError
 
 
 def data_config(**overrides) -> DataConfig:
-    values = dict(dataset="digits", root="", test_path="", holdout_fraction=0.3, train_subset=0, image_size=0,
-                  download=False, split_seed=0)
+    values = dict(
+        dataset="digits",
+        root="",
+        test_path="",
+        holdout_fraction=0.3,
+        train_subset=0,
+        image_size=0,
+        download=False,
+        split_seed=0,
+    )
     return DataConfig(**{**values, **overrides})
 
 
@@ -40,7 +48,9 @@ def test_digits_split_is_class_balanced_seeded_and_disjoint():
     per_class = torch.bincount(torch.cat([first.train_labels, first.test_labels]))
     assert torch.bincount(first.test_labels).tolist() == [round(0.3 * int(n)) for n in per_class]
     other = load_dataset(data_config(split_seed=1))
-    assert not torch.equal(first.test_labels, other.test_labels) or not torch.equal(first.test_images, other.test_images)
+    assert not torch.equal(first.test_labels, other.test_labels) or not torch.equal(
+        first.test_images, other.test_images
+    )
 
 
 def test_split_indices_are_sorted_and_partition():
@@ -81,7 +91,9 @@ def test_bad_npz_files_fail_with_one_clear_line(tmp_path, make, message):
 
 
 def test_missing_cifar_says_where_it_looked_and_how_to_provide_it(tmp_path):
-    with pytest.raises(SslkdError, match=r"cifar10 not found under .*set data.root in params.yaml .* -S data.root=PATH"):
+    with pytest.raises(
+        SslkdError, match=r"cifar10 not found under .*set data.root in params.yaml .* -S data.root=PATH"
+    ):
         load_dataset(data_config(dataset="cifar10", root=str(tmp_path)))
 
 
@@ -150,7 +162,9 @@ def test_zca_whitening_decorrelates_the_training_images_and_inverts_exactly(seed
     covariance = torch.cov(whitened.T)
     flat = standardised.flatten(1).double()
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(flat.T))
-    expected = (eigenvectors * (eigenvalues.clamp(min=0) / (eigenvalues.clamp(min=0) + regularisation))) @ eigenvectors.T
+    expected = (
+        eigenvectors * (eigenvalues.clamp(min=0) / (eigenvalues.clamp(min=0) + regularisation))
+    ) @ eigenvectors.T
     assert torch.allclose(covariance, expected, atol=2e-4)
     assert torch.allclose(whitened.mean(0), torch.zeros(12, dtype=torch.float64), atol=1e-4)
     assert torch.allclose(whitening.matrix, whitening.matrix.T)

@@ -18,10 +18,24 @@ from conftest import make_tiny_problem
 
 def config(**overrides) -> DistillConfig:
     values = dict(
-        iterations=4, syn_steps=3, expert_epochs=1, max_start_epoch=2, batch_syn=4, lr_images=10.0,
-        momentum_images=0.5, lr_representations=1.0, momentum_representations=0.5, lr_lr=1e-4,
-        momentum_lr=0.5, lr_init=0.05, lr_min=1e-4, learn_representations=True, unroll="adjoint",
-        adjoint_snapshots="all", compile=False, seeds=(0,),
+        iterations=4,
+        syn_steps=3,
+        expert_epochs=1,
+        max_start_epoch=2,
+        batch_syn=4,
+        lr_images=10.0,
+        momentum_images=0.5,
+        lr_representations=1.0,
+        momentum_representations=0.5,
+        lr_lr=1e-4,
+        momentum_lr=0.5,
+        lr_init=0.05,
+        lr_min=1e-4,
+        learn_representations=True,
+        unroll="adjoint",
+        adjoint_snapshots="all",
+        compile=False,
+        seeds=(0,),
     )
     return DistillConfig(**{**values, **overrides})
 
@@ -37,8 +51,9 @@ def test_functional_unroll_equals_torch_sgd_steps(steps, lr, seed):
     # Step by step from the same θ_k: over several steps, a last-bit difference can cross a ReLU kink
     # and grow (hypothesis found such a case), which says nothing about the step itself.
     for batch in batches:
-        unrolled = unroll_sgd(steps, layout.flatten(student), images, targets, torch.tensor(lr), [batch],
-                              create_graph=False)
+        unrolled = unroll_sgd(
+            steps, layout.flatten(student), images, targets, torch.tensor(lr), [batch], create_graph=False
+        )
         optimiser.zero_grad()
         kd_mse_loss(student(images[batch]), targets[batch]).backward()
         optimiser.step()
@@ -92,9 +107,18 @@ def fake_trajectories(student, layout, images, targets, experts=3, epochs=3) -> 
 def test_distillation_is_bit_identical_for_the_same_seed_and_differs_for_another(tiny_problem, unroll):
     student, layout, images, targets = tiny_problem
     trajectories = fake_trajectories(student, layout, images, targets)
-    runs = [distill(student, layout, trajectories, images[:6], targets[:6], config(unroll=unroll),
-                    torch.Generator().manual_seed(s))
-            for s in (7, 7, 8)]
+    runs = [
+        distill(
+            student,
+            layout,
+            trajectories,
+            images[:6],
+            targets[:6],
+            config(unroll=unroll),
+            torch.Generator().manual_seed(s),
+        )
+        for s in (7, 7, 8)
+    ]
     assert torch.equal(runs[0].images, runs[1].images)
     assert torch.equal(runs[0].representations, runs[1].representations)
     assert runs[0].lr == runs[1].lr and runs[0].matching_losses == runs[1].matching_losses
@@ -112,9 +136,15 @@ def test_learned_lr_is_projected_onto_the_positive_floor(tiny_problem):
     loss = kd_mse_loss(functional_call(student, layout.unflatten(start), (images[:6],)), targets[:6])
     (ascent,) = torch.autograd.grad(loss, start)
     trajectories = torch.stack([start.detach(), start.detach() + 0.01 * ascent / ascent.norm()]).unsqueeze(0)
-    result = distill(student, layout, trajectories, images[:6], targets[:6],
-                     config(lr_lr=10.0, lr_images=0.0, iterations=5, max_start_epoch=1, expert_epochs=1),
-                     torch.Generator().manual_seed(0))
+    result = distill(
+        student,
+        layout,
+        trajectories,
+        images[:6],
+        targets[:6],
+        config(lr_lr=10.0, lr_images=0.0, iterations=5, max_start_epoch=1, expert_epochs=1),
+        torch.Generator().manual_seed(0),
+    )
     assert min(result.learning_rates) == pytest.approx(1e-4)
     assert all(lr >= torch.tensor(1e-4).item() for lr in result.learning_rates)  # float32 floor
 
@@ -122,8 +152,15 @@ def test_learned_lr_is_projected_onto_the_positive_floor(tiny_problem):
 def test_frozen_representations_are_not_learned(tiny_problem):
     student, layout, images, targets = tiny_problem
     trajectories = fake_trajectories(student, layout, images, targets)
-    result = distill(student, layout, trajectories, images[:6], targets[:6],
-                     config(learn_representations=False), torch.Generator().manual_seed(0))
+    result = distill(
+        student,
+        layout,
+        trajectories,
+        images[:6],
+        targets[:6],
+        config(learn_representations=False),
+        torch.Generator().manual_seed(0),
+    )
     assert torch.equal(result.representations, targets[:6])
 
 
@@ -131,25 +168,50 @@ def test_too_short_trajectories_are_refused(tiny_problem):
     student, layout, images, targets = tiny_problem
     trajectories = fake_trajectories(student, layout, images, targets, epochs=2)
     with pytest.raises(SslkdError, match="train experts longer"):
-        distill(student, layout, trajectories, images[:6], targets[:6], config(max_start_epoch=2, expert_epochs=2),
-                torch.Generator().manual_seed(0))
+        distill(
+            student,
+            layout,
+            trajectories,
+            images[:6],
+            targets[:6],
+            config(max_start_epoch=2, expert_epochs=2),
+            torch.Generator().manual_seed(0),
+        )
 
 
 def test_checkpointed_snapshots_give_the_same_distillation(tiny_problem):
     student, layout, images, targets = tiny_problem
     trajectories = fake_trajectories(student, layout, images, targets)
-    runs = [distill(student, layout, trajectories, images[:6], targets[:6],
-                    config(syn_steps=5, adjoint_snapshots=snapshots), torch.Generator().manual_seed(7))
-            for snapshots in ("all", "sqrt", 3)]
+    runs = [
+        distill(
+            student,
+            layout,
+            trajectories,
+            images[:6],
+            targets[:6],
+            config(syn_steps=5, adjoint_snapshots=snapshots),
+            torch.Generator().manual_seed(7),
+        )
+        for snapshots in ("all", "sqrt", 3)
+    ]
     for run in runs[1:]:
         assert torch.equal(runs[0].images, run.images)
         assert torch.equal(runs[0].representations, run.representations)
         assert runs[0].lr == run.lr and runs[0].matching_losses == run.matching_losses
 
 
-@pytest.mark.parametrize("field, value", [("unroll", "tesla"), ("lr_min", 0.0), ("iterations", 0), ("seeds", ()),
-                                          ("adjoint_snapshots", "checkpointed"), ("adjoint_snapshots", 0),
-                                          ("adjoint_snapshots", 1)])  # a budget of 1 unrolls 1 step, not 3
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("unroll", "tesla"),
+        ("lr_min", 0.0),
+        ("iterations", 0),
+        ("seeds", ()),
+        ("adjoint_snapshots", "checkpointed"),
+        ("adjoint_snapshots", 0),
+        ("adjoint_snapshots", 1),
+    ],
+)  # a budget of 1 unrolls 1 step, not 3
 def test_invalid_distill_config_is_refused(field, value):
     with pytest.raises(SslkdError):
         config(**{field: value})

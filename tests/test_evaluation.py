@@ -32,8 +32,13 @@ def digits_split():
 def probe(encoder, digits_split, fraction=0.05, seed=0) -> float:
     train_x, train_y, test_x, test_y = digits_split
     subset = labelled_subset(train_y, fraction, torch.Generator().manual_seed(seed))
-    return linear_probe_accuracy(trunk_features(encoder, train_x[subset]), train_y[subset],
-                                 trunk_features(encoder, test_x), test_y, ProbeConfig((fraction,), 1.0, 1000))
+    return linear_probe_accuracy(
+        trunk_features(encoder, train_x[subset]),
+        train_y[subset],
+        trunk_features(encoder, test_x),
+        test_y,
+        ProbeConfig((fraction,), 1.0, 1000),
+    )
 
 
 def test_random_encoder_is_clearly_above_chance_and_a_trained_one_above_that(digits_split):
@@ -63,8 +68,16 @@ def test_labelled_subset_is_stratified_seeded_and_shared():
 
 
 def _pretrain_config(epochs: int, min_steps: int) -> PretrainConfig:
-    return PretrainConfig(epochs=epochs, batch_size=4, lr=0.05, momentum=0.9, weight_decay=1e-4, compile=False, precision="float32",
-                          min_steps=min_steps)
+    return PretrainConfig(
+        epochs=epochs,
+        batch_size=4,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-4,
+        compile=False,
+        precision="float32",
+        min_steps=min_steps,
+    )
 
 
 def test_min_steps_raises_the_epochs_of_small_sets_only():
@@ -81,8 +94,9 @@ def test_min_steps_raises_the_epochs_of_small_sets_only():
 def test_pretraining_runs_the_raised_number_of_epochs():
     student = build_student(ConvNetConfig(width=4, depth=1), (1, 8, 8), 3, seed=0)
     images, targets = torch.randn(6, 1, 8, 8), torch.randn(6, 3)
-    losses = pretrain_kd(student, images, targets, 0.05, _pretrain_config(epochs=1, min_steps=5),
-                         torch.Generator().manual_seed(0))
+    losses = pretrain_kd(
+        student, images, targets, 0.05, _pretrain_config(epochs=1, min_steps=5), torch.Generator().manual_seed(0)
+    )
     assert len(losses) == 3  # two batches an epoch, at least five steps
 
 
@@ -100,10 +114,10 @@ def test_probe_gain_pairs_each_label_draw_with_the_untrained_one():
     trained = [{"0.1": 50.0, "0.5": 70.0}, {"0.1": 54.0, "0.5": 71.0}]
     untrained = [{"0.1": 40.0, "0.5": 60.0}, {"0.1": 41.0, "0.5": 64.0}]
     result = probe_gain(trained, untrained)
-    assert result["trained"]["0.1"] == {"mean": 52.0, "std": pytest.approx(8 ** 0.5), "n": 2}
-    assert result["untrained"]["0.5"] == {"mean": 62.0, "std": pytest.approx(8 ** 0.5), "n": 2}
+    assert result["trained"]["0.1"] == {"mean": 52.0, "std": pytest.approx(8**0.5), "n": 2}
+    assert result["untrained"]["0.5"] == {"mean": 62.0, "std": pytest.approx(8**0.5), "n": 2}
     # gains 10 and 13 (0.1), 10 and 7 (0.5): paired draw by draw, not difference of means alone
-    assert result["gain"]["0.1"] == {"mean": 11.5, "std": pytest.approx(4.5 ** 0.5), "n": 2}
-    assert result["gain"]["0.5"] == {"mean": 8.5, "std": pytest.approx(4.5 ** 0.5), "n": 2}
+    assert result["gain"]["0.1"] == {"mean": 11.5, "std": pytest.approx(4.5**0.5), "n": 2}
+    assert result["gain"]["0.5"] == {"mean": 8.5, "std": pytest.approx(4.5**0.5), "n": 2}
     with pytest.raises(ValueError):
         probe_gain(trained, untrained[:1])  # every draw needs its untrained partner

@@ -56,8 +56,14 @@ def test_corrupt_trajectories_stop_init_and_distill(tiny_study, tmp_path):
     trajectories = root / "artifacts" / "experts" / "trajectories.pt"
     flip_floats(trajectories)
     result = sslkd(root, "init")
-    assert_one_line_error(result.returncode, result.stderr, "init", str(Path("artifacts/experts/trajectories.pt")),
-                          "sha256", "rerun `sslkd experts`")
+    assert_one_line_error(
+        result.returncode,
+        result.stderr,
+        "init",
+        str(Path("artifacts/experts/trajectories.pt")),
+        "sha256",
+        "rerun `sslkd experts`",
+    )
     assert not (root / "artifacts" / "init").exists()
     shutil.copytree(tiny_study / "artifacts" / "init", root / "artifacts" / "init")
     result = sslkd(root, "distill")
@@ -155,18 +161,26 @@ def test_no_space_left_writing_an_artifact(tmp_path, mount_tmpfs):
     root = make_workspace(tmp_path / "w")
     mount_tmpfs(root / "artifacts" / "data", "size=64k")
     result = sslkd(root, "data")
-    assert_one_line_error(result.returncode, result.stderr, "data", "cannot write", "dataset.pt",
-                          "No space left on device")
+    assert_one_line_error(
+        result.returncode, result.stderr, "data", "cannot write", "dataset.pt", "No space left on device"
+    )
     assert os.listdir(root / "artifacts" / "data") == []
 
 
 def make_evaluations(root: Path) -> None:
     """Evaluation results of every method (the report stage's inputs), written as the evaluate stage does."""
     for method in ("no_pretrain", "random", "high_loss", "full_data", "mkdt"):
-        runs = [{"eval_seed": seed, "distill_seed": 0 if method == "mkdt" else None,
-                 "accuracy": {"0.05": 40.0 + seed, "0.5": 60.0 + seed}} for seed in range(3)]
-        save_json_artifact(root / "artifacts" / "evaluate" / f"{method}.json", "evaluation",
-                           {"method": method, "runs": runs})
+        runs = [
+            {
+                "eval_seed": seed,
+                "distill_seed": 0 if method == "mkdt" else None,
+                "accuracy": {"0.05": 40.0 + seed, "0.5": 60.0 + seed},
+            }
+            for seed in range(3)
+        ]
+        save_json_artifact(
+            root / "artifacts" / "evaluate" / f"{method}.json", "evaluation", {"method": method, "runs": runs}
+        )
 
 
 def test_read_only_results_with_tracking_off(tmp_path, mount_tmpfs):
@@ -184,8 +198,13 @@ def test_read_only_results_with_tracking_off(tmp_path, mount_tmpfs):
 
 
 def git(root: Path, *arguments: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments], cwd=root, check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def data_outputs(root: Path) -> dict[str, bytes]:

@@ -27,26 +27,32 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("binding, fragment", [
-    ("sslkd.distill.lr_images = -100.0", "lr_images > 0"),
-    ("sslkd.distill.lr_lr = -1e-4", "lr_lr >= 0"),
-    ("sslkd.distill.momentum_images = -0.5", "momentum_images"),
-    ("sslkd.distill.momentum_lr = 1.5", "[0, 1)"),
-])
+@pytest.mark.parametrize(
+    "binding, fragment",
+    [
+        ("sslkd.distill.lr_images = -100.0", "lr_images > 0"),
+        ("sslkd.distill.lr_lr = -1e-4", "lr_lr >= 0"),
+        ("sslkd.distill.momentum_images = -0.5", "momentum_images"),
+        ("sslkd.distill.momentum_lr = 1.5", "[0, 1)"),
+    ],
+)
 def test_out_of_range_optimiser_values(workspace, capsys, binding, fragment):
     """Before: torch's `ValueError: Invalid learning rate` traceback, exit 1, after loading every input."""
     code, err = run(capsys, "distill", "--bind", binding)
     assert_one_line_error(code, err, "distill", fragment)
 
 
-@pytest.mark.parametrize("binding, fragment", [
-    ("sslkd.distill.iterations = 2.5", "sslkd.distill.iterations must be int, got 2.5 (float)"),
-    ("sslkd.distill.iterations = 'abc'", "sslkd.distill.iterations must be int, got 'abc' (str)"),
-    ("sslkd.distill.seeds = [0, 'one']", "sslkd.distill.seeds must be tuple[int, ...]"),
-    ("sslkd.distill.learn_representations = 1", "learn_representations must be bool"),
-    ("sslkd.augment.crop_scale = (0.2,)", "crop_scale must be tuple[float, float]"),
-    ("teacher/sslkd.slurm.time_min = '30'", "teacher/sslkd.slurm.time_min must be int"),
-])
+@pytest.mark.parametrize(
+    "binding, fragment",
+    [
+        ("sslkd.distill.iterations = 2.5", "sslkd.distill.iterations must be int, got 2.5 (float)"),
+        ("sslkd.distill.iterations = 'abc'", "sslkd.distill.iterations must be int, got 'abc' (str)"),
+        ("sslkd.distill.seeds = [0, 'one']", "sslkd.distill.seeds must be tuple[int, ...]"),
+        ("sslkd.distill.learn_representations = 1", "learn_representations must be bool"),
+        ("sslkd.augment.crop_scale = (0.2,)", "crop_scale must be tuple[float, float]"),
+        ("teacher/sslkd.slurm.time_min = '30'", "teacher/sslkd.slurm.time_min must be int"),
+    ],
+)
 def test_values_of_the_wrong_type(workspace, capsys, binding, fragment):
     """Checked when parsing, whatever the stage (before: 2.5 crashed in a slice, 'abc' gave a garbled
     "needs a binding for '<' not supported ..." message)."""
@@ -77,15 +83,18 @@ def balanced(count: int, classes: int = 4) -> np.ndarray:
     return np.arange(count, dtype=np.int64) % classes
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda p: write_npz(p, images(0), balanced(0)), "holds no images"),
-    (lambda p: write_npz(p, images(200, (1, 16, 16)), balanced(200)), "looks like NCHW"),
-    (lambda p: write_npz(p, images(40, (8, 8, 7)), balanced(40)), "C = 1 or 3 channels last"),
-    (lambda p: write_npz(p, images(40), balanced(40) - 1), "labels must be class indices >= 0"),
-    (lambda p: write_npz(p, images(60), np.zeros(60, np.int64)), "1 class(es)"),
-    (lambda p: write_npz(p, images(3), balanced(3, 3)), "the test split is empty"),
-    (lambda p: p.write_bytes(b"x,y\n1,2\n") and str(p), "is not an .npz archive"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda p: write_npz(p, images(0), balanced(0)), "holds no images"),
+        (lambda p: write_npz(p, images(200, (1, 16, 16)), balanced(200)), "looks like NCHW"),
+        (lambda p: write_npz(p, images(40, (8, 8, 7)), balanced(40)), "C = 1 or 3 channels last"),
+        (lambda p: write_npz(p, images(40), balanced(40) - 1), "labels must be class indices >= 0"),
+        (lambda p: write_npz(p, images(60), np.zeros(60, np.int64)), "1 class(es)"),
+        (lambda p: write_npz(p, images(3), balanced(3, 3)), "the test split is empty"),
+        (lambda p: p.write_bytes(b"x,y\n1,2\n") and str(p), "is not an .npz archive"),
+    ],
+)
 def test_bad_npz_datasets(workspace, capsys, make, fragment):
     """Before: 0 images, 1 class or 3 images failed in sklearn at `evaluate`; NCHW, 7 channels and
     labels of -1 were accepted; a file that is not a zip was reported as a pickle."""
@@ -112,7 +121,6 @@ def test_full_disk_under_the_tracking_spool(workspace):
     """A spool write past the file size limit: one line, exit 2, no half-written spool entry (before: an
     OSError traceback from the spool's first event)."""
     result = sslkd(workspace, "data", env={"SSLKD_TRACKING": "on"}, preexec_fn=file_size_limit(256))
-    assert_one_line_error(result.returncode, result.stderr, "data", "cannot write the tracking spool",
-                          "File too large")
+    assert_one_line_error(result.returncode, result.stderr, "data", "cannot write the tracking spool", "File too large")
     assert list((workspace / ".sslkd-tracking").iterdir()) == []
     assert not (workspace / "artifacts").exists()

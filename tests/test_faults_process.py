@@ -20,8 +20,13 @@ LONG_TEACHER = "\nsslkd.ssl.epochs = 100000  # a teacher that trains until it is
 
 
 def environment(root: Path) -> dict[str, str]:
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(REPO), "SSLKD_TRACKING": "off",
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(REPO),
+        "SSLKD_TRACKING": "off",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
 
 
 def children() -> dict[int, list[int]]:
@@ -72,10 +77,12 @@ def wait_for(predicate, timeout: float, what: str, log: Path | None = None):
 
 def training_teacher(parent: int, marker: str, log: Path) -> int:
     """The pid of the descendant of ``parent`` running ``marker`` once its teacher is training."""
+
     def find():
         if "teacher epochs" not in log.read_text() and "sslkd teacher (setting" not in log.read_text():
             return None
         return next((pid for pid in descendants(parent) if marker in command_line(pid)), None)
+
     return wait_for(find, 120, f"a {marker!r} process under pid {parent}", log)
 
 
@@ -103,8 +110,14 @@ def stop(process: subprocess.Popen, *others: int) -> None:
 def test_sigterm_to_dvc_repro_stops_the_stage_and_writes_no_artifact(long_study):
     log = long_study / "repro.log"
     with open(log, "w") as out:
-        dvc = subprocess.Popen(["dvc", "repro", "-f", "-s", "teacher"], cwd=long_study, env=environment(long_study),
-                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        dvc = subprocess.Popen(
+            ["dvc", "repro", "-f", "-s", "teacher"],
+            cwd=long_study,
+            env=environment(long_study),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     teacher = 0
     try:
         teacher = training_teacher(dvc.pid, "sslkd teacher", log)
@@ -121,8 +134,14 @@ def test_sigterm_to_dvc_repro_stops_the_stage_and_writes_no_artifact(long_study)
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signalled_stage_says_so_in_one_line_and_exits_at_once(long_study, signum):
-    stage = subprocess.Popen(["sslkd", "teacher"], cwd=long_study, env=environment(long_study),
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stage = subprocess.Popen(
+        ["sslkd", "teacher"],
+        cwd=long_study,
+        env=environment(long_study),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         # the teacher's first epoch: give it a moment past start-up (its handlers are set before any work)
         time.sleep(6)
@@ -146,8 +165,14 @@ def test_a_stage_dies_with_its_parent_even_when_the_parent_is_sigkilled(long_stu
     log = long_study / "shell.log"
     script = ("trap '' HUP; " if nohup else "") + "sslkd teacher; true"
     with open(log, "w") as out:
-        shell = subprocess.Popen(["bash", "-c", script], cwd=long_study, env=environment(long_study),
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        shell = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=long_study,
+            env=environment(long_study),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     teacher = training_teacher(shell.pid, "sslkd teacher", log)
     try:
         shell.send_signal(signal.SIGKILL)
@@ -156,8 +181,9 @@ def test_a_stage_dies_with_its_parent_even_when_the_parent_is_sigkilled(long_stu
             time.sleep(5)
             assert alive(teacher), "a nohup'ed stage stopped with its parent"
         else:
-            wait_for(lambda: not alive(teacher), 10, f"sslkd teacher (pid {teacher}) gone after its shell's SIGKILL",
-                     log)
+            wait_for(
+                lambda: not alive(teacher), 10, f"sslkd teacher (pid {teacher}) gone after its shell's SIGKILL", log
+            )
     finally:
         stop(shell, teacher)
 
@@ -172,13 +198,21 @@ def test_a_local_launcher_job_ends_with_the_command_that_launched_it(tmp_path, s
     subprocess.run(["sslkd", "data"], cwd=root, env=env, check=True, capture_output=True)
     log = root / "launch.log"
     with open(log, "w") as out:
-        command = subprocess.Popen(["sslkd", "teacher", "--launcher", "local"], cwd=root, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        command = subprocess.Popen(
+            ["sslkd", "teacher", "--launcher", "local"],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     jobs: list[int] = []
     try:
+
         def job():
             found = [pid for pid in descendants(command.pid) if "submitit" in command_line(pid)]
             return found if found and list((root / "jobs" / "teacher").rglob("*_log.err")) else None
+
         jobs += wait_for(job, 120, "the local job's processes", log)
         time.sleep(8)  # the job imports torch and starts training
         command.send_signal(signum)
@@ -192,14 +226,19 @@ def test_a_local_launcher_job_ends_with_the_command_that_launched_it(tmp_path, s
 
 # The pipeline under DVC: a bad sweep value, and the status of a finished run.
 
+
 def dvc(root: Path, *command: str) -> subprocess.CompletedProcess:
     return subprocess.run(["dvc", *command], cwd=root, env=environment(root), capture_output=True, text=True)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under artifacts/ and results/ -> its bytes."""
-    return {str(path.relative_to(root)): path.read_bytes()
-            for folder in ("artifacts", "results") for path in sorted((root / folder).rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for folder in ("artifacts", "results")
+        for path in sorted((root / folder).rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +254,13 @@ def reproduced(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value, error", [
-    ("setting=nope", "unknown setting 'nope'"),
-    ("+teacher.epochs_typo=1", "epochs_typo"),
-])
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        ("setting=nope", "unknown setting 'nope'"),
+        ("+teacher.epochs_typo=1", "epochs_typo"),
+    ],
+)
 def test_a_bad_value_in_dvc_exp_run_stops_before_any_output_is_deleted(reproduced, value, error):
     before = snapshot(reproduced)
     result = dvc(reproduced, "exp", "run", "-S", value)
@@ -228,7 +270,8 @@ def test_a_bad_value_in_dvc_exp_run_stops_before_any_output_is_deleted(reproduce
     assert snapshot(reproduced) == before, "an output was deleted or changed"
     # What DVC itself does (measured, DVC 3.67): it wrote the value into params.yaml and leaves it there.
     assert (reproduced / "params.yaml").read_text() != subprocess.run(
-        ["git", "show", "HEAD:params.yaml"], cwd=reproduced, capture_output=True, text=True).stdout
+        ["git", "show", "HEAD:params.yaml"], cwd=reproduced, capture_output=True, text=True
+    ).stdout
     # The recovery of docs/reliability.md: restore params.yaml; nothing needs to run again.
     subprocess.run(["git", "checkout", "params.yaml"], cwd=reproduced, check=True)
     status = dvc(reproduced, "status", "dvc.yaml")
@@ -249,14 +292,24 @@ def test_after_a_default_repro_only_the_separate_study_is_not_up_to_date(reprodu
 
 # Silence: a long stage without a terminal logs its progress at a steady rhythm.
 
+
 @pytest.mark.slow
 def test_a_stage_without_a_terminal_logs_its_progress_rate_and_eta(long_study):
     """The teacher (trained until stopped) with stderr to a pipe: progress lines at the period."""
     env = {**environment(long_study), "SSLKD_PROGRESS_SECONDS": "0.5"}
-    stage = subprocess.Popen(["sslkd", "teacher"], cwd=long_study, env=env, stdin=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    pattern = re.compile(r"sslkd\.progress: teacher epochs: (\d+)/100000 \(\d+%\) +[\d.]+(?:it/s|s/it), "
-                         r"ETA [\d:?]+, elapsed [\d:]+")
+    stage = subprocess.Popen(
+        ["sslkd", "teacher"],
+        cwd=long_study,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    pattern = re.compile(
+        r"sslkd\.progress: teacher epochs: (\d+)/100000 \(\d+%\) +[\d.]+(?:it/s|s/it), "
+        r"ETA [\d:?]+, elapsed [\d:]+"
+    )
     steps: list[int] = []
     try:
         deadline = time.monotonic() + 600
@@ -296,9 +349,11 @@ def test_check_validates_params_yaml_in_one_line_and_writes_only_when_valid(tmp_
     monkeypatch.chdir(root)
     params = root / "params.yaml"
     good = params.read_text()
-    for bad, error in [(good.replace("setting: tiny", "setting: nope"), "unknown setting 'nope'"),
-                       (good.replace("teacher:\n  seed: 0", "teacher:\n  seed: 0\n  sed: 1"), "sed"),
-                       (good + "distil:\n  seeds: [0]\n", "unknown section 'distil'")]:
+    for bad, error in [
+        (good.replace("setting: tiny", "setting: nope"), "unknown setting 'nope'"),
+        (good.replace("teacher:\n  seed: 0", "teacher:\n  seed: 0\n  sed: 1"), "sed"),
+        (good + "distil:\n  seeds: [0]\n", "unknown section 'distil'"),
+    ]:
         params.write_text(bad)
         assert main(["check"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

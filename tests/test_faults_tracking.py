@@ -50,8 +50,14 @@ def stop_uploaders(spool: Path) -> None:
 
 
 def sslkd(study: Path, *command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sslkd", *command], cwd=study, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "sslkd", *command],
+        cwd=study,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=900,
+    )
 
 
 def tracking_lines(stderr: str) -> list[str]:
@@ -64,13 +70,16 @@ def wait_for_the_uploader(spool: Path, timeout: float) -> None:
     time.sleep(1.0)
     while tracking_upload.uploader_running(spool):
         log = spool / "uploader.log"
-        assert time.monotonic() < deadline, "the uploader still runs:\n" + (log.read_text()[-3000:] if log.is_file() else "")
+        assert time.monotonic() < deadline, "the uploader still runs:\n" + (
+            log.read_text()[-3000:] if log.is_file() else ""
+        )
         time.sleep(0.5)
 
 
 def break_the_store_with_a_full_disk(path: Path) -> None:
     """Create mlflow's SQLite store with a 120 kB file size limit (a full disk): its schema migration
     stops half way, as it did on the user's full disk."""
+
     def full_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (120_000, 120_000))
@@ -138,8 +147,9 @@ def refusing_server(request):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("refusing_server", [(404, 404), (500, 200)], indirect=True,
-                         ids=["404-everywhere", "500-on-the-api"])
+@pytest.mark.parametrize(
+    "refusing_server", [(404, 404), (500, 200)], indirect=True, ids=["404-everywhere", "500-on-the-api"]
+)
 def test_a_server_that_refuses_everything_stops_the_uploader_after_a_bound(study, monkeypatch, refusing_server):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", refusing_server)
     spool = study / tracking.SPOOL

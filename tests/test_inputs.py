@@ -38,12 +38,23 @@ def test_expert_trajectories_page_in_only_the_epochs_read(tmp_path):
     student = build_student(ConvNetConfig(width=16, depth=1), (1, 32, 32), 64, seed=0)
     layout = ParameterLayout.of(student)
     snapshots = torch.randn(8, 31, layout.numel)  # 8 experts × 31 epochs of 1 MB; 2 epochs are read
-    save_artifact(Workspace(tmp_path).trajectories, "trajectories", {
-        "snapshots": snapshots, "epoch_losses": torch.zeros(8, 30), "layout": layout.to_json(),
-        "student": {"width": 16, "depth": 1}, "image_shape": [1, 32, 32], "out_dim": 64, "objective": "kd"})
+    save_artifact(
+        Workspace(tmp_path).trajectories,
+        "trajectories",
+        {
+            "snapshots": snapshots,
+            "epoch_losses": torch.zeros(8, 30),
+            "layout": layout.to_json(),
+            "student": {"width": 16, "depth": 1},
+            "image_shape": [1, 32, 32],
+            "out_dim": 64,
+            "objective": "kd",
+        },
+    )
     file_mb = snapshots.numel() * 4 / 2**20
-    result = subprocess.run([sys.executable, "-c", READER, str(tmp_path)], capture_output=True, text=True,
-                            cwd=REPO, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", READER, str(tmp_path)], capture_output=True, text=True, cwd=REPO, check=True
+    )
     grown_mb, epochs_kept, checksum = result.stdout.split()
     assert int(epochs_kept) == 2
     assert abs(float(checksum) - snapshots[:, :2].double().sum().item()) < 1e-2  # the right snapshots were read
@@ -86,12 +97,16 @@ def test_zca_students_record_their_space_and_refuse_artifacts_of_another(tiny_st
     whitened, standardised = student_data(paths), training_data(paths)
     assert whitened.space.name == space and standardised.space.name == "standardised"
     assert not torch.allclose(whitened.images, standardised.images)
-    assert torch.allclose(whitened.space.invert(whitened.images), standardised.space.invert(standardised.images), atol=1e-3)
+    assert torch.allclose(
+        whitened.space.invert(whitened.images), standardised.space.invert(standardised.images), atol=1e-3
+    )
 
     evaluation = paths.evaluation("mkdt").read_bytes()
     capsys.readouterr()
     assert run_stage(workspace, "distill") == 2
-    assert "was made from zca(regularisation=0.1) images, but the students now see standardised" in capsys.readouterr().err
+    assert (
+        "was made from zca(regularisation=0.1) images, but the students now see standardised" in capsys.readouterr().err
+    )
     assert run_stage(workspace, "evaluate", "--method", "mkdt") == 2
     assert "rerun `sslkd distill`" in capsys.readouterr().err
     assert paths.evaluation("mkdt").read_bytes() == evaluation  # nothing already produced is lost

@@ -70,8 +70,9 @@ def test_the_code_snapshot_carries_the_code_version(tmp_path):
     assert not list(code.rglob("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(code)}
     probe = "import sslkd.artifacts as a; print(a.PACKAGE_DIR); print(a.code_version())"
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=tmp_path,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=tmp_path, check=True
+    ).stdout.split()
     assert out == [str(code / "sslkd"), code_version()]
 
 
@@ -88,6 +89,9 @@ def test_local_launcher_writes_what_inline_writes(tiny_study, tmp_path, monkeypa
     code = main(["distill", "--launcher", "local", "--bind", "sslkd.distill.max_start_epoch = 5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert re.match(r"sslkd distill: error: distill job \d+ failed: experts store epochs 0\.\.3, .*raise experts.epochs "
-                    r"\(log: .*jobs/distill/.*_log\.err\)$", err[0]), err[0]
+    assert re.match(
+        r"sslkd distill: error: distill job \d+ failed: experts store epochs 0\.\.3, .*raise experts.epochs "
+        r"\(log: .*jobs/distill/.*_log\.err\)$",
+        err[0],
+    ), err[0]
     assert not (workspace / "artifacts" / "distill").exists()

@@ -138,7 +138,9 @@ def test_simclr_of_a_hand_computed_case():
     """B = 1, orthogonal views: the only other view is the partner, so the loss is -log 1 = 0 whatever τ;
     B = 2 with views (1,0),(0,1) | (1,0),(0,1) at τ = 1: each view's partner has similarity 1, the two
     others 0 and 0, so the loss is -log(e / (e + 2))."""
-    assert simclr_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 0.3).item() == pytest.approx(0.0, abs=1e-7)
+    assert simclr_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 0.3).item() == pytest.approx(
+        0.0, abs=1e-7
+    )
     views = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     assert simclr_loss(views, views.clone(), 1.0).item() == pytest.approx(-math.log(math.e / (math.e + 2)), rel=1e-12)
 

@@ -39,10 +39,21 @@ def test_repro_runs_every_stage_and_writes_the_summary(repro):
     assert not any("variance" in stage for stage in ran(output)), "the variance study is not in the default repro"
     summary = json.loads((root / "results" / "summary.json").read_text())
     methods = {"mkdt", "random", "high_loss", "no_pretrain", "full_data"}
-    assert set(summary) == methods | {"mkdt - random", "mkdt - high_loss", "mkdt - no_pretrain", "full_data - random",
-                                      "full_data - no_pretrain"}
-    accuracies = {method: [run["accuracy"] for run in json.loads(
-        (root / "artifacts" / "evaluate" / f"{method}.json").read_text())["runs"] if run["horizon"] == "equal_steps"] for method in methods}
+    assert set(summary) == methods | {
+        "mkdt - random",
+        "mkdt - high_loss",
+        "mkdt - no_pretrain",
+        "full_data - random",
+        "full_data - no_pretrain",
+    }
+    accuracies = {
+        method: [
+            run["accuracy"]
+            for run in json.loads((root / "artifacts" / "evaluate" / f"{method}.json").read_text())["runs"]
+            if run["horizon"] == "equal_steps"
+        ]
+        for method in methods
+    }
     for name, rows in summary.items():
         assert set(rows) == {"0.05", "0.5"}
         for fraction, cell in rows.items():
@@ -53,7 +64,9 @@ def test_repro_runs_every_stage_and_writes_the_summary(repro):
                 assert cell["mean"] == pytest.approx(sum(values) / 3)
             else:  # one distilled set, 3 evaluation seeds: the paired differences' mean is that of the means
                 method, baseline = name.split(" - ")
-                assert cell["mean"] == pytest.approx(summary[method][fraction]["mean"] - summary[baseline][fraction]["mean"])
+                assert cell["mean"] == pytest.approx(
+                    summary[method][fraction]["mean"] - summary[baseline][fraction]["mean"]
+                )
     assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 2  # one table per horizon
     sidecar = json.loads((root / "artifacts" / "distill" / "synthetic_seed0.pt.meta.json").read_text())
     assert {"operative_config", "inputs", "shapes", "code_version", "sha256"} <= set(sidecar)
@@ -90,7 +103,10 @@ def test_editing_tracking_code_changes_no_stage_but_editing_method_code_does(rep
     sh(root, "dvc", "repro")
     sh(root, "dvc", "repro", "studies/variance/dvc.yaml")
     assert changed_stages(root) == set()
-    for module, expected in (("infra/tracking.py", set()), ("unroll.py", {"distill", "studies/variance/dvc.yaml:variance"})):
+    for module, expected in (
+        ("infra/tracking.py", set()),
+        ("unroll.py", {"distill", "studies/variance/dvc.yaml:variance"}),
+    ):
         path = root / "sslkd" / module
         original = path.read_text()
         path.write_text(original + "# an edit\n")

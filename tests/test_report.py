@@ -40,7 +40,9 @@ def test_summarise_gives_each_method_s_mean_sample_std_and_count_per_label_fract
 
 
 def test_a_single_run_has_zero_std():
-    assert summarise({"m": [{"eval_seed": 0, "accuracy": {"0.5": 41.0}}]}) == {"m": {"0.5": {"mean": 41.0, "std": 0.0, "n": 1}}}
+    assert summarise({"m": [{"eval_seed": 0, "accuracy": {"0.5": 41.0}}]}) == {
+        "m": {"0.5": {"mean": 41.0, "std": 0.0, "n": 1}}
+    }
 
 
 def test_paired_differences_pair_every_distilled_set_with_the_baseline_run_of_its_evaluation_seed():
@@ -55,11 +57,18 @@ def test_paired_differences_pair_every_distilled_set_with_the_baseline_run_of_it
 
 
 def test_paired_differences_are_antisymmetric_where_every_run_has_a_partner():
-    runs = {"a": RUNS["random"], "b": [{**run, "accuracy": {k: v + 3 * run["eval_seed"] for k, v in run["accuracy"].items()}}
-                                       for run in RUNS["random"]]}
+    runs = {
+        "a": RUNS["random"],
+        "b": [
+            {**run, "accuracy": {k: v + 3 * run["eval_seed"] for k, v in run["accuracy"].items()}}
+            for run in RUNS["random"]
+        ],
+    }
     # b - a at eval seeds 0, 1, 2: 0, 3, 6 -> mean 3, sample variance (9 + 0 + 9) / 2 = 9
-    assert paired_differences(runs, "b", "a") == {"0.1": {"mean": 3.0, "std": 3.0, "n": 3},
-                                                  "1.0": {"mean": 3.0, "std": 3.0, "n": 3}}
+    assert paired_differences(runs, "b", "a") == {
+        "0.1": {"mean": 3.0, "std": 3.0, "n": 3},
+        "1.0": {"mean": 3.0, "std": 3.0, "n": 3},
+    }
     assert paired_differences(runs, "a", "b")["0.1"] == {"mean": -3.0, "std": 3.0, "n": 3}
 
 

@@ -16,6 +16,7 @@ def test_the_streams_keep_their_numbers():
 
 def test_a_named_stream_seeds_as_its_number_and_streams_differ():
     assert derive_seed(7, EvaluateStream.LABELLED_SUBSET, 1) == derive_seed(7, 2, 1)
-    assert torch.equal(torch.rand(4, generator=generator(3, TeacherStream.TRAINING)),
-                       torch.rand(4, generator=generator(3, 2)))
+    assert torch.equal(
+        torch.rand(4, generator=generator(3, TeacherStream.TRAINING)), torch.rand(4, generator=generator(3, 2))
+    )
     assert len({derive_seed(0, stream) for stream in VarianceStream}) == len(VarianceStream)

@@ -24,8 +24,16 @@ from sslkd.infra.launch import snapshot_code
 from conftest import clone_study, copy_study
 
 # Small jobs for a one-node test cluster; checkpoint at every epoch/iteration so a requeue can land anywhere
-SLURM = ["--launcher", "slurm", "--bind", "sslkd.slurm.cpus = 1", "--bind", "sslkd.slurm.mem_gb = 2",
-         "--bind", "sslkd.slurm.checkpoint_interval_min = 0"]
+SLURM = [
+    "--launcher",
+    "slurm",
+    "--bind",
+    "sslkd.slurm.cpus = 1",
+    "--bind",
+    "sslkd.slurm.mem_gb = 2",
+    "--bind",
+    "sslkd.slurm.checkpoint_interval_min = 0",
+]
 ONE_AT_A_TIME = ["--bind", "sslkd.slurm.array_parallelism = 1"]
 
 
@@ -40,8 +48,10 @@ def cluster():
     if cluster_answers():
         return
     if os.environ.get("SSLKD_REQUIRE_SLURM") == "1":
-        pytest.fail("SSLKD_REQUIRE_SLURM=1 but no SLURM cluster answers `sinfo` (is SLURM_CONF set? "
-                    "scripts/slurm-cluster.sh start DIR starts one)")
+        pytest.fail(
+            "SSLKD_REQUIRE_SLURM=1 but no SLURM cluster answers `sinfo` (is SLURM_CONF set? "
+            "scripts/slurm-cluster.sh start DIR starts one)"
+        )
     pytest.skip("no SLURM cluster answers `sinfo` (CI starts one with scripts/slurm-cluster.sh)")
 
 
@@ -58,8 +68,14 @@ def wait_for(condition, what: str, timeout: float = 300):
 def start_cli(workspace: Path, code: Path, *argv: str) -> subprocess.Popen:
     """``python -m sslkd ARGV`` in ``workspace``, importing sslkd from ``code``."""
     env = {**os.environ, "PYTHONPATH": str(code)}
-    return subprocess.Popen([sys.executable, "-m", "sslkd", *argv], cwd=workspace, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sslkd", *argv],
+        cwd=workspace,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -90,7 +106,9 @@ def code(tmp_path):
 
 
 @pytest.mark.slow
-def test_experts_array_reruns_only_missing_experts_equals_inline_and_runs_the_submitted_code(tiny_study, tmp_path, code):
+def test_experts_array_reruns_only_missing_experts_equals_inline_and_runs_the_submitted_code(
+    tiny_study, tmp_path, code
+):
     workspace = clone_study(tiny_study, tmp_path / "workspace", ("data", "teacher", "represent"))
     process = start_cli(workspace, code, "experts", *SLURM, *ONE_AT_A_TIME)
     array = wait_for(lambda: submitted_jobs(workspace, "experts"), "the experts array")[0].split("_")[0]
@@ -100,8 +118,11 @@ def test_experts_array_reruns_only_missing_experts_equals_inline_and_runs_the_su
     assert f"training the 2 missing experts (0, 1) in 2 slurm jobs: {array}_0, {array}_1" in output, output
     # a pending array task that is cancelled leaves no record at all: "left the queue"
     last = output.strip().splitlines()[-1]
-    assert re.fullmatch(rf"sslkd experts: error: 1 of 2 experts jobs failed; first: job {array}_1 "
-                        r"(ended \(CANCELLED\)|left the queue) without a result \(log: .*_log\.err\)", last), last
+    assert re.fullmatch(
+        rf"sslkd experts: error: 1 of 2 experts jobs failed; first: job {array}_1 "
+        r"(ended \(CANCELLED\)|left the queue) without a result \(log: .*_log\.err\)",
+        last,
+    ), last
     assert not (workspace / "artifacts" / "experts").exists()
     parts = sorted(p.name for p in (workspace / "jobs" / "experts" / "state").glob("*/part_*.pt"))
     assert parts == ["part_00000.pt"]
@@ -114,8 +135,10 @@ def test_experts_array_reruns_only_missing_experts_equals_inline_and_runs_the_su
     returncode, output = finish(process)
     assert returncode == 0, output
     assert "training the 1 missing experts (1) in 1 slurm jobs" in output, output
-    same_artifact(workspace / "artifacts" / "experts" / "trajectories.pt",
-                  tiny_study / "artifacts" / "experts" / "trajectories.pt")
+    same_artifact(
+        workspace / "artifacts" / "experts" / "trajectories.pt",
+        tiny_study / "artifacts" / "experts" / "trajectories.pt",
+    )
     reference = torch.load(tiny_study / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
     produced = torch.load(workspace / "artifacts" / "experts" / "trajectories.pt", weights_only=True)
     assert torch.equal(produced["snapshots"], reference["snapshots"])
@@ -149,8 +172,10 @@ def test_a_requeued_then_signalled_job_resumes_to_the_identical_artifact(tiny_st
     assert log.count("resuming after iteration") == 2 and "(start 3)" in log, log
     assert "signalled (time limit or preemption): requeueing" in log, log
     assert "Requeued job" in log, log  # submitit's `scontrol requeue` survived the requeue's own SIGTERM
-    same_artifact(workspace / "artifacts" / "distill" / "synthetic_seed0.pt",
-                  reference / "artifacts" / "distill" / "synthetic_seed0.pt")
+    same_artifact(
+        workspace / "artifacts" / "distill" / "synthetic_seed0.pt",
+        reference / "artifacts" / "distill" / "synthetic_seed0.pt",
+    )
     assert not list((workspace / "jobs" / "distill" / "state").iterdir())  # checkpoints cleared
 
 
@@ -160,8 +185,11 @@ def test_a_failing_or_refused_job_fails_the_stage_in_one_line(tiny_study, tmp_pa
     assert main(["distill", *SLURM, "--bind", "sslkd.distill.max_start_epoch = 5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    match = re.fullmatch(r"sslkd distill: error: distill job \d+ failed: experts store epochs 0\.\.3, epoch 6 is "
-                         r"needed: raise experts\.epochs \(log: (.*_log\.err)\)", err[0])
+    match = re.fullmatch(
+        r"sslkd distill: error: distill job \d+ failed: experts store epochs 0\.\.3, epoch 6 is "
+        r"needed: raise experts\.epochs \(log: (.*_log\.err)\)",
+        err[0],
+    )
     assert match, err[0]
     assert "Traceback" in Path(match.group(1)).read_text()
     assert not (workspace / "artifacts" / "distill").exists()
@@ -179,7 +207,9 @@ def test_dvc_repro_on_slurm_and_switching_the_launcher_invalidates_nothing(tmp_p
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     def sh(*command: str, launcher: str = "inline") -> str:
-        result = subprocess.run(command, cwd=root, env={**env, "SSLKD_LAUNCHER": launcher}, capture_output=True, text=True)
+        result = subprocess.run(
+            command, cwd=root, env={**env, "SSLKD_LAUNCHER": launcher}, capture_output=True, text=True
+        )
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         return result.stdout + result.stderr
 

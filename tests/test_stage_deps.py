@@ -77,8 +77,11 @@ def imported_modules(name: str) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names
-                      if module_file(f"{node.module}.{alias.name}") is not None}
+            found |= {
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if module_file(f"{node.module}.{alias.name}") is not None
+            }
     return {module for module in found if module.split(".")[0] == "sslkd" and module_file(module) is not None}
 
 
@@ -140,18 +143,28 @@ def test_dvc_deps_are_the_stage_code_and_gin_files(name):
     expected = code_deps(stage) | gin_deps()
     assert source == expected, (
         f"dvc.yaml stage {name}: deps drifted from the code it runs; missing {sorted(expected - source)}, "
-        f"extra {sorted(source - expected)}; its deps are:\n{sorted(expected)}")
+        f"extra {sorted(source - expected)}; its deps are:\n{sorted(expected)}"
+    )
 
 
 def test_the_closure_follows_imports_and_stops_at_infrastructure():
     """The rule on known cases: the distill stage runs unroll.py (via distill.py) and logs to tracking."""
     distill = code_deps("distill")
-    assert {"sslkd/stages/distill.py", "sslkd/distill.py", "sslkd/unroll.py", "sslkd/kd_steps.py",
-            "sslkd/__init__.py", "sslkd/stages/__init__.py", "sslkd/stages/inputs.py"} <= distill
+    assert {
+        "sslkd/stages/distill.py",
+        "sslkd/distill.py",
+        "sslkd/unroll.py",
+        "sslkd/kd_steps.py",
+        "sslkd/__init__.py",
+        "sslkd/stages/__init__.py",
+        "sslkd/stages/inputs.py",
+    } <= distill
     assert not any(path.startswith("sslkd/infra/") for path in distill)
     assert "sslkd/plots.py" not in distill and "sslkd/plots.py" in code_deps("variance")
     assert "sslkd/report.py" in code_deps("report") and "sslkd/report.py" not in code_deps("evaluate")
-    assert "sslkd/distill.py" not in code_deps("teacher")  # configurables() imports it, but teacher builds no distill config
+    assert "sslkd/distill.py" not in code_deps(
+        "teacher"
+    )  # configurables() imports it, but teacher builds no distill config
     assert "sslkd/stage_configs.py" in code_deps("init")  # InitConfig: init's root config
 
 
@@ -168,6 +181,9 @@ def test_every_include_of_a_setting_is_in_the_include_folders(setting):
             continue
         seen.add(relative)
         todo.extend(includes(REPO / "gin" / relative))
-    outside = {name for name in seen - {f"settings/{setting}.gin"}
-               if not any(f"gin/{name}".startswith(folder + "/") for folder in INCLUDE_FOLDERS)}
+    outside = {
+        name
+        for name in seen - {f"settings/{setting}.gin"}
+        if not any(f"gin/{name}".startswith(folder + "/") for folder in INCLUDE_FOLDERS)
+    }
     assert not outside, f"{setting} includes {sorted(outside)}, outside the folders every stage depends on"

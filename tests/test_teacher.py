@@ -49,7 +49,8 @@ def test_teacher_stage_records_its_probe_against_the_untrained_encoder(tiny_stud
         assert list(probe[name]) == fractions and all(probe[name][f]["n"] == 3 for f in fractions)
     for fraction in fractions:  # the gain is the paired difference of the two probes
         assert probe["gain"][fraction]["mean"] == pytest.approx(
-            probe["trained"][fraction]["mean"] - probe["untrained"][fraction]["mean"])
+            probe["trained"][fraction]["mean"] - probe["untrained"][fraction]["mean"]
+        )
     assert [entry["epoch"] for entry in history] == [1, 2] and history[-1]["probe"] == probe
     assert history[0]["probe"]["untrained"] == probe["untrained"]  # one untrained encoder for every probe
     dataset = torch.load(workspace / "artifacts" / "data" / "dataset.pt", weights_only=True)

@@ -66,7 +66,8 @@ def test_default_store_is_sqlite_in_the_workspace_unless_a_uri_is_set(tmp_path, 
         monkeypatch.delenv(name, raising=False)
     root = tmp_path.resolve()
     assert tracking.target(tmp_path, "digits") == tracking.Target(
-        f"sqlite:///{root}/mlflow.db", "sslkd-digits", (root / "mlartifacts").as_uri())
+        f"sqlite:///{root}/mlflow.db", "sslkd-digits", (root / "mlartifacts").as_uri()
+    )
     monkeypatch.setenv("DVC_ROOT", str(root / "repo"))  # DVC running the stage in a temporary copy
     assert tracking.target(root / "repo/.dvc/tmp/exps/tmp1", "digits").uri == f"sqlite:///{root}/repo/mlflow.db"
     monkeypatch.delenv("DVC_ROOT")
@@ -75,8 +76,9 @@ def test_default_store_is_sqlite_in_the_workspace_unless_a_uri_is_set(tmp_path, 
     assert tracking.target(tmp_path, "digits") == tracking.Target("http://tracking.example:5000", "study")
 
 
-@pytest.mark.parametrize("value, enabled", [("off", False), ("OFF", False), ("0", False), ("false", False),
-                                            ("on", True), ("1", True)])
+@pytest.mark.parametrize(
+    "value, enabled", [("off", False), ("OFF", False), ("0", False), ("false", False), ("on", True), ("1", True)]
+)
 def test_the_switch(monkeypatch, value, enabled):
     monkeypatch.setenv("SSLKD_TRACKING", value)
     assert tracking.enabled() is enabled
@@ -89,7 +91,11 @@ def test_a_pipeline_id_from_the_environment_must_be_a_plain_name(monkeypatch):
     with pytest.raises(SslkdError, match="SSLKD_PIPELINE_ID"):
         tracking.pipeline_id("v", "config")
     monkeypatch.delenv("SSLKD_PIPELINE_ID")
-    assert tracking.pipeline_id("v", "config") == tracking.pipeline_id("v", "config") != tracking.pipeline_id("w", "config")
+    assert (
+        tracking.pipeline_id("v", "config")
+        == tracking.pipeline_id("v", "config")
+        != tracking.pipeline_id("w", "config")
+    )
 
 
 @pytest.mark.parametrize("command", [["data"], ["compare"]])
@@ -138,8 +144,9 @@ def test_a_failed_stage_is_marked_failed_and_its_rerun_continues_that_run(study)
 def test_sigterm_ends_the_run_as_killed_with_its_metrics(study):
     destination = tracking.target(study, "tiny")
     with pytest.raises(SystemExit):
-        with tracking.stage_run(destination, "terminated", {"sslkd.stage": "terminated"}, {},
-                                lambda: "sslkd.distill.iterations = 3"):
+        with tracking.stage_run(
+            destination, "terminated", {"sslkd.stage": "terminated"}, {}, lambda: "sslkd.distill.iterations = 3"
+        ):
             tracking.log_metric("progress", 0.5, 7)
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)  # the handler interrupts this
@@ -170,8 +177,10 @@ def test_metrics_go_in_batches_of_at_most_1000_and_a_failed_batch_stays_pending(
 
 
 def test_a_stage_never_imports_mlflow_and_its_run_reaches_the_store_through_the_uploader(study):
-    code = ("import sys; from sslkd.cli import main; status = main(['data']); "
-            "assert 'mlflow' not in sys.modules, 'the stage imported mlflow'; sys.exit(status)")
+    code = (
+        "import sys; from sslkd.cli import main; status = main(['data']); "
+        "assert 'mlflow' not in sys.modules, 'the stage imported mlflow'; sys.exit(status)"
+    )
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode == 0
     spool = study / tracking.SPOOL
     deadline = time.monotonic() + 120

@@ -28,8 +28,11 @@ from conftest import make_workspace
 pytestmark = pytest.mark.slow
 
 METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt")
-STAGES = [["data"], ["teacher"], ["represent"], ["experts"], ["init"], ["distill"]] + [
-    ["evaluate", "--method", method] for method in METHODS] + [["report"]]
+STAGES = (
+    [["data"], ["teacher"], ["represent"], ["experts"], ["init"], ["distill"]]
+    + [["evaluate", "--method", method] for method in METHODS]
+    + [["report"]]
+)
 
 
 def rest(uri: str, endpoint: str, payload: dict | None = None, **query) -> dict:
@@ -44,14 +47,35 @@ def rest(uri: str, endpoint: str, payload: dict | None = None, **query) -> dict:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "true"}
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
     with open(root / "server.log", "w") as server_log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            cwd=root, env=env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root}/mlflow.db",
+                "--artifacts-destination",
+                str(root / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            env=env,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -117,7 +141,8 @@ def artifacts(uri: str, run: dict) -> set[str]:
 def test_every_stage_is_one_finished_run_of_one_pipeline(pipeline):
     _, runs, _ = pipeline
     assert set(runs) == {"data", "teacher", "represent", "experts", "init", "distill", "report"} | {
-        f"evaluate@{method}" for method in METHODS}
+        f"evaluate@{method}" for method in METHODS
+    }
     assert {run["info"]["status"] for run in runs.values()} == {"FINISHED"}
     assert len({tags(run)["sslkd.pipeline"] for run in runs.values()}) == 1
     for name, run in runs.items():
@@ -131,7 +156,9 @@ def test_params_are_the_operative_config_and_the_hash_links_the_artifact(pipelin
     assert params["distill.iterations"] == "3" and params["distill.syn_steps"] == "2"
     assert params["distill.seeds"] == "[0]" and params["distill.lr_images"] == "100.0"
     sidecar = json.loads((study / "artifacts" / "distill" / "synthetic_seed0.pt.meta.json").read_text())
-    assert tags(runs["distill"])["sslkd.params_hash"] == hashlib.sha256(sidecar["operative_config"].encode()).hexdigest()
+    assert (
+        tags(runs["distill"])["sslkd.params_hash"] == hashlib.sha256(sidecar["operative_config"].encode()).hexdigest()
+    )
 
 
 def test_metrics_are_logged_with_their_steps(pipeline, server):
@@ -142,7 +169,10 @@ def test_metrics_are_logged_with_their_steps(pipeline, server):
     assert [step for step, _ in history(server, runs["distill"], "matching_loss/seed_0")] == [0, 1, 2]
     assert all(lr > 0 for _, lr in history(server, runs["distill"], "inner_lr/seed_0"))
     assert [step for step, _ in history(server, runs["evaluate@random"], "pretrain_loss/eval_seed_1")] == [1, 2]
-    assert [step for step, _ in history(server, runs["evaluate@mkdt"], "pretrain_loss/eval_seed_1/distill_seed_0")] == [1, 2]
+    assert [step for step, _ in history(server, runs["evaluate@mkdt"], "pretrain_loss/eval_seed_1/distill_seed_0")] == [
+        1,
+        2,
+    ]
     summary = json.loads((study / "results" / "summary.json").read_text())
     for method in METHODS:
         run = runs[f"evaluate@{method}"]
@@ -160,16 +190,22 @@ def test_artifacts_include_the_config_the_results_and_the_images(pipeline, serve
     for run in runs.values():
         assert "operative_config.gin" in artifacts(server, run)
     assert {"synthetic_seed0.png", "distill_loss_seed0.png"} <= artifacts(server, runs["distill"])
-    assert {"summary.json", "summary.md", "paired_differences.json", "accuracy_vs_labels.png"} <= artifacts(server, runs["report"])
+    assert {"summary.json", "summary.md", "paired_differences.json", "accuracy_vs_labels.png"} <= artifacts(
+        server, runs["report"]
+    )
     assert "mkdt.json" in artifacts(server, runs["evaluate@mkdt"])
     run_id = runs["distill"]["info"]["run_id"]
-    with urllib.request.urlopen(f"{server}/get-artifact?path=synthetic_seed0.png&run_uuid={run_id}", timeout=30) as image:
+    with urllib.request.urlopen(
+        f"{server}/get-artifact?path=synthetic_seed0.png&run_uuid={run_id}", timeout=30
+    ) as image:
         assert image.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_prints_the_report_table_from_the_store(pipeline):
     study, _, output = pipeline
-    report_rows = [line for line in (study / "results" / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    report_rows = [
+        line for line in (study / "results" / "summary.md").read_text().splitlines() if line.startswith("| ")
+    ]
     compared_rows = [line for line in output.splitlines() if line.startswith("| ")]
     assert compared_rows == report_rows[: len(METHODS) + 1]  # header and one row per method, same numbers
 

@@ -30,8 +30,7 @@ def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):
     return student, layout, start, target, images, targets, generator
 
 
-def matching_gradients(unroll, steps, start, target, images, targets, lr, batches, learn_targets=True,
-                       snapshots="all"):
+def matching_gradients(unroll, steps, start, target, images, targets, lr, batches, learn_targets=True, snapshots="all"):
     images = images.clone().requires_grad_(True)
     targets = targets.clone().requires_grad_(learn_targets)
     lr = lr.clone().requires_grad_(True)
@@ -40,9 +39,15 @@ def matching_gradients(unroll, steps, start, target, images, targets, lr, batche
 
 
 @settings(deadline=None, max_examples=20)
-@given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 6),
-       lr=st.floats(0.01, 1.0), learn_targets=st.booleans(),
-       snapshots=st.one_of(st.sampled_from(SNAPSHOTS), st.integers(3, 7)))  # a budget of 3 unrolls 6 steps
+@given(
+    seed=st.integers(0, 10_000),
+    size=st.integers(2, 10),
+    batch=st.integers(1, 6),
+    syn_steps=st.integers(1, 6),
+    lr=st.floats(0.01, 1.0),
+    learn_targets=st.booleans(),
+    snapshots=st.one_of(st.sampled_from(SNAPSHOTS), st.integers(3, 7)),
+)  # a budget of 3 unrolls 6 steps
 def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, lr, learn_targets, snapshots):
     student, layout, start, target, images, targets, generator = random_problem(seed, size, 5, torch.float64)
     steps = KDSteps(student, layout, compile=False)
@@ -50,8 +55,9 @@ def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, l
     batches = [torch.randint(size, (batch,), generator=generator) for _ in range(syn_steps)]
     lr = torch.tensor(lr, dtype=torch.float64)
     full = matching_gradients("full", steps, start, target, images, targets, lr, batches, learn_targets)
-    adjoint = matching_gradients("adjoint", steps, start, target, images, targets, lr, batches, learn_targets,
-                                 snapshots)
+    adjoint = matching_gradients(
+        "adjoint", steps, start, target, images, targets, lr, batches, learn_targets, snapshots
+    )
     torch.testing.assert_close(adjoint[0], full[0], rtol=1e-12, atol=0)
     for name, got, want in zip(("images", "representations", "lr"), adjoint[1:], full[1:]):
         if name == "representations" and not learn_targets:
@@ -77,8 +83,13 @@ class RecordingSteps(KDSteps):
 
 
 @settings(deadline=None, max_examples=15)
-@given(seed=st.integers(0, 10_000), size=st.integers(2, 10), batch=st.integers(1, 6), syn_steps=st.integers(1, 12),
-       budget=st.integers(5, 13))
+@given(
+    seed=st.integers(0, 10_000),
+    size=st.integers(2, 10),
+    batch=st.integers(1, 6),
+    syn_steps=st.integers(1, 12),
+    budget=st.integers(5, 13),
+)
 def test_checkpointed_adjoint_equals_the_plain_adjoint_bit_for_bit(seed, size, batch, syn_steps, budget):
     """syn_steps 1..12: one segment (N = 1), segments that divide N (4, 9) and a short last one (3, 5, 10);
     budgets 5..13 (5 unrolls up to 15 steps): below, at and above N."""
@@ -88,8 +99,10 @@ def test_checkpointed_adjoint_equals_the_plain_adjoint_bit_for_bit(seed, size, b
     runs = {}
     for snapshots in (*SNAPSHOTS, budget):
         steps = RecordingSteps(student, layout, False)
-        runs[snapshots] = matching_gradients("adjoint", steps, start, target, images, targets, lr, batches,
-                                             snapshots=snapshots), steps
+        runs[snapshots] = (
+            matching_gradients("adjoint", steps, start, target, images, targets, lr, batches, snapshots=snapshots),
+            steps,
+        )
     for snapshots in ("sqrt", budget):
         for got, want in zip(runs[snapshots][0], runs["all"][0]):
             assert torch.equal(got, want)
@@ -105,10 +118,21 @@ def test_checkpointed_adjoint_equals_the_plain_adjoint_bit_for_bit(seed, size, b
     assert budgeted.most_alive <= budget + 1 if budget < syn_steps else budgeted.most_alive == syn_steps
 
 
-@pytest.mark.parametrize("syn_steps, snapshots, lengths", [
-    (1, "sqrt", [1]), (10, "sqrt", [4, 4, 2]), (9, "sqrt", [3, 3, 3]), (40, "sqrt", [7, 7, 7, 7, 7, 5]),
-    (3, "all", [1, 1, 1]), (10, 16, [10]), (10, 10, [10]), (40, 16, [11, 15, 14]), (40, 10, [10, 9, 8, 7, 6]),
-    (3, 2, [2, 1])])
+@pytest.mark.parametrize(
+    "syn_steps, snapshots, lengths",
+    [
+        (1, "sqrt", [1]),
+        (10, "sqrt", [4, 4, 2]),
+        (9, "sqrt", [3, 3, 3]),
+        (40, "sqrt", [7, 7, 7, 7, 7, 5]),
+        (3, "all", [1, 1, 1]),
+        (10, 16, [10]),
+        (10, 10, [10]),
+        (40, 16, [11, 15, 14]),
+        (40, 10, [10, 9, 8, 7, 6]),
+        (3, 2, [2, 1]),
+    ],
+)
 def test_segment_lengths(syn_steps, snapshots, lengths):
     assert segment_lengths(syn_steps, snapshots) == lengths
 
@@ -128,8 +152,11 @@ def test_a_snapshot_budget_holds_and_recomputes_n_minus_k_steps(syn_steps, budge
 
 @pytest.mark.parametrize("snapshots", ["some", 0, -2, 2.5, True])
 def test_unknown_snapshots_are_refused_in_one_line(snapshots):
-    with pytest.raises(SslkdError, match=rf"^unknown adjoint snapshots {snapshots!r}; choose one of all, sqrt or a "
-                                         r"number of snapshots >= 1$"):
+    with pytest.raises(
+        SslkdError,
+        match=rf"^unknown adjoint snapshots {snapshots!r}; choose one of all, sqrt or a "
+        r"number of snapshots >= 1$",
+    ):
         segment_lengths(10, snapshots)
 
 
@@ -160,7 +187,7 @@ def test_kd_training_equals_torch_sgd_with_momentum_and_weight_decay(seed, size,
         order = torch.randperm(size, generator=generator)
         for first in range(0, size, batch):
             optimiser.zero_grad()
-            kd_mse_loss(student(images[order[first:first + batch]]), targets[order[first:first + batch]]).backward()
+            kd_mse_loss(student(images[order[first : first + batch]]), targets[order[first : first + batch]]).backward()
             optimiser.step()
         torch.testing.assert_close(parameters, layout.flatten(student), rtol=1e-10, atol=1e-12)
 
@@ -174,26 +201,38 @@ def test_compiled_steps_agree_with_eager_and_fall_back_for_other_batch_sizes():
     velocity = torch.randn(start.shape, generator=generator)
     cotangent = torch.randn(start.shape, generator=generator)
     for batch in (torch.arange(8), torch.arange(8, 12)):  # the second size runs the eager fallback
-        for got, want in zip(compiled.train_step(start, velocity, images[batch], targets[batch], lr, 0.9, 1e-4),
-                             eager.train_step(start, velocity, images[batch], targets[batch], lr, 0.9, 1e-4)):
+        for got, want in zip(
+            compiled.train_step(start, velocity, images[batch], targets[batch], lr, 0.9, 1e-4),
+            eager.train_step(start, velocity, images[batch], targets[batch], lr, 0.9, 1e-4),
+        ):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(compiled.sgd_step(start, images[batch], targets[batch], lr),
-                                   eager.sgd_step(start, images[batch], targets[batch], lr), rtol=1e-4, atol=1e-6)
-        for got, want in zip(compiled.gradient_of_gradient(start, images[batch], targets[batch], cotangent),
-                             eager.gradient_of_gradient(start, images[batch], targets[batch], cotangent)):
+        torch.testing.assert_close(
+            compiled.sgd_step(start, images[batch], targets[batch], lr),
+            eager.sgd_step(start, images[batch], targets[batch], lr),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+        for got, want in zip(
+            compiled.gradient_of_gradient(start, images[batch], targets[batch], cotangent),
+            eager.gradient_of_gradient(start, images[batch], targets[batch], cotangent),
+        ):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
     batches = [torch.arange(8), torch.arange(4, 12), torch.arange(2, 10)]
     full = matching_gradients("full", eager, start, target, images, targets, lr, batches)
     for snapshots in (*SNAPSHOTS, 2):
-        adjoint = matching_gradients("adjoint", compiled, start, target, images, targets, lr, batches,
-                                     snapshots=snapshots)
+        adjoint = matching_gradients(
+            "adjoint", compiled, start, target, images, targets, lr, batches, snapshots=snapshots
+        )
         for got, want in zip(adjoint, full):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 def test_bfloat16_training_step_is_mixed_precision_and_leaves_distillation_steps_in_float32():
     student, layout, start, _, images, targets, generator = random_problem(2, 16, 8, torch.float32)
-    single, mixed = KDSteps(student, layout, compile=False), KDSteps(student, layout, compile=False, precision="bfloat16")
+    single, mixed = (
+        KDSteps(student, layout, compile=False),
+        KDSteps(student, layout, compile=False, precision="bfloat16"),
+    )
     lr, velocity = torch.tensor(0.2), torch.randn(start.shape, generator=generator)
     batch = (start, velocity, images[:8], targets[:8], lr, 0.9, 1e-4)
     want, got, again = single.train_step(*batch), mixed.train_step(*batch), mixed.train_step(*batch)
@@ -205,9 +244,13 @@ def test_bfloat16_training_step_is_mixed_precision_and_leaves_distillation_steps
     assert 0 < relative < 0.05  # the forward ran in bfloat16: close to, not equal to, the float32 step
     assert abs(got[2].item() - want[2].item()) < 0.02 * abs(want[2].item())
     cotangent = torch.randn(start.shape, generator=generator)
-    assert torch.equal(mixed.sgd_step(start, images[:8], targets[:8], lr), single.sgd_step(start, images[:8], targets[:8], lr))
-    for a, b in zip(mixed.gradient_of_gradient(start, images[:8], targets[:8], cotangent),
-                    single.gradient_of_gradient(start, images[:8], targets[:8], cotangent)):
+    assert torch.equal(
+        mixed.sgd_step(start, images[:8], targets[:8], lr), single.sgd_step(start, images[:8], targets[:8], lr)
+    )
+    for a, b in zip(
+        mixed.gradient_of_gradient(start, images[:8], targets[:8], cotangent),
+        single.gradient_of_gradient(start, images[:8], targets[:8], cotangent),
+    ):
         assert torch.equal(a, b)
 
 

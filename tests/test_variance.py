@@ -80,7 +80,7 @@ def test_kd_gradient_variance_follows_the_finite_population_formula_exactly(seed
     batch = data.draw(st.integers(1, size))
     model, inputs, targets = linear_problem(seed, size)
     full = full_kd_gradient(model, inputs, targets)
-    per_example = torch.stack([kd_gradient(model, inputs[i:i + 1], targets[i:i + 1]) for i in range(size)])
+    per_example = torch.stack([kd_gradient(model, inputs[i : i + 1], targets[i : i + 1]) for i in range(size)])
     subsets = [list(c) for c in itertools.combinations(range(size), batch)]
     gradients = torch.stack([kd_gradient(model, inputs[s], targets[s]) for s in subsets])
     assert torch.allclose(gradients.mean(dim=0), full, rtol=1e-9, atol=1e-12)
@@ -99,7 +99,7 @@ def test_sampled_minibatches_match_the_formula_and_never_repeat_an_example(seed,
     assert minibatches.shape == (count, batch) and int(minibatches.min()) >= 0 and int(minibatches.max()) < size
     assert bool((minibatches.sort(dim=1).values.diff(dim=1) > 0).all()), "an example repeats inside a minibatch"
     full = full_kd_gradient(model, inputs, targets)
-    per_example = torch.stack([kd_gradient(model, inputs[i:i + 1], targets[i:i + 1]) for i in range(size)])
+    per_example = torch.stack([kd_gradient(model, inputs[i : i + 1], targets[i : i + 1]) for i in range(size)])
     # the minibatch gradient of a mean-reduced loss is the mean of its per-example gradients (exhaustive test)
     estimate = relative_variance(per_example[minibatches].mean(dim=1), full)
     expected = finite_population_variance(per_example, full, batch) / float(full.pow(2).sum())
@@ -118,7 +118,10 @@ def test_relative_variance_is_zero_for_identical_gradients(seed, count, dim):
 @given(seeds, st.floats(1e-3, 1e3), st.integers(2, 30))
 def test_relative_variance_is_scale_invariant_and_exact_on_a_known_spread(seed, scale, dim):
     generator = torch.Generator().manual_seed(seed)
-    mean, offset = torch.randn(dim, generator=generator, dtype=torch.float64), torch.randn(dim, generator=generator, dtype=torch.float64)
+    mean, offset = (
+        torch.randn(dim, generator=generator, dtype=torch.float64),
+        torch.randn(dim, generator=generator, dtype=torch.float64),
+    )
     samples = torch.stack([mean + offset, mean - offset])
     known = float(offset.pow(2).sum() / mean.pow(2).sum())
     assert relative_variance(samples, mean) == pytest.approx(known, rel=1e-10)
@@ -136,14 +139,20 @@ def test_identical_runs_have_zero_dispersion(seed, runs, snapshots, dim):
 
 
 @given(seeds, st.integers(2, 5), st.integers(2, 6), st.floats(1e-2, 1e2), st.floats(-5, 5))
-def test_relative_dispersion_is_a_share_and_ignores_joint_rescaling_and_translation(seed, runs, snapshots, scale, shift):
+def test_relative_dispersion_is_a_share_and_ignores_joint_rescaling_and_translation(
+    seed, runs, snapshots, scale, shift
+):
     generator = torch.Generator().manual_seed(seed)
     init = torch.randn(1, 1, 7, generator=generator, dtype=torch.float64).expand(runs, 1, 7)
-    paths = torch.cat([init, init + torch.randn(runs, snapshots - 1, 7, generator=generator, dtype=torch.float64)], dim=1)
+    paths = torch.cat(
+        [init, init + torch.randn(runs, snapshots - 1, 7, generator=generator, dtype=torch.float64)], dim=1
+    )
     share = relative_dispersion(paths)
     assert share[0] == 0 and bool(((share >= 0) & (share <= 1 + 1e-12)).all())
     assert torch.allclose(relative_dispersion(scale * paths + shift), share, rtol=1e-9)
-    assert torch.allclose(parameter_dispersion(scale * paths + shift), scale**2 * parameter_dispersion(paths), rtol=1e-9)
+    assert torch.allclose(
+        parameter_dispersion(scale * paths + shift), scale**2 * parameter_dispersion(paths), rtol=1e-9
+    )
 
 
 def test_relative_dispersion_needs_a_shared_init():
@@ -157,7 +166,12 @@ def tiny_training(objective: str) -> tuple[ExpertsConfig, torch.Tensor, torch.Te
     experts = ExpertsConfig(ConvNetConfig(4, 2), objective, 1, 2, 0.01, 0.9, 1e-4, 8, ssl, False, "float32", 0)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(24, 3, 8, 8, generator=generator)
-    return experts, images, torch.randn(24, 6, generator=generator), Normalisation(torch.full((3,), 0.5), torch.full((3,), 0.25))
+    return (
+        experts,
+        images,
+        torch.randn(24, 6, generator=generator),
+        Normalisation(torch.full((3,), 0.5), torch.full((3,), 0.25)),
+    )
 
 
 @pytest.mark.parametrize("objective", ["kd", "barlow_twins", "simclr"])
@@ -168,8 +182,15 @@ def test_seeded_runs_are_reproducible_and_differ_only_by_their_seeds(objective):
         return build_student(experts.student, (3, 8, 8), 6, seed)
 
     def runs(seeds_: list[int]) -> torch.Tensor:
-        return train_runs(make_student, [7] * len(seeds_), [torch.Generator().manual_seed(s) for s in seeds_],
-                          images, targets, experts, normalisation)[0]
+        return train_runs(
+            make_student,
+            [7] * len(seeds_),
+            [torch.Generator().manual_seed(s) for s in seeds_],
+            images,
+            targets,
+            experts,
+            normalisation,
+        )[0]
 
     same = runs([1, 1, 1])
     assert torch.equal(parameter_dispersion(same), torch.zeros(3, dtype=torch.float64))
@@ -182,8 +203,10 @@ def test_ssl_gradients_carry_augmentation_noise_and_kd_gradients_none():
     experts, images, targets, normalisation = tiny_training("barlow_twins")
     model = build_student(experts.student, (3, 8, 8), 6, 0)
     pixels = normalisation.invert(images)
-    first, again, other = (ssl_gradient(model, pixels, normalisation.apply, experts.ssl, torch.Generator().manual_seed(s))
-                           for s in (1, 1, 2))
+    first, again, other = (
+        ssl_gradient(model, pixels, normalisation.apply, experts.ssl, torch.Generator().manual_seed(s))
+        for s in (1, 1, 2)
+    )
     assert torch.equal(first, again) and not torch.allclose(first, other)
     assert torch.equal(kd_gradient(model, images, targets), kd_gradient(model, images, targets))
 

@@ -38,13 +38,25 @@ from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-POLL_S = 1.0           # how often results are looked for
-SQUEUE_EVERY_S = 5.0   # how often the scheduler is asked for the jobs' states
+POLL_S = 1.0  # how often results are looked for
+SQUEUE_EVERY_S = 5.0  # how often the scheduler is asked for the jobs' states
 RESULT_GRACE_S = 30.0  # how long a job that ran to its end may take to show its result (slow shared file systems)
 REQUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
 # SLURM's final job states; EXITED: a local job's process is gone; GONE: a job squeue no longer knows
-ENDED_STATES = {"EXITED", "GONE", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"}
+ENDED_STATES = {
+    "EXITED",
+    "GONE",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 
 
 def stage_resources(stage: str) -> SlurmConfig:
@@ -55,8 +67,9 @@ def stage_resources(stage: str) -> SlurmConfig:
 
 def snapshot_code(destination: Path) -> Path:
     """Copy the sslkd package to ``destination/sslkd``, stamped with its code version; returns destination."""
-    shutil.copytree(PACKAGE_DIR, destination / "sslkd",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", CODE_VERSION_STAMP))
+    shutil.copytree(
+        PACKAGE_DIR, destination / "sslkd", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", CODE_VERSION_STAMP)
+    )
     (destination / "sslkd" / CODE_VERSION_STAMP).write_text(code_version() + "\n")
     return destination
 
@@ -72,16 +85,24 @@ def make_executor(launcher: str, folder: Path, resources: SlurmConfig, code: Pat
     setup = [f"cd {snapshot}", f"export PYTHONPATH={snapshot}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if launcher == "local":
         executor = submitit.LocalExecutor(folder, max_num_timeout=resources.max_timeouts)
-        executor.update_parameters(timeout_min=resources.time_min, signal_delay_s=resources.signal_delay_s,
-                                   gpus_per_node=resources.gpus, setup=setup)
+        executor.update_parameters(
+            timeout_min=resources.time_min,
+            signal_delay_s=resources.signal_delay_s,
+            gpus_per_node=resources.gpus,
+            setup=setup,
+        )
         return executor
     if shutil.which("sbatch") is None:
         raise SslkdError("--launcher slurm needs the SLURM client commands (sbatch, squeue) on PATH")
     executor = submitit.SlurmExecutor(folder, max_num_timeout=resources.max_timeouts)
     parameters = {
-        "job_name": f"sslkd-{stage}", "time": resources.time_min, "cpus_per_task": resources.cpus,
-        "array_parallelism": resources.array_parallelism, "signal_delay_s": resources.signal_delay_s,
-        "setup": setup, "additional_parameters": dict(resources.sbatch_options),
+        "job_name": f"sslkd-{stage}",
+        "time": resources.time_min,
+        "cpus_per_task": resources.cpus,
+        "array_parallelism": resources.array_parallelism,
+        "signal_delay_s": resources.signal_delay_s,
+        "setup": setup,
+        "additional_parameters": dict(resources.sbatch_options),
     }
     if resources.partition:
         parameters["partition"] = resources.partition
@@ -96,9 +117,17 @@ def make_executor(launcher: str, folder: Path, resources: SlurmConfig, code: Pat
 def launch(launcher: str, args: argparse.Namespace, workspace: Workspace) -> None:
     """Run the stage of the parsed command line ``args`` as ``launcher`` jobs and wait for them."""
     request = StageRequest(
-        stage=args.stage, method=getattr(args, "method", None), params=args.params, setting=args.setting,
-        config_dir=args.config_dir, gin_files=tuple(args.gin), bindings=tuple(args.bind), workdir=args.workdir,
-        cwd=Path.cwd(), device=selected_device(), launcher_pid=os.getpid() if launcher == "local" else None,
+        stage=args.stage,
+        method=getattr(args, "method", None),
+        params=args.params,
+        setting=args.setting,
+        config_dir=args.config_dir,
+        gin_files=tuple(args.gin),
+        bindings=tuple(args.bind),
+        workdir=args.workdir,
+        cwd=Path.cwd(),
+        device=selected_device(),
+        launcher_pid=os.getpid() if launcher == "local" else None,
     )
     resources = stage_resources(args.stage)
     folder = workspace.jobs / args.stage / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -115,8 +144,14 @@ def launch(launcher: str, args: argparse.Namespace, workspace: Workspace) -> Non
     log.info("%s: %s jobs done in %.0f s", args.stage, launcher, time.monotonic() - started)
 
 
-def submit_expert_array(launcher: str, executor: submitit.Executor, request: StageRequest, resources: SlurmConfig,
-                        workspace: Workspace, interval_s: float) -> None:
+def submit_expert_array(
+    launcher: str,
+    executor: submitit.Executor,
+    request: StageRequest,
+    resources: SlurmConfig,
+    workspace: Workspace,
+    interval_s: float,
+) -> None:
     """Train the experts that have no finished part yet as an array of jobs, and wait for them."""
     from sslkd.stages.experts import missing_experts
 
@@ -127,11 +162,17 @@ def submit_expert_array(launcher: str, executor: submitit.Executor, request: Sta
     per_job = resources.experts_per_job
     if launcher == "local":  # no scheduler to queue them: at most array_parallelism processes
         per_job = max(per_job, math.ceil(len(missing) / resources.array_parallelism))
-    chunks = [tuple(missing[start:start + per_job]) for start in range(0, len(missing), per_job)]
+    chunks = [tuple(missing[start : start + per_job]) for start in range(0, len(missing), per_job)]
     with refused_submissions("experts"), executor.batch():
         jobs = [executor.submit(StageJob(request, interval_s, chunk)) for chunk in chunks]
-    log.info("experts: training the %d missing experts (%s) in %d %s jobs: %s", len(missing), _preview(missing),
-             len(jobs), launcher, _preview([job.job_id for job in jobs]))
+    log.info(
+        "experts: training the %d missing experts (%s) in %d %s jobs: %s",
+        len(missing),
+        _preview(missing),
+        len(jobs),
+        launcher,
+        _preview([job.job_id for job in jobs]),
+    )
     wait(launcher, jobs, "experts")
 
 
@@ -143,8 +184,10 @@ def refused_submissions(stage: str):
             yield
     except (FailedJobError, OSError) as error:
         lines = [line for line in str(error).splitlines() if line.strip()]
-        raise SslkdError(f"{stage}: the job was refused: {lines[-1] if lines else type(error).__name__} "
-                         "(check the sslkd.slurm bindings)") from None
+        raise SslkdError(
+            f"{stage}: the job was refused: {lines[-1] if lines else type(error).__name__} "
+            "(check the sslkd.slurm bindings)"
+        ) from None
 
 
 def _preview(items: list) -> str:
@@ -253,8 +296,15 @@ def _queue_states(launcher: str, jobs: list[submitit.Job]) -> dict[str, tuple[st
     task that was cancelled leaves no record). Empty when the scheduler cannot be asked right now."""
     if launcher == "local":
         return {job.job_id: ("EXITED" if job.done() else "RUNNING", "") for job in jobs}
-    query = ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T %r",
-             "--jobs", ",".join(job.job_id for job in jobs)]
+    query = [
+        "squeue",
+        "--noheader",
+        "--array",
+        "--states=all",
+        "--format=%i %T %r",
+        "--jobs",
+        ",".join(job.job_id for job in jobs),
+    ]
     try:
         result = subprocess.run(query, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):

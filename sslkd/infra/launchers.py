@@ -55,6 +55,8 @@ class SlurmConfig:
         if min(self.time_min, self.cpus, self.array_parallelism, self.experts_per_job) < 1:
             raise SslkdError("slurm.time_min, cpus, array_parallelism and experts_per_job must be >= 1")
         if min(self.gpus, self.mem_gb, self.max_timeouts, self.signal_delay_s, self.checkpoint_interval_min) < 0:
-            raise SslkdError("slurm.gpus, mem_gb, max_timeouts, signal_delay_s and checkpoint_interval_min must be >= 0")
+            raise SslkdError(
+                "slurm.gpus, mem_gb, max_timeouts, signal_delay_s and checkpoint_interval_min must be >= 0"
+            )
         if not isinstance(self.sbatch_options, dict):
             raise SslkdError(f"slurm.sbatch_options must be a dict of sbatch options, got {self.sbatch_options!r}")

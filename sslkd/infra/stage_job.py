@@ -47,8 +47,12 @@ class StageRequest:
 
     def parse_config(self) -> None:
         params = config.read_params(self.params)
-        config.parse(self.config_dir, self.setting or params.setting, list(self.gin_files),
-                     params.bindings() + list(self.bindings))
+        config.parse(
+            self.config_dir,
+            self.setting or params.setting,
+            list(self.gin_files),
+            params.bindings() + list(self.bindings),
+        )
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -70,11 +74,16 @@ class StageJob(submitit.helpers.Checkpointable):
         os.chdir(request.cwd)
         devices.select(request.device)
         allocator.keep_freed_memory()
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
         logging.getLogger("submitit").propagate = False  # it has its own handler: no line twice
-        log.info("sslkd %s from %s (start %s)", request.stage, Path(sslkd.__file__).parent,
-                 int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1)
+        log.info(
+            "sslkd %s from %s (start %s)",
+            request.stage,
+            Path(sslkd.__file__).parent,
+            int(os.environ.get("SLURM_RESTART_COUNT", "0")) + 1,
+        )
         request.parse_config()
         workspace = Workspace(request.workdir)
         policy = CheckpointPolicy(workspace.job_state(request.stage), self.checkpoint_interval_s)
@@ -93,7 +102,9 @@ class StageJob(submitit.helpers.Checkpointable):
         whole job, that child included, which then fails the attempt with an error. Ignored signals stay
         ignored across exec: ignoring SIGTERM here lets the child finish (this process exits right after).
         """
-        log.warning("sslkd %s: signalled (time limit or preemption): requeueing, resumes from the last checkpoint",
-                    self.request.stage)
+        log.warning(
+            "sslkd %s: signalled (time limit or preemption): requeueing, resumes from the last checkpoint",
+            self.request.stage,
+        )
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return submitit.helpers.DelayedSubmission(self)

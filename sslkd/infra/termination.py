@@ -82,6 +82,7 @@ def exit_with(pid: int, period_s: float = 1.0) -> None:
     """Watch process ``pid`` from a daemon thread; when it is gone, end this process as if SIGTERM had
     reached it (:class:`Terminated` in the main thread). For a job whose launching process is not its
     parent (submitit's local jobs run under a shell and a controller)."""
+
     def watch() -> None:
         while True:
             time.sleep(period_s)
@@ -92,6 +93,8 @@ def exit_with(pid: int, period_s: float = 1.0) -> None:
             except PermissionError:  # alive, someone else's (cannot be ours: pid reused)
                 break
         log.warning("the process that launched this job (pid %d) is gone: stopping", pid)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        main_thread = threading.main_thread().ident
+        if main_thread is not None:
+            signal.pthread_kill(main_thread, signal.SIGTERM)
 
     threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()

@@ -52,7 +52,7 @@ PIPELINE_ENV = "SSLKD_PIPELINE_ID"
 OFF_VALUES = ("off", "0", "false", "no")
 ON_VALUES = ("on", "1", "true", "yes")
 SPOOL = ".sslkd-tracking"
-MAX_PARAM_LENGTH = 500    # the value limit of older MLflow servers (3.x allows 6000): safe for any
+MAX_PARAM_LENGTH = 500  # the value limit of older MLflow servers (3.x allows 6000): safe for any
 HEALTH_TIMEOUT_SECONDS = 3.0
 
 
@@ -72,8 +72,10 @@ def enabled() -> bool:
     """Whether $SSLKD_TRACKING (default on) switches tracking on; a value that is neither is an error."""
     value = os.environ.get(SWITCH_ENV, "on").strip().lower()
     if value not in ON_VALUES + OFF_VALUES:
-        raise SslkdError(f"{SWITCH_ENV}={os.environ[SWITCH_ENV]!r} is neither on ({', '.join(ON_VALUES)}) "
-                         f"nor off ({', '.join(OFF_VALUES)})")
+        raise SslkdError(
+            f"{SWITCH_ENV}={os.environ[SWITCH_ENV]!r} is neither on ({', '.join(ON_VALUES)}) "
+            f"nor off ({', '.join(OFF_VALUES)})"
+        )
     return value in ON_VALUES
 
 
@@ -164,12 +166,22 @@ class StageRun:
             (self.entry / upload.FILES).mkdir(parents=True)
             self._events = open(self.entry / upload.EVENTS, "a")
         except OSError as error:
-            raise SslkdError(f"cannot write the tracking spool {spool} ({error.strerror or error}): make it "
-                             f"writable, or run with {SWITCH_ENV}=off") from None
+            raise SslkdError(
+                f"cannot write the tracking spool {spool} ({error.strerror or error}): make it "
+                f"writable, or run with {SWITCH_ENV}=off"
+            ) from None
         try:
-            self._write(event="start", uri=self.destination.uri, experiment=self.destination.experiment,
-                        artifact_location=self.destination.artifact_location, stage=self.stage,
-                        identity=self.identity, tags=self.tags, params=self.params, pid=os.getpid())
+            self._write(
+                event="start",
+                uri=self.destination.uri,
+                experiment=self.destination.experiment,
+                artifact_location=self.destination.artifact_location,
+                stage=self.stage,
+                identity=self.identity,
+                tags=self.tags,
+                params=self.params,
+                pid=os.getpid(),
+            )
         except SslkdError:  # no half-written entry for the uploader to puzzle over
             with contextlib.suppress(OSError):
                 self._events.close()
@@ -186,8 +198,10 @@ class StageRun:
             self._events.write(json.dumps(event) + "\n")
             self._events.flush()
         except OSError as error:  # a full disk: one line, not a traceback from deep in the stage
-            raise SslkdError(f"cannot write the tracking spool {self.entry.parent} ({error.strerror or error}): "
-                             f"free space, or run with {SWITCH_ENV}=off") from None
+            raise SslkdError(
+                f"cannot write the tracking spool {self.entry.parent} ({error.strerror or error}): "
+                f"free space, or run with {SWITCH_ENV}=off"
+            ) from None
 
     def _heartbeat(self) -> None:
         """Touch the events file: an entry left untouched for STALE_SECONDS belongs to a dead stage."""
@@ -239,10 +253,17 @@ def report_store_error(spool: Path) -> None:
         error = json.loads((spool / upload.STORE_ERROR_REPORTED).read_text())
     except (OSError, ValueError):
         return
-    log.warning("tracking: runs do not reach %s (%s); %d wait in %s for the next uploader (fix the store, or "
-                "move a broken mlflow.db aside, then `python -m sslkd.infra.tracking_upload --drain %s`; %s=off "
-                "stops tracking)", error.get("uri"), error.get("error"), len(upload.entries(spool)), spool, spool,
-                SWITCH_ENV)
+    log.warning(
+        "tracking: runs do not reach %s (%s); %d wait in %s for the next uploader (fix the store, or "
+        "move a broken mlflow.db aside, then `python -m sslkd.infra.tracking_upload --drain %s`; %s=off "
+        "stops tracking)",
+        error.get("uri"),
+        error.get("error"),
+        len(upload.entries(spool)),
+        spool,
+        spool,
+        SWITCH_ENV,
+    )
 
 
 def start_uploader(spool: Path) -> None:
@@ -250,8 +271,14 @@ def start_uploader(spool: Path) -> None:
     if upload.uploader_running(spool):
         return
     with open(spool / "uploader.log", "a") as uploader_log:
-        subprocess.Popen([sys.executable, "-m", "sslkd.infra.tracking_upload", str(spool)], stdin=subprocess.DEVNULL,
-                         stdout=uploader_log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "sslkd.infra.tracking_upload", str(spool)],
+            stdin=subprocess.DEVNULL,
+            stdout=uploader_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def upload_pending(destination: Target) -> None:
@@ -264,8 +291,13 @@ _active: StageRun | None = None
 
 
 @contextlib.contextmanager
-def stage_run(destination: Target | None, stage: str, identity: dict[str, str], tags: dict[str, str],
-              operative_config: Callable[[], str]) -> Iterator[StageRun | None]:
+def stage_run(
+    destination: Target | None,
+    stage: str,
+    identity: dict[str, str],
+    tags: dict[str, str],
+    operative_config: Callable[[], str],
+) -> Iterator[StageRun | None]:
     """Record the enclosed stage as one MLflow run (nothing when ``destination`` is None).
 
     The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM (which is turned into
@@ -295,6 +327,7 @@ def stage_run(destination: Target | None, stage: str, identity: dict[str, str], 
 
 
 # What stages call: no-ops when no run is active.
+
 
 def log_metric(key: str, value: float, step: int) -> None:
     if _active is not None:
@@ -351,8 +384,10 @@ def compare(destination: Target, pipeline: str | None = None) -> Comparison:
     except SslkdError:
         raise
     except Exception as error:
-        raise SslkdError(f"cannot read the tracking store {destination.uri} ({upload.one_line(error)}); a broken "
-                         f"mlflow.db can be moved aside (a new one is created by the next stage)") from None
+        raise SslkdError(
+            f"cannot read the tracking store {destination.uri} ({upload.one_line(error)}); a broken "
+            f"mlflow.db can be moved aside (a new one is created by the next stage)"
+        ) from None
 
 
 def _compare(destination: Target, pipeline: str | None) -> Comparison:
@@ -368,8 +403,11 @@ def _compare(destination: Target, pipeline: str | None) -> Comparison:
         query += " and " + upload.tags_filter({"sslkd.pipeline": pipeline})
     runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
     if not runs:
-        raise SslkdError(f"no finished evaluate runs in experiment {destination.experiment!r}"
-                         + (f" for pipeline {pipeline}" if pipeline else "") + ": run `dvc repro` first")
+        raise SslkdError(
+            f"no finished evaluate runs in experiment {destination.experiment!r}"
+            + (f" for pipeline {pipeline}" if pipeline else "")
+            + ": run `dvc repro` first"
+        )
     pipeline = pipeline or runs[0].data.tags["sslkd.pipeline"]
     latest: dict[str, Any] = {}
     for run in runs:  # newest first

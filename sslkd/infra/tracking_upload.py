@@ -47,18 +47,21 @@ STATE = "uploaded.json"
 FILES = "files"
 UPLOADER_LOCK = "uploader.lock"
 PASS_LOCK = "pass.lock"
-FLUSH_SECONDS = 15.0      # metrics of a running stage reach the store at most this late
+FLUSH_SECONDS = 15.0  # metrics of a running stage reach the store at most this late
 POLL_SECONDS = 0.5
 IDLE_SECONDS = float(os.environ.get("SSLKD_UPLOADER_IDLE_SECONDS", "30"))  # exits after this long without entries
 HEARTBEAT_SECONDS = 30.0  # a stage touches its events file this often
-STALE_SECONDS = 300.0     # an entry without a heartbeat for this long: its stage died
+STALE_SECONDS = 300.0  # an entry without a heartbeat for this long: its stage died
 RETRY_SECONDS = 30.0
 GIVE_UP_SECONDS = float(os.environ.get("SSLKD_UPLOADER_GIVE_UP_SECONDS", "600"))  # failing this long: exit
-STORE_ERROR = "store_error"                  # the first failure since the last success, one line
+STORE_ERROR = "store_error"  # the first failure since the last success, one line
 STORE_ERROR_REPORTED = "store_error.reported"  # ... once a stage has shown it
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
-MAX_PER_BATCH = 100       # MLflow's limit of params (or tags) per log_batch request
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+MAX_PER_BATCH = 100  # MLflow's limit of params (or tags) per log_batch request
 MAX_METRICS_PER_BATCH = 1000
 
 
@@ -81,7 +84,7 @@ def tags_filter(tags: Mapping[str, str]) -> str:
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def client_for(uri: str):
@@ -114,7 +117,7 @@ def send_metrics(client, run_id: str, metrics: list[tuple[str, float, int, int]]
     while metrics:
         chunk = metrics[:MAX_METRICS_PER_BATCH]
         client.log_batch(run_id, metrics=[Metric(*entry) for entry in chunk])
-        del metrics[:len(chunk)]
+        del metrics[: len(chunk)]
 
 
 def open_run(client, start: Mapping[str, Any]) -> tuple[str, int]:
@@ -124,10 +127,16 @@ def open_run(client, start: Mapping[str, Any]) -> tuple[str, int]:
 
     experiment = experiment_id(client, start["experiment"], start.get("artifact_location"), create=True)
     identity, tags, params = start["identity"], start["tags"], start["params"]
-    previous = client.search_runs(
-        [experiment], filter_string=tags_filter(identity) + " and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    ) if identity else []
+    previous = (
+        client.search_runs(
+            [experiment],
+            filter_string=tags_filter(identity) + " and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if identity
+        else []
+    )
     if previous:
         run = previous[0]
         run_id = run.info.run_id
@@ -140,8 +149,12 @@ def open_run(client, start: Mapping[str, Any]) -> tuple[str, int]:
         log.info("continuing MLflow run %s (%s, attempt %d)", run_id, start["stage"], attempts)
     else:
         attempts = 1
-        run_id = client.create_run(experiment, run_name=start["stage"], start_time=start["time"],
-                                   tags={**identity, **tags, "sslkd.attempts": "1"}).info.run_id
+        run_id = client.create_run(
+            experiment,
+            run_name=start["stage"],
+            start_time=start["time"],
+            tags={**identity, **tags, "sslkd.attempts": "1"},
+        ).info.run_id
     for chunk in _chunks([Param(key, value) for key, value in params.items()], MAX_PER_BATCH):
         client.log_batch(run_id, params=chunk)
     return run_id, attempts
@@ -197,8 +210,9 @@ class Uploader:
 
     def upload_entry(self, entry: Path, final: bool) -> None:
         state_path = entry / STATE
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {"run_id": None, "lines": 0,
-                                                                                "flushed": 0.0}
+        state = (
+            json.loads(state_path.read_text()) if state_path.is_file() else {"run_id": None, "lines": 0, "flushed": 0.0}
+        )
         events = read_events(entry)
         if not events:
             return
@@ -207,7 +221,7 @@ class Uploader:
         if state["run_id"] is None:
             state["run_id"], state["attempt"] = open_run(client, start)
             _write_json(state_path, state)
-        new = events[max(state["lines"], 1):]
+        new = events[max(state["lines"], 1) :]
         end = next((event for event in new if event["event"] == "end"), None)
         stale = end is None and not _live(entry)
         metrics = [(e["key"], e["value"], e["time"], e["step"]) for e in new if e["event"] == "metric"]
@@ -224,8 +238,14 @@ class Uploader:
                 client.log_artifact(state["run_id"], str(entry / FILES / event["file"]), event["folder"])
         status = end["status"] if end is not None else "FAILED"
         if superseded(client, state["run_id"], state.get("attempt", 1)):  # its rerun's entry ends the run
-            log.info("%s: attempt %d of run %s (%s) ended %s; a later attempt continues the run", entry.name,
-                     state.get("attempt", 1), state["run_id"], start["stage"], status)
+            log.info(
+                "%s: attempt %d of run %s (%s) ended %s; a later attempt continues the run",
+                entry.name,
+                state.get("attempt", 1),
+                state["run_id"],
+                start["stage"],
+                status,
+            )
         else:
             client.set_terminated(state["run_id"], status, end_time=end["time"] if end is not None else None)
             log.info("%s: run %s (%s) ended %s", entry.name, state["run_id"], start["stage"], status)
@@ -284,8 +304,13 @@ def serve(spool: Path) -> Uploader:
         if uploader.gave_up():
             notes = [spool / name for name in (STORE_ERROR, STORE_ERROR_REPORTED) if (spool / name).is_file()]
             error = json.loads(notes[0].read_text()) if notes else {}
-            log.error("uploader gives up after %.0f s of failures (%s); %d runs wait in %s",
-                      GIVE_UP_SECONDS, error.get("error", "see above"), len(entries(spool)), spool)
+            log.error(
+                "uploader gives up after %.0f s of failures (%s); %d runs wait in %s",
+                GIVE_UP_SECONDS,
+                error.get("error", "see above"),
+                len(entries(spool)),
+                spool,
+            )
             return uploader
         time.sleep(POLL_SECONDS)
 

@@ -27,13 +27,19 @@ def main(workspace: Workspace, options: StageOptions) -> None:
             "mean": normalisation.mean,
             "std": normalisation.std,
             "class_names": dataset.class_names,
-            **({} if dataset.pool_images is None else
-               {"pool_images": dataset.pool_images, "pool_labels": dataset.pool_labels}),
+            **(
+                {}
+                if dataset.pool_images is None
+                else {"pool_images": dataset.pool_images, "pool_labels": dataset.pool_labels}
+            ),
         },
         config=config.operative_config(),
         extra={
             "data": dataclasses.asdict(data_config),
-            "normalisation": {"space": "per-channel standardised, [0,1] pixels",
-                              "mean": normalisation.mean.tolist(), "std": normalisation.std.tolist()},
+            "normalisation": {
+                "space": "per-channel standardised, [0,1] pixels",
+                "mean": normalisation.mean.tolist(),
+                "std": normalisation.std.tolist(),
+            },
         },
     )

@@ -31,19 +31,35 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=distill_config.epochs_needed)
     indices = load_artifact(workspace.init_indices, "init", produced_by="init")["indices"]
-    run = run_checkpoints(checkpoints, "distill", distill_config,
-                          [workspace.dataset, workspace.representations, workspace.trajectories, workspace.init_indices])
+    run = run_checkpoints(
+        checkpoints,
+        "distill",
+        distill_config,
+        [workspace.dataset, workspace.representations, workspace.trajectories, workspace.init_indices],
+    )
     for seed in distill_config.seeds:
         result = distill(
-            experts.student.to(device), experts.layout, experts.snapshots,
-            data.images[indices].to(device), targets[indices].to(device),
-            distill_config, generator(seed), resume=run.load(f"seed{seed}"), on_checkpoint=run.saver(f"seed{seed}"),
+            experts.student.to(device),
+            experts.layout,
+            experts.snapshots,
+            data.images[indices].to(device),
+            targets[indices].to(device),
+            distill_config,
+            generator(seed),
+            resume=run.load(f"seed{seed}"),
+            on_checkpoint=run.saver(f"seed{seed}"),
             on_iteration=lambda iteration, loss, lr: tracking.log_metrics(
-                {f"matching_loss/seed_{seed}": loss, f"inner_lr/seed_{seed}": lr}, iteration),
+                {f"matching_loss/seed_{seed}": loss, f"inner_lr/seed_{seed}": lr}, iteration
+            ),
         )
         result.images, result.representations = result.images.cpu(), result.representations.cpu()
-        log.info("seed %d: matching loss %.4f -> %.4f, lr %.4f", seed, result.matching_losses[0],
-                 result.matching_losses[-1], result.lr)
+        log.info(
+            "seed %d: matching loss %.4f -> %.4f, lr %.4f",
+            seed,
+            result.matching_losses[0],
+            result.matching_losses[-1],
+            result.lr,
+        )
         save_artifact(
             workspace.synthetic(seed),
             "synthetic",
@@ -57,16 +73,28 @@ def main(workspace: Workspace, options: StageOptions) -> None:
                 "input_space": data.space.name,
             },
             config=config.operative_config(),
-            inputs={"trajectories": workspace.trajectories, "init": workspace.init_indices,
-                    "representations": workspace.representations},
-            extra={"seed": seed, "lr": result.lr, "distill": dataclasses.asdict(distill_config),
-                   "input_space": data.space.name,
-                   "matching_loss_first": result.matching_losses[0], "matching_loss_last": result.matching_losses[-1]},
+            inputs={
+                "trajectories": workspace.trajectories,
+                "init": workspace.init_indices,
+                "representations": workspace.representations,
+            },
+            extra={
+                "seed": seed,
+                "lr": result.lr,
+                "distill": dataclasses.asdict(distill_config),
+                "input_space": data.space.name,
+                "matching_loss_first": result.matching_losses[0],
+                "matching_loss_last": result.matching_losses[-1],
+            },
         )
         pixels = data.space.invert
-        tracking.log_image(f"synthetic_seed{seed}.png", lambda path: plot_synthetic_set(
-            pixels(data.images[indices]), pixels(result.images), path))
-        tracking.log_image(f"distill_loss_seed{seed}.png", lambda path: plot_distillation_curve(
-            result.matching_losses, result.learning_rates, path))
+        tracking.log_image(
+            f"synthetic_seed{seed}.png",
+            lambda path: plot_synthetic_set(pixels(data.images[indices]), pixels(result.images), path),
+        )
+        tracking.log_image(
+            f"distill_loss_seed{seed}.png",
+            lambda path: plot_distillation_curve(result.matching_losses, result.learning_rates, path),
+        )
         tracking.log_metric("learned_lr", result.lr, seed)
     run.clear()

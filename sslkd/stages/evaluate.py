@@ -51,8 +51,15 @@ class PretrainingSet:
     distill_seed: int | None = None
 
 
-def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, targets: torch.Tensor,
-                     baseline_lr: float, eval_seed: int, space: InputSpace) -> tuple[list[PretrainingSet | None], dict]:
+def pretraining_sets(
+    method: str,
+    workspace: Workspace,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    baseline_lr: float,
+    eval_seed: int,
+    space: InputSpace,
+) -> tuple[list[PretrainingSet | None], dict]:
     """The sets ``method`` pre-trains on at ``eval_seed`` (None: no pre-training) and their source files;
     ``images`` are in ``space``, and a distilled set must have been made in it."""
     if method == "no_pretrain":
@@ -61,7 +68,11 @@ def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, ta
         return [PretrainingSet(images, targets, baseline_lr)], {}
     if method in ("random", "high_loss"):
         high_loss = load_artifact(workspace.init_indices, "init", produced_by="init")["high_loss_indices"]
-        indices = high_loss if method == "high_loss" else random_indices(len(images), len(high_loss), generator(eval_seed, EvaluateStream.RANDOM_SUBSET))
+        indices = (
+            high_loss
+            if method == "high_loss"
+            else random_indices(len(images), len(high_loss), generator(eval_seed, EvaluateStream.RANDOM_SUBSET))
+        )
         return [PretrainingSet(images[indices], targets[indices], baseline_lr)], {"init": workspace.init_indices}
     paths = sorted(workspace.distill_dir.glob("synthetic_seed*.pt"))
     if not paths:
@@ -69,7 +80,10 @@ def pretraining_sets(method: str, workspace: Workspace, images: torch.Tensor, ta
     sets = []
     for path in paths:
         synthetic = load_artifact(path, "synthetic", produced_by="distill")
-        if tuple(synthetic["images"].shape[1:]) != tuple(images.shape[1:]) or synthetic["representations"].shape[1] != targets.shape[1]:
+        if (
+            tuple(synthetic["images"].shape[1:]) != tuple(images.shape[1:])
+            or synthetic["representations"].shape[1] != targets.shape[1]
+        ):
             raise SslkdError(f"{path} does not match the dataset's image shape or representation size")
         check_input_space(synthetic, space, path, "distill")
         seed = int(path.stem.removeprefix("synthetic_seed"))
@@ -90,23 +104,46 @@ def log_runs(method: str, runs: list[dict], horizons: tuple[str, ...]) -> None:
             tracking.log_metrics({f"{prefix}_{key}_{name}": value for name, value in stats.items()}, 0)
 
 
-def evaluate_set(pretraining_set: PretrainingSet | None, eval_seed: int, horizon: str, data: TrainingData,
-                 pool: torch.Tensor, out_dim: int, evaluate_config: EvaluateConfig, device: torch.device,
-                 steps: KDSteps | None) -> tuple[dict[str, Any], KDSteps | None]:
+def evaluate_set(
+    pretraining_set: PretrainingSet | None,
+    eval_seed: int,
+    horizon: str,
+    data: TrainingData,
+    pool: torch.Tensor,
+    out_dim: int,
+    evaluate_config: EvaluateConfig,
+    device: torch.device,
+    steps: KDSteps | None,
+) -> tuple[dict[str, Any], KDSteps | None]:
     """Pre-train a fresh encoder on one set at one horizon, probe it; returns the run's record."""
-    student = build_student(evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, EvaluateStream.ENCODER_INIT)).to(device)
+    student = build_student(
+        evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, EvaluateStream.ENCODER_INIT)
+    ).to(device)
     pretrain_config = evaluate_config.pretrain.at_horizon(horizon)
     losses: list[float] = []
     if pretraining_set is not None:
-        steps = steps or KDSteps(student, ParameterLayout.of(student), compile=pretrain_config.compile,
-                                 precision=pretrain_config.precision)
-        losses = pretrain_kd(student, pretraining_set.images.to(device), pretraining_set.targets.to(device),
-                             pretraining_set.lr, pretrain_config, generator(eval_seed, EvaluateStream.PRETRAINING), steps)
+        steps = steps or KDSteps(
+            student, ParameterLayout.of(student), compile=pretrain_config.compile, precision=pretrain_config.precision
+        )
+        losses = pretrain_kd(
+            student,
+            pretraining_set.images.to(device),
+            pretraining_set.targets.to(device),
+            pretraining_set.lr,
+            pretrain_config,
+            generator(eval_seed, EvaluateStream.PRETRAINING),
+            steps,
+        )
         distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
         for epoch, loss in enumerate(losses, start=1):
             tracking.log_metric(f"pretrain_loss/{horizon}/eval_seed_{eval_seed}{distilled}", loss, epoch)
     accuracy = probe_at_fractions(
-        student, pool, data.pool_labels, data.test_images.to(device), data.test_labels, evaluate_config.probe,
+        student,
+        pool,
+        data.pool_labels,
+        data.test_images.to(device),
+        data.test_labels,
+        evaluate_config.probe,
         lambda fraction_index: generator(eval_seed, EvaluateStream.LABELLED_SUBSET, fraction_index),
     )
     return {
@@ -133,7 +170,9 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     runs: list[dict[str, Any]] = []
     steps = None  # one KDSteps for every pre-training run: the step compiles once per stage
     for eval_seed in evaluate_config.seeds:
-        sets, inputs = pretraining_sets(method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed, data.space)
+        sets, inputs = pretraining_sets(
+            method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed, data.space
+        )
         for pretraining_set in sets:
             done: dict[int, dict[str, Any]] = {}  # pre-training epochs -> run: horizons that coincide run once
             for horizon in evaluate_config.horizons:
@@ -142,12 +181,27 @@ def main(workspace: Workspace, options: StageOptions) -> None:
                 if epochs in done:
                     run = {**done[epochs], "horizon": horizon}
                 else:
-                    run, steps = evaluate_set(pretraining_set, eval_seed, horizon, data, pool, targets.shape[1],
-                                              evaluate_config, device, steps)
+                    run, steps = evaluate_set(
+                        pretraining_set,
+                        eval_seed,
+                        horizon,
+                        data,
+                        pool,
+                        targets.shape[1],
+                        evaluate_config,
+                        device,
+                        steps,
+                    )
                     done[epochs] = run
-                log.info("%s eval seed %d%s, %s horizon (%d epochs): %s", method, eval_seed,
-                         f" distill seed {run['distill_seed']}" if run["distill_seed"] is not None else "",
-                         horizon, epochs, ", ".join(f"{k}: {v:.1f}%" for k, v in run["accuracy"].items()))
+                log.info(
+                    "%s eval seed %d%s, %s horizon (%d epochs): %s",
+                    method,
+                    eval_seed,
+                    f" distill seed {run['distill_seed']}" if run["distill_seed"] is not None else "",
+                    horizon,
+                    epochs,
+                    ", ".join(f"{k}: {v:.1f}%" for k, v in run["accuracy"].items()),
+                )
                 runs.append(run)
     save_json_artifact(
         workspace.evaluation(method),

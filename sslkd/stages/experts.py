@@ -72,18 +72,30 @@ def expert(run: ExpertsRun, index: int) -> dict:
     if part is not None:
         return part
     state_name = f"expert_{index:05d}"
-    student = build_student(run.config.student, run.data.image_shape, run.targets.shape[1],
-                            expert_seed(run.config.seed, index)).to(run.device)
+    student = build_student(
+        run.config.student, run.data.image_shape, run.targets.shape[1], expert_seed(run.config.seed, index)
+    ).to(run.device)
     if run.config.objective == "kd" and run.steps is None:
-        run.steps = KDSteps(student, ParameterLayout.of(student), compile=run.config.compile,
-                            precision=run.config.precision)
+        run.steps = KDSteps(
+            student, ParameterLayout.of(student), compile=run.config.compile, precision=run.config.precision
+        )
     snapshots, epoch_losses = train_expert(
-        student, run.data.images, run.targets, run.config, generator(run.config.seed, index, ExpertStream.TRAINING),
-        run.data.space, run.steps, resume=run.checkpoints.load(state_name),
+        student,
+        run.data.images,
+        run.targets,
+        run.config,
+        generator(run.config.seed, index, ExpertStream.TRAINING),
+        run.data.space,
+        run.steps,
+        resume=run.checkpoints.load(state_name),
         on_checkpoint=run.checkpoints.saver(state_name),
     )
-    log.info("expert %d: %s loss per epoch %s", index, run.config.objective,
-             ", ".join(f"{loss:.4f}" for loss in epoch_losses))
+    log.info(
+        "expert %d: %s loss per epoch %s",
+        index,
+        run.config.objective,
+        ", ".join(f"{loss:.4f}" for loss in epoch_losses),
+    )
     part = {"snapshots": snapshots, "epoch_losses": epoch_losses}
     run.checkpoints.save(part_name(index), part)
     run.checkpoints.delete(state_name)
@@ -121,7 +133,11 @@ def main(workspace: Workspace, options: StageOptions) -> None:
         },
         config=config.operative_config(),
         inputs={"dataset": workspace.dataset, "representations": workspace.representations},
-        extra={"parameters": layout.numel, "epochs": experts_config.epochs, "objective": experts_config.objective,
-               "input_space": run.data.space.name},
+        extra={
+            "parameters": layout.numel,
+            "epochs": experts_config.epochs,
+            "objective": experts_config.objective,
+            "input_space": run.data.space.name,
+        },
     )
     run.checkpoints.clear()

@@ -22,8 +22,9 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     targets = representations(workspace, data)
     experts = expert_trajectories(workspace, data, targets.shape[1], epochs=1)
     device = stage_device()
-    losses = mean_expert_kd_loss(experts.student.to(device), experts.layout, experts.snapshots[:, 1],
-                                 data.images.to(device), targets.to(device))
+    losses = mean_expert_kd_loss(
+        experts.student.to(device), experts.layout, experts.snapshots[:, 1], data.images.to(device), targets.to(device)
+    )
     if init_config.high_loss_scope == "per_class":
         high_loss = class_balanced_high_loss_indices(losses, data.labels, init_config.size)
     else:

@@ -69,8 +69,15 @@ def student_data(workspace: Workspace) -> TrainingData:
     standardisation = data.space
     assert isinstance(standardisation, Normalisation)  # training_data() always standardises
     whitening = ZCAWhitening.fit(standardisation, data.images, student_input.zca_regularisation)
-    return TrainingData(whitening.whiten(data.images), data.labels, whitening.whiten(data.test_images),
-                        data.test_labels, whitening, data.pool_uint8, data.pool_labels)
+    return TrainingData(
+        whitening.whiten(data.images),
+        data.labels,
+        whitening.whiten(data.test_images),
+        data.test_labels,
+        whitening,
+        data.pool_uint8,
+        data.pool_labels,
+    )
 
 
 def check_input_space(payload: dict, space: InputSpace, path: object, rerun: str) -> None:
@@ -78,8 +85,10 @@ def check_input_space(payload: dict, space: InputSpace, path: object, rerun: str
     predate ZCA whitening: standardised)."""
     made_in = payload.get("input_space", "standardised")
     if made_in != space.name:
-        raise SslkdError(f"{path} was made from {made_in} images, but the students now see {space.name} "
-                         f"images (sslkd.student_input): rerun `sslkd {rerun}`")
+        raise SslkdError(
+            f"{path} was made from {made_in} images, but the students now see {space.name} "
+            f"images (sslkd.student_input): rerun `sslkd {rerun}`"
+        )
 
 
 def teacher_encoder(workspace: Workspace, data: TrainingData) -> nn.Module:
@@ -117,7 +126,9 @@ class ExpertTrajectories:
     objective: str
 
 
-def expert_trajectories(workspace: Workspace, data: TrainingData, out_dim: int, epochs: int | None = None) -> ExpertTrajectories:
+def expert_trajectories(
+    workspace: Workspace, data: TrainingData, out_dim: int, epochs: int | None = None
+) -> ExpertTrajectories:
     """Load the experts, reading only snapshots 0..``epochs`` (memory-mapped), and refuse trajectories
     whose architecture, image shape or output size differ from what they will be used with."""
     payload = load_artifact(workspace.trajectories, "trajectories", produced_by="experts")

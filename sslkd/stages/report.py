@@ -29,8 +29,14 @@ def plot_accuracy(summary: dict, path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for method, rows in summary.items():
         fractions = sorted(rows, key=float)
-        axis.errorbar([float(f) * 100 for f in fractions], [rows[f]["mean"] for f in fractions],
-                      yerr=[rows[f]["std"] for f in fractions], marker="o", capsize=3, label=method)
+        axis.errorbar(
+            [float(f) * 100 for f in fractions],
+            [rows[f]["mean"] for f in fractions],
+            yerr=[rows[f]["std"] for f in fractions],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
     axis.set_xscale("log")
     axis.set_xlabel("labelled training images (%)")
     axis.set_ylabel("linear-probe top-1 accuracy (%)")
@@ -41,20 +47,33 @@ def plot_accuracy(summary: dict, path) -> None:
     plt.close(figure)
 
 
-PAIRS = (("mkdt", "random"), ("mkdt", "high_loss"), ("mkdt", "no_pretrain"),
-         ("full_data", "random"), ("full_data", "no_pretrain"))
+PAIRS = (
+    ("mkdt", "random"),
+    ("mkdt", "high_loss"),
+    ("mkdt", "no_pretrain"),
+    ("full_data", "random"),
+    ("full_data", "no_pretrain"),
+)
 
 
 def runs_by_horizon(runs: dict[str, list[dict]], horizons: list[str]) -> dict[str, dict[str, list[dict]]]:
     """{horizon: {method: runs}}; runs that predate horizons count as the headline (first) horizon's."""
-    return {horizon: {method: [run for run in method_runs if run.get("horizon", horizons[0]) == horizon]
-                      for method, method_runs in runs.items()} for horizon in horizons}
+    return {
+        horizon: {
+            method: [run for run in method_runs if run.get("horizon", horizons[0]) == horizon]
+            for method, method_runs in runs.items()
+        }
+        for horizon in horizons
+    }
 
 
 def paired_table(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """The paired differences of PAIRS whose two methods were evaluated, by name ("mkdt - random")."""
-    return {f"{method} - {baseline}": paired_differences(runs, method, baseline)
-            for method, baseline in PAIRS if method in runs and baseline in runs}
+    return {
+        f"{method} - {baseline}": paired_differences(runs, method, baseline)
+        for method, baseline in PAIRS
+        if method in runs and baseline in runs
+    }
 
 
 def teacher_section(metadata: dict) -> str:
@@ -64,29 +83,47 @@ def teacher_section(metadata: dict) -> str:
         return ""
     keys = sorted(probe["gain"], key=float)
     header = "| teacher features | " + " | ".join(f"{float(k) * 100:g}% labels" for k in keys) + " |"
-    lines = ["## The teacher's own features", "",
-             f"Linear probe of the teacher's {metadata.get('representation_dim')}-d features (trained on "
-             f"{metadata.get('trained_on_images')} images), against the same encoder untrained; mean ± std over "
-             "label draws:", "", header, "|---|" + "---|" * len(keys)]
+    lines = [
+        "## The teacher's own features",
+        "",
+        f"Linear probe of the teacher's {metadata.get('representation_dim')}-d features (trained on "
+        f"{metadata.get('trained_on_images')} images), against the same encoder untrained; mean ± std over "
+        "label draws:",
+        "",
+        header,
+        "|---|" + "---|" * len(keys),
+    ]
     for name in ("trained", "untrained", "gain"):
         sign = "+" if name == "gain" else ""
-        lines.append(f"| {name} | " + " | ".join(
-            f"{probe[name][k]['mean']:{sign}.1f} ± {probe[name][k]['std']:.1f}" for k in keys) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{probe[name][k]['mean']:{sign}.1f} ± {probe[name][k]['std']:.1f}" for k in keys)
+            + " |"
+        )
     history = metadata.get("probe_history") or []
     if len(history) > 1:
-        lines += ["", "Gain over the untrained encoder as training went on (points):", "",
-                  "| epochs | SGD steps | " + " | ".join(f"{float(k) * 100:g}% labels" for k in keys) + " |",
-                  "|---|---|" + "---|" * len(keys)]
+        lines += [
+            "",
+            "Gain over the untrained encoder as training went on (points):",
+            "",
+            "| epochs | SGD steps | " + " | ".join(f"{float(k) * 100:g}% labels" for k in keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
         for entry in history:
-            lines.append(f"| {entry['epoch']} | {entry['steps']} | " + " | ".join(
-                f"{entry['probe']['gain'][k]['mean']:+.1f}" for k in keys) + " |")
+            lines.append(
+                f"| {entry['epoch']} | {entry['steps']} | "
+                + " | ".join(f"{entry['probe']['gain'][k]['mean']:+.1f}" for k in keys)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(workspace: Workspace, options: StageOptions) -> None:
     report_config = config.build("report")
     evaluations = {
-        method: load_json_artifact(workspace.evaluation(method), "evaluation", produced_by=f"evaluate --method {method}")
+        method: load_json_artifact(
+            workspace.evaluation(method), "evaluation", produced_by=f"evaluate --method {method}"
+        )
         for method in report_config.methods
     }
     horizons = next((e["horizons"] for e in evaluations.values() if e.get("horizons")), ["equal_steps"])
@@ -99,13 +136,19 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     # at the headline horizon; by_horizon.json: the same for every horizon
     write_json_atomic(results / "summary.json", {**summary, **paired})
     write_json_atomic(results / "paired_differences.json", paired)
-    write_json_atomic(results / "by_horizon.json", {
-        horizon: {**summarise(runs), **paired_table(runs)} for horizon, runs in by_horizon.items()})
-    sections = [f"# sslkd results: linear-probe accuracy (%)\n\nPre-training horizon **{headline}** "
-                f"(the headline one, as in summary.json).\n\n" + markdown_table(summary, paired)]
+    write_json_atomic(
+        results / "by_horizon.json",
+        {horizon: {**summarise(runs), **paired_table(runs)} for horizon, runs in by_horizon.items()},
+    )
+    sections = [
+        f"# sslkd results: linear-probe accuracy (%)\n\nPre-training horizon **{headline}** "
+        f"(the headline one, as in summary.json).\n\n" + markdown_table(summary, paired)
+    ]
     for horizon in horizons[1:]:
-        sections.append(f"## Pre-training horizon {horizon}\n\n"
-                        + markdown_table(summarise(by_horizon[horizon]), paired_table(by_horizon[horizon])))
+        sections.append(
+            f"## Pre-training horizon {horizon}\n\n"
+            + markdown_table(summarise(by_horizon[horizon]), paired_table(by_horizon[horizon]))
+        )
     if workspace.teacher.is_file() and sidecar_path(workspace.teacher).is_file():
         sections.append(teacher_section(json.loads(sidecar_path(workspace.teacher).read_text())))
     table = "\n".join(section for section in sections if section)

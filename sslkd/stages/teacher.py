@@ -31,14 +31,20 @@ PROBE_SEEDS = (0, 1, 2)  # label draws of the teacher's probe (seed streams of t
 
 def probe_seeds(teacher_config: TeacherConfig) -> list:
     """The label draws of the teacher's probe (seed streams of their own), the same at every probe."""
-    return [lambda index, seed=seed: generator(teacher_config.seed, TeacherStream.PROBE_LABELS, seed, index) for seed in PROBE_SEEDS]
+    return [
+        lambda index, seed=seed: generator(teacher_config.seed, TeacherStream.PROBE_LABELS, seed, index)
+        for seed in PROBE_SEEDS
+    ]
 
 
-def encoder_probe_runs(encoder: nn.Module, data: TrainingData, teacher_config: TeacherConfig,
-                       device: torch.device) -> list[dict[str, float]]:
+def encoder_probe_runs(
+    encoder: nn.Module, data: TrainingData, teacher_config: TeacherConfig, device: torch.device
+) -> list[dict[str, float]]:
     """The encoder's features (eval mode) probed at every label fraction of the pool, once per label draw."""
-    features = (representations(encoder, data.space.apply(data.pool_pixels()).to(device)),
-                representations(encoder, data.test_images.to(device)))
+    features = (
+        representations(encoder, data.space.apply(data.pool_pixels()).to(device)),
+        representations(encoder, data.test_images.to(device)),
+    )
     return probe_runs(features, data.pool_labels, data.test_labels, teacher_config.probe, probe_seeds(teacher_config))
 
 
@@ -46,9 +52,15 @@ def log_probe(probe: dict[str, Any], step: int) -> None:
     """MLflow: the teacher's probe, the untrained encoder's and the gain, per label fraction."""
     for name in ("trained", "untrained", "gain"):
         tracking.log_metrics({f"teacher_probe/{name}/{key}": stats["mean"] for key, stats in probe[name].items()}, step)
-    log.info("teacher probe after epoch %d: %s", step, ", ".join(
-        f"{float(key) * 100:g}% labels {probe['trained'][key]['mean']:.1f} (untrained "
-        f"{probe['untrained'][key]['mean']:.1f}, gain {probe['gain'][key]['mean']:+.1f})" for key in probe["gain"]))
+    log.info(
+        "teacher probe after epoch %d: %s",
+        step,
+        ", ".join(
+            f"{float(key) * 100:g}% labels {probe['trained'][key]['mean']:.1f} (untrained "
+            f"{probe['untrained'][key]['mean']:.1f}, gain {probe['gain'][key]['mean']:+.1f})"
+            for key in probe["gain"]
+        ),
+    )
 
 
 def main(workspace: Workspace, options: StageOptions) -> None:
@@ -60,8 +72,10 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     channels = data.image_shape[0]
     architecture = teacher_architecture(teacher_config.encoder)
     encoder_fields = dataclasses.asdict(teacher_config.encoder)
-    encoder = seeded_module(lambda: build_teacher_encoder(architecture, encoder_fields, channels),
-                            derive_seed(teacher_config.seed, TeacherStream.ENCODER_INIT)).to(device)
+    encoder = seeded_module(
+        lambda: build_teacher_encoder(architecture, encoder_fields, channels),
+        derive_seed(teacher_config.seed, TeacherStream.ENCODER_INIT),
+    ).to(device)
     untrained = encoder_probe_runs(encoder, data, teacher_config, device)
     inputs = {"dataset": workspace.dataset}
     run = run_checkpoints(checkpoints, "teacher", teacher_config, [workspace.dataset])
@@ -83,23 +97,41 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     save_artifact(
         workspace.teacher,
         "teacher",
-        {"state_dict": encoder.state_dict(), "epoch_losses": torch.tensor(losses), "architecture": architecture,
-         "encoder": encoder_fields, "in_channels": channels},
+        {
+            "state_dict": encoder.state_dict(),
+            "epoch_losses": torch.tensor(losses),
+            "architecture": architecture,
+            "encoder": encoder_fields,
+            "in_channels": channels,
+        },
         config=config.operative_config(),
         inputs=inputs,
-        extra={"representation_dim": encoder.representation_dim, "epoch_losses": losses,
-               "trained_on_images": len(data.pool_labels), "probe": probe, "probe_history": history},
+        extra={
+            "representation_dim": encoder.representation_dim,
+            "epoch_losses": losses,
+            "trained_on_images": len(data.pool_labels),
+            "probe": probe,
+            "probe_history": history,
+        },
     )
     run.clear()
 
 
-def train(encoder: nn.Module, data: TrainingData, teacher_config: TeacherConfig,
-          untrained: list[dict[str, float]], run: RunCheckpoints, device: torch.device
-          ) -> tuple[list[float], list[dict[str, Any]]]:
+def train(
+    encoder: nn.Module,
+    data: TrainingData,
+    teacher_config: TeacherConfig,
+    untrained: list[dict[str, float]],
+    run: RunCheckpoints,
+    device: torch.device,
+) -> tuple[list[float], list[dict[str, Any]]]:
     """SSL training of ``encoder`` on the pool, probing it after each of probe_epochs; returns the
     epoch losses and the probe history [{"epoch", "steps", "probe"}] (kept in the resumable state)."""
-    head = seeded_module(lambda: projector(encoder.representation_dim, teacher_config.ssl.projector_dim),
-                         derive_seed(teacher_config.seed, TeacherStream.PROJECTOR_INIT)).to(device)
+    representation_dim = int(teacher_config.encoder.representation_dim)
+    head = seeded_module(
+        lambda: projector(representation_dim, teacher_config.ssl.projector_dim),
+        derive_seed(teacher_config.seed, TeacherStream.PROJECTOR_INIT),
+    ).to(device)
     pixels = data.pool_pixels().to(device)
     steps_per_epoch = max(1, len(pixels) // teacher_config.ssl.batch_size)
     resume = run.load("training")
@@ -115,6 +147,15 @@ def train(encoder: nn.Module, data: TrainingData, teacher_config: TeacherConfig,
             encoder.train()
 
     on_checkpoint = None if save is None else (lambda state: save({**state, "probe_history": list(history)}))
-    losses = train_ssl(encoder, head, pixels, data.space.apply, teacher_config.ssl, generator(teacher_config.seed, TeacherStream.TRAINING),
-                       resume=resume, on_checkpoint=on_checkpoint, on_epoch=on_epoch)
+    losses = train_ssl(
+        encoder,
+        head,
+        pixels,
+        data.space.apply,
+        teacher_config.ssl,
+        generator(teacher_config.seed, TeacherStream.TRAINING),
+        resume=resume,
+        on_checkpoint=on_checkpoint,
+        on_epoch=on_epoch,
+    )
     return losses, history

@@ -56,8 +56,10 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     data = student_data(workspace)
     targets = representations(workspace, data)
     if variance_config.measured_batch_sizes[-1] > len(data.images):
-        raise SslkdError(f"variance batch sizes go up to {variance_config.measured_batch_sizes[-1]}, "
-                         f"the training set has {len(data.images)} images: lower variance.batch_sizes")
+        raise SslkdError(
+            f"variance batch sizes go up to {variance_config.measured_batch_sizes[-1]}, "
+            f"the training set has {len(data.images)} images: lower variance.batch_sizes"
+        )
     seed = variance_config.seed
     seconds: dict[str, dict[str, float]] = {}
     runs: dict[str, dict] = {}
@@ -68,33 +70,69 @@ def main(workspace: Workspace, options: StageOptions) -> None:
 
     init_seed = derive_seed(seed, VarianceStream.STUDENT_INIT)
     with stopwatch(seconds, "gradient_variance"):
-        gradients = measure_gradient_variance(make_student(init_seed), data.images, targets, data.space,
-                                              variance_config, generator(seed, VarianceStream.GRADIENT_BATCHES))
-    start_indices = random_indices(len(data.images), variance_config.init.size, generator(seed, VarianceStream.START_SUBSET))
+        gradients = measure_gradient_variance(
+            make_student(init_seed),
+            data.images,
+            targets,
+            data.space,
+            variance_config,
+            generator(seed, VarianceStream.GRADIENT_BATCHES),
+        )
+    start_indices = random_indices(
+        len(data.images), variance_config.init.size, generator(seed, VarianceStream.START_SUBSET)
+    )
     for kind, objective in {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}.items():
         with stopwatch(seconds, f"dispersion_{kind}"):
             snapshots, losses = train_runs(
-                make_student, [init_seed] * variance_config.runs,
+                make_student,
+                [init_seed] * variance_config.runs,
                 [generator(seed, VarianceStream.DISPERSION_RUN, r) for r in range(variance_config.runs)],
-                data.images, targets, variance_config.trajectories(objective, variance_config.runs), data.space,
+                data.images,
+                targets,
+                variance_config.trajectories(objective, variance_config.runs),
+                data.space,
             )
-            runs[kind] = {"absolute": parameter_dispersion(snapshots).tolist(),
-                          "relative": relative_dispersion(snapshots).tolist(), "epoch_losses": losses}
+            runs[kind] = {
+                "absolute": parameter_dispersion(snapshots).tolist(),
+                "relative": relative_dispersion(snapshots).tolist(),
+                "epoch_losses": losses,
+            }
         with stopwatch(seconds, f"matching_{kind}"):
             count = variance_config.matching_experts
             experts, _ = train_runs(
-                make_student, [derive_seed(seed, VarianceStream.MATCHING_EXPERT_INIT, k) for k in range(count)], [generator(seed, VarianceStream.MATCHING_EXPERT_TRAINING, k) for k in range(count)],
-                data.images, targets, variance_config.trajectories(objective, count), data.space,
+                make_student,
+                [derive_seed(seed, VarianceStream.MATCHING_EXPERT_INIT, k) for k in range(count)],
+                [generator(seed, VarianceStream.MATCHING_EXPERT_TRAINING, k) for k in range(count)],
+                data.images,
+                targets,
+                variance_config.trajectories(objective, count),
+                data.space,
             )
-            matching[kind] = matching_losses(make_student(init_seed), experts, data.images[start_indices],
-                                             targets[start_indices], variance_config, generator(seed, VarianceStream.MATCHING))
-        log.info("%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f", kind, objective,
-                 ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]), matching[kind]["initial"], matching[kind]["final"])
+            matching[kind] = matching_losses(
+                make_student(init_seed),
+                experts,
+                data.images[start_indices],
+                targets[start_indices],
+                variance_config,
+                generator(seed, VarianceStream.MATCHING),
+            )
+        log.info(
+            "%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f",
+            kind,
+            objective,
+            ", ".join(f"{v:.4f}" for v in runs[kind]["relative"]),
+            matching[kind]["initial"],
+            matching[kind]["final"],
+        )
 
     results = summarise(variance_config, gradients, runs, matching)
-    log.info("SSL/KD: gradient variance %.3g, dispersion %.3g; final matching loss kd %.4f, ssl %.4f",
-             results["grad_variance_ratio"], results["dispersion_ratio"],
-             results["final_matching_loss"]["kd"], results["final_matching_loss"]["ssl"])
+    log.info(
+        "SSL/KD: gradient variance %.3g, dispersion %.3g; final matching loss kd %.4f, ssl %.4f",
+        results["grad_variance_ratio"],
+        results["dispersion_ratio"],
+        results["final_matching_loss"]["kd"],
+        results["final_matching_loss"]["ssl"],
+    )
     write_results(workspace, results, seconds, matching)
 
 
@@ -102,15 +140,22 @@ def write_results(workspace: Workspace, results: dict, seconds: dict, matching: 
     """results/variance.json (with the parts' timings) and its plots, then the same to tracking."""
     plot(results, workspace.results)
     save_json_artifact(
-        workspace.results / "variance.json", "variance", results,
+        workspace.results / "variance.json",
+        "variance",
+        results,
         config=config.operative_config(),
         inputs={"dataset": workspace.dataset, "representations": workspace.representations},
         extra={"seconds": seconds, "plots": list(PLOTS)},
     )
-    tracking.log_metrics({"grad_variance_ratio": results["grad_variance_ratio"],
-                          "dispersion_ratio": results["dispersion_ratio"],
-                          "final_matching_loss_kd": results["final_matching_loss"]["kd"],
-                          "final_matching_loss_ssl": results["final_matching_loss"]["ssl"]}, 0)
+    tracking.log_metrics(
+        {
+            "grad_variance_ratio": results["grad_variance_ratio"],
+            "dispersion_ratio": results["dispersion_ratio"],
+            "final_matching_loss_kd": results["final_matching_loss"]["kd"],
+            "final_matching_loss_ssl": results["final_matching_loss"]["ssl"],
+        },
+        0,
+    )
     for kind, result in matching.items():
         for iteration, loss in enumerate(result["losses"]):
             tracking.log_metric(f"matching_loss/{kind}_experts", loss, iteration)
@@ -131,22 +176,29 @@ def summarise(variance_config: VarianceConfig, gradients: GradientVariance, runs
         "ssl_objective": headline,
         "default_batch_size": variance_config.experts.batch_size,
         "gradient_variance": {
-            "batch_sizes": gradients.batch_sizes, "kd": gradients.kd, **gradients.ssl,
+            "batch_sizes": gradients.batch_sizes,
+            "kd": gradients.kd,
+            **gradients.ssl,
             "ratio_by_objective": by_objective,
             "ssl_augmentation_only": gradients.augmentation_only,
             "reference": "kd: the exact full-data gradient; ssl: the mean of the sampled minibatch gradients "
-                         "at each batch size (unbiased R-1 divisor)",
+            "at each batch size (unbiased R-1 divisor)",
             "minibatches": variance_config.minibatches,
         },
         "dispersion": {
-            "epochs": list(range(len(runs["kd"]["relative"]))), "runs": variance_config.runs,
+            "epochs": list(range(len(runs["kd"]["relative"]))),
+            "runs": variance_config.runs,
             "definition": "relative: mean squared distance to the across-run mean / mean squared distance "
-                          "from the shared init; absolute: the numerator",
+            "from the shared init; absolute: the numerator",
             "absolute_ratio": runs["ssl"]["absolute"][-1] / runs["kd"]["absolute"][-1],
             **runs,
         },
-        "matching": {"experts": variance_config.matching_experts, "iterations": variance_config.iterations,
-                     "final_window": variance_config.final_window, **matching},
+        "matching": {
+            "experts": variance_config.matching_experts,
+            "iterations": variance_config.iterations,
+            "final_window": variance_config.final_window,
+            **matching,
+        },
     }
 
 
@@ -157,8 +209,13 @@ def plot(results: dict, folder: Path) -> None:
     grads = results["gradient_variance"]
     for name in ["kd", *grads["ratio_by_objective"]]:
         axis.plot(grads["batch_sizes"], grads[name], marker="o", label=name)
-    axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="E‖g − ḡ‖² / ‖ḡ‖²",
-             title="relative minibatch gradient variance at init")
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="E‖g − ḡ‖² / ‖ḡ‖²",
+        title="relative minibatch gradient variance at init",
+    )
     axis.set_xticks(grads["batch_sizes"], [str(b) for b in grads["batch_sizes"]])
     axis.minorticks_off()
     figures.append(figure)
@@ -171,12 +228,16 @@ def plot(results: dict, folder: Path) -> None:
     window = results["matching"]["final_window"]
     for kind in ("kd", "ssl"):
         losses = results["matching"][kind]["losses"]
-        line, = axis.plot(losses, alpha=0.3)
-        running = [tail_mean(losses[:i + 1], window) for i in range(len(losses))]
+        (line,) = axis.plot(losses, alpha=0.3)
+        running = [tail_mean(losses[: i + 1], window) for i in range(len(losses))]
         axis.plot(running, color=line.get_color(), label=f"{kind} experts (mean of last {window})")
     axis.axhline(1.0, color="grey", linewidth=0.8)
-    axis.set(yscale="log", xlabel="distillation iteration", ylabel="matching loss (1: no progress)",
-             title="trajectory matching")
+    axis.set(
+        yscale="log",
+        xlabel="distillation iteration",
+        ylabel="matching loss (1: no progress)",
+        title="trajectory matching",
+    )
     figures.append(figure)
     for figure, name in zip(figures, PLOTS):
         figure.axes[0].legend()

@@ -10,6 +10,7 @@ teacher stage's ``sslkd.teacher.checkpoint``). Usage:
 
     python benchmarks/teacher_curve.py --data PATH/cifar10_train.npz --out DIR [--steps 1400]
         [--probe-at 175 350 700 1400]
+    python benchmarks/teacher_curve.py --plot DIR/teacher_curve.json --out DIR   # the plot alone
 """
 
 from __future__ import annotations
@@ -77,15 +78,39 @@ def features(encoder: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: 
     return torch.cat([encoder((chunk.float() / 255 - mean) / std) for chunk in images.split(1000)])
 
 
+def plot(results: dict, path: Path) -> None:
+    """The gain over the untrained network against training steps, one line per label fraction."""
+    from sslkd.plots import pyplot
+
+    plt = pyplot()
+    steps = sorted(int(key.removeprefix("step")) for key in results if key.startswith("step"))
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for fraction in ("0.01", "0.05"):
+        gains = [results[f"step{step}"][fraction] - results["untrained"][fraction] for step in steps]
+        axis.plot(steps, gains, marker="o", label=f"{float(fraction) * 100:g}% labels")
+    axis.set_xlabel("teacher training steps (batch 256)")
+    axis.set_ylabel("probe gain over untrained (points)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, help="only plot this teacher_curve.json")
     parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--probe-at", type=int, nargs="+", default=[175, 350, 700, 1400])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.out / "teacher_gain.png")
+        return
+    if args.data is None:
+        parser.error("--data is required to train")
     with np.load(args.data) as archive:
         images = torch.from_numpy(archive["x"]).permute(0, 3, 1, 2).contiguous()
         labels = torch.from_numpy(archive["y"].astype(np.int64))
@@ -138,6 +163,7 @@ def main() -> None:
             if step >= args.steps:
                 break
     (args.out / "teacher_curve.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "teacher_gain.png")
 
 
 if __name__ == "__main__":

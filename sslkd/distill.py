@@ -72,9 +72,9 @@ class DistillConfig:
             raise SslkdError("iterations, syn_steps, expert_epochs, max_start_epoch and batch_syn must be >= 1")
         if not 0 < self.lr_min <= self.lr_init:
             raise SslkdError(f"need 0 < lr_min <= lr_init, got lr_min={self.lr_min}, lr_init={self.lr_init}")
-        if not self.lr_images > 0 or min(self.lr_representations, self.lr_lr) < 0:
+        if min(self.lr_images, self.lr_representations, self.lr_lr) < 0:
             raise SslkdError(
-                f"distill needs lr_images > 0 and lr_representations, lr_lr >= 0 (0 freezes), got "
+                f"distill needs lr_images, lr_representations, lr_lr >= 0 (0 freezes), got "
                 f"{self.lr_images}, {self.lr_representations}, {self.lr_lr}"
             )
         momenta = (self.momentum_images, self.momentum_representations, self.momentum_lr)

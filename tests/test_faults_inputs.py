@@ -30,7 +30,7 @@ def run(capsys, *argv: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     "binding, fragment",
     [
-        ("sslkd.distill.lr_images = -100.0", "lr_images > 0"),
+        ("sslkd.distill.lr_images = -100.0", "lr_images, lr_representations, lr_lr >= 0"),
         ("sslkd.distill.lr_lr = -1e-4", "lr_lr >= 0"),
         ("sslkd.distill.momentum_images = -0.5", "momentum_images"),
         ("sslkd.distill.momentum_lr = 1.5", "[0, 1)"),

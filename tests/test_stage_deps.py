@@ -141,6 +141,8 @@ def test_dvc_deps_are_the_stage_code_and_gin_files(name):
     stage, deps = dvc_stages()[name]
     source = {dep for dep in deps if not dep.startswith(("artifacts/", "${item}"))}
     expected = code_deps(stage) | gin_deps()
+    if stage == "check":  # every setting file: DVC must not stop at a missing one before sslkd check runs
+        expected = expected - {"gin/settings/${setting}.gin"} | {"gin/settings"}
     assert source == expected, (
         f"dvc.yaml stage {name}: deps drifted from the code it runs; missing {sorted(expected - source)}, "
         f"extra {sorted(source - expected)}; its deps are:\n{sorted(expected)}"

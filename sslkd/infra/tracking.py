@@ -391,7 +391,13 @@ def compare(destination: Target, pipeline: str | None = None) -> Comparison:
 
 
 def _compare(destination: Target, pipeline: str | None) -> Comparison:
-    upload_pending(destination)
+    uploader_log = logging.getLogger(upload.__name__)
+    level = uploader_log.level
+    uploader_log.setLevel(logging.ERROR)  # a store that refuses the pending runs is compare's one error line
+    try:
+        upload_pending(destination)
+    finally:
+        uploader_log.setLevel(level)
     if destination.uri.startswith("sqlite:///") and not Path(destination.uri.removeprefix("sqlite:///")).is_file():
         raise SslkdError(f"no tracking store {destination.uri.removeprefix('sqlite:///')}: run `dvc repro` first")
     client = upload.client_for(destination.uri)

@@ -168,8 +168,14 @@ def test_metrics_are_logged_with_their_steps(pipeline, server):
         assert [step for step, _ in history(server, runs["experts"], f"kd_loss/expert_{expert}")] == [1, 2, 3]
     assert [step for step, _ in history(server, runs["distill"], "matching_loss/seed_0")] == [0, 1, 2]
     assert all(lr > 0 for _, lr in history(server, runs["distill"], "inner_lr/seed_0"))
-    assert [step for step, _ in history(server, runs["evaluate@random"], "pretrain_loss/eval_seed_1")] == [1, 2]
-    assert [step for step, _ in history(server, runs["evaluate@mkdt"], "pretrain_loss/eval_seed_1/distill_seed_0")] == [
+    assert [step for step, _ in history(server, runs["evaluate@random"], "pretrain_loss/equal_steps/eval_seed_1")] == [
+        1,
+        2,
+    ]
+    assert [
+        step
+        for step, _ in history(server, runs["evaluate@mkdt"], "pretrain_loss/equal_steps/eval_seed_1/distill_seed_0")
+    ] == [
         1,
         2,
     ]

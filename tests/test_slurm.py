@@ -147,7 +147,9 @@ def test_experts_array_reruns_only_missing_experts_equals_inline_and_runs_the_su
 
 @pytest.mark.slow
 def test_a_requeued_then_signalled_job_resumes_to_the_identical_artifact(tiny_study, tmp_path, code, monkeypatch):
-    long_run = ["--bind", "sslkd.distill.iterations = 400"]
+    # long enough that the requeue lands mid-run on an idle machine (400 iterations took 5 s: the first
+    # attempt finished inside SLURM's grace period and cleared its checkpoint before the requeue took effect)
+    long_run = ["--bind", "sslkd.distill.iterations = 3000"]
     stages = ("data", "teacher", "represent", "experts", "init")
     reference = clone_study(tiny_study, tmp_path / "inline", stages)
     monkeypatch.chdir(reference)

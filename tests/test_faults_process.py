@@ -107,13 +107,17 @@ def stop(process: subprocess.Popen, *others: int) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_dvc_repro_stops_the_stage_and_writes_no_artifact(long_study):
+@pytest.mark.parametrize("shell", [None, "/bin/bash"])
+def test_sigterm_to_dvc_repro_stops_the_stage_and_writes_no_artifact(long_study, shell):
+    """DVC runs a stage as ``$SHELL -c CMD``, or ``/bin/sh -c CMD`` with no $SHELL (CI); bash execs CMD,
+    dash keeps it as its child and outlives DVC: the stage must stop either way."""
     log = long_study / "repro.log"
+    env = {key: value for key, value in environment(long_study).items() if key != "SHELL"}
     with open(log, "w") as out:
         dvc = subprocess.Popen(
             ["dvc", "repro", "-f", "-s", "teacher"],
             cwd=long_study,
-            env=environment(long_study),
+            env=env | ({"SHELL": shell} if shell else {}),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -7,7 +7,9 @@ write its artifacts behind DVC's back. So every ``sslkd`` process
 - turns SIGTERM and SIGHUP into :class:`Terminated` (a SystemExit: ``finally`` blocks run, the atomic
   writes of sslkd/artifacts.py remove their temporary file, the tracking run ends KILLED), and
 - asks the kernel to send it SIGTERM when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), whatever
-  killed the parent (SIGTERM, SIGKILL, a crash).
+  killed the parent (SIGTERM, SIGKILL, a crash), and
+- when that parent is a shell running one command line (DVC with no $SHELL runs ``/bin/sh -c CMD``, and
+  dash does not exec CMD), also ends when the shell loses its own parent (DVC).
 
 A launcher's job (sslkd/stage_job.py) also watches the process that launched it (:func:`exit_with`).
 A process started with SIGHUP ignored (``nohup sslkd teacher &``) was asked to outlive its terminal: it
@@ -24,6 +26,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,35 @@ def handle_termination() -> None:
                 signal.signal(signum, raise_terminated)
 
 
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (Linux /proc), None when it is gone."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[1])
+
+
+def is_command_shell(pid: int) -> bool:
+    """Whether process ``pid`` is a shell running one command line (``sh -c CMD``): how DVC (with no
+    $SHELL), make and ``subprocess(shell=True)`` start a command. dash does not exec that command, so the
+    shell, not DVC, is the stage's parent, and it outlives DVC."""
+    try:
+        argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and os.path.basename(argv[0].decode(errors="replace")).lstrip("-") in SHELLS and b"-c" in argv
+
+
 def die_with_parent(signum: int = signal.SIGTERM) -> bool:
     """Have the kernel send ``signum`` to this process when its parent dies; returns whether it could
-    (Linux only). A parent that died before the request leaves no signal to come: then exit now."""
+    (Linux only). A parent that died before the request leaves no signal to come: then exit now. A parent
+    that is a command shell (:func:`is_command_shell`) is looked through: the process also ends when the
+    shell loses its own parent (:func:`exit_when_orphaned`)."""
     if not sys.platform.startswith("linux") or nohup():
         return False
     parent = os.getppid()
@@ -75,7 +105,39 @@ def die_with_parent(signum: int = signal.SIGTERM) -> bool:
         return False
     if os.getppid() != parent or parent == 1:  # the parent was already gone: we were reparented
         os.kill(os.getpid(), signum)
+    elif is_command_shell(parent) and (launcher := parent_pid(parent)) not in (None, 1):
+        exit_when_orphaned(parent, launcher)
     return True
+
+
+def stop_main_thread(reason: str, *args: object) -> None:
+    """End this process as if SIGTERM had reached it (:class:`Terminated` in the main thread)."""
+    log.warning(reason, *args)
+    main_thread = threading.main_thread().ident
+    if main_thread is not None:
+        signal.pthread_kill(main_thread, signal.SIGTERM)
+
+
+def watch_until(gone: Callable[[], bool], reason: str, *args: object, period_s: float = 1.0) -> None:
+    """From a daemon thread, poll ``gone`` every ``period_s``; once true, :func:`stop_main_thread`."""
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(period_s)
+        stop_main_thread(reason, *args)
+
+    threading.Thread(target=watch, name="sslkd-exit-watch", daemon=True).start()
+
+
+def exit_when_orphaned(shell: int, launcher: int, period_s: float = 1.0) -> None:
+    """End this process once the command shell ``shell`` (its parent) is no longer the child of
+    ``launcher``: the launcher died and the shell was reparented (a pid reused later cannot fool it)."""
+    watch_until(
+        lambda: parent_pid(shell) != launcher,
+        "the process that launched this stage's shell (pid %d) is gone: stopping",
+        launcher,
+        period_s=period_s,
+    )
 
 
 def exit_with(pid: int, period_s: float = 1.0) -> None:
@@ -83,18 +145,13 @@ def exit_with(pid: int, period_s: float = 1.0) -> None:
     reached it (:class:`Terminated` in the main thread). For a job whose launching process is not its
     parent (submitit's local jobs run under a shell and a controller)."""
 
-    def watch() -> None:
-        while True:
-            time.sleep(period_s)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:  # alive, someone else's (cannot be ours: pid reused)
-                break
-        log.warning("the process that launched this job (pid %d) is gone: stopping", pid)
-        main_thread = threading.main_thread().ident
-        if main_thread is not None:
-            signal.pthread_kill(main_thread, signal.SIGTERM)
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's (cannot be ours: pid reused)
+            return True
+        return False
 
-    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
+    watch_until(gone, "the process that launched this job (pid %d) is gone: stopping", pid, period_s=period_s)

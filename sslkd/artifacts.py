@@ -111,12 +111,13 @@ def code_version() -> str:
 def _os_error(error: BaseException) -> OSError | None:
     """The OSError behind ``error``: itself, or one it was raised from or while handling (torch.save's
     zip writer reports a failed write as a RuntimeError raised while handling the OSError)."""
-    while error is not None and not isinstance(error, OSError):
-        error = error.__cause__ or error.__context__
-    return error
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
 
     When the file system refuses (an OSError: ENOSPC, EFBIG, EROFS, EACCES, ...), the temporary file is

@@ -132,7 +132,8 @@ def run_stage(args: argparse.Namespace) -> None:
     config.parse(args.config_dir, setting, args.gin, params.bindings() + args.bind)
     workspace = Workspace(args.workdir)
     name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage  # dvc.yaml's stage name
-    identity, tags = {}, {}
+    identity: dict[str, str] = {}
+    tags: dict[str, str] = {}
     if destination is not None:
         config.build_stage(args.stage)  # the stage's operative config (the run's params) is then known
         identity, tags = _run_tags(args, setting, name)
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sslkd {args.stage}: stopped by {stop.name} before it finished (nothing half-written; rerun it)",
             file=sys.stderr,
         )
-        return stop.code
+        return 128 + stop.signum
     finally:
         if threading.current_thread() is threading.main_thread():
             for signum, handler in previous.items():

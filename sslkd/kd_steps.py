@@ -20,6 +20,7 @@ import math
 from typing import Callable, Iterator
 
 import torch
+from torch import nn
 from torch.func import functional_call, grad, vjp
 
 from sslkd.errors import SslkdError
@@ -37,7 +38,7 @@ def check_precision(precision: str) -> None:
         raise SslkdError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
-def kd_loss_of_parameters(student: ConvNet, layout: ParameterLayout) -> Loss:
+def kd_loss_of_parameters(student: nn.Module, layout: ParameterLayout) -> Loss:
     """ℓ(θ, X, Y) = MSE(f(X; θ), Y) for flat θ [P], images X [B, C, H, W], targets Y [B, D] -> scalar."""
 
     def loss(parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

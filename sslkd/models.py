@@ -147,9 +147,15 @@ class ResNet18(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.representation_dim = channels
 
+    @property
+    def stages(self) -> list[nn.Module]:
+        """layer1 … layer4 (torchvision's names, so state dicts match its ResNet's)."""
+        return [getattr(self, f"layer{stage}") for stage in range(1, 5)]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(images)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in self.stages:
+            x = stage(x)
         return torch.flatten(self.avgpool(x), 1)
 
 

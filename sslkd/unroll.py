@@ -112,7 +112,7 @@ def segment_lengths(num_steps: int, snapshots: Snapshots) -> list[int]:
     (none when N <= K), with the fewest segments m whose lengths, counted from the last, are at most
     K − m + 1, K − m + 2, …, K (a segment can be as long as the snapshots its processed successors free)."""
     check_snapshots(snapshots, num_steps)
-    if snapshots in SNAPSHOTS:
+    if isinstance(snapshots, str):
         interval = 1 if snapshots == "all" else math.isqrt(max(num_steps - 1, 0)) + 1
         return [min(interval, num_steps - first) for first in range(0, num_steps, interval)]
     budget = snapshots

@@ -26,7 +26,7 @@ from sslkd.distill import DistillConfig, distill
 from sslkd.errors import SslkdError
 from sslkd.experts import ExpertsConfig, train_expert
 from sslkd.losses import kd_mse_loss
-from sslkd.models import ParameterLayout
+from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
 from sslkd.stage_configs import InitConfig
 from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
@@ -101,11 +101,12 @@ def full_kd_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     """The exact full-data KD gradient [P], computed in chunks weighted by their share of the N examples
     (the loss is a mean over examples, so the weighted sum of chunk gradients is the full gradient)."""
     total = len(images)
-    return sum(
+    weighted = [
         kd_gradient(model, images[start : start + chunk], targets[start : start + chunk])
         * (min(chunk, total - start) / total)
         for start in range(0, total, chunk)
-    )
+    ]
+    return torch.stack(weighted).sum(0)
 
 
 def ssl_gradient(
@@ -231,7 +232,7 @@ def measure_gradient_variance(
 
 
 def train_runs(
-    make_student: Callable[[int], nn.Module],
+    make_student: Callable[[int], ConvNet],
     init_seeds: Sequence[int],
     generators: Sequence[torch.Generator],
     images: torch.Tensor,
@@ -252,7 +253,7 @@ def train_runs(
 
 
 def matching_losses(
-    student: nn.Module,
+    student: ConvNet,
     experts: torch.Tensor,
     images: torch.Tensor,
     targets: torch.Tensor,

@@ -83,6 +83,7 @@ def make_executor(launcher: str, folder: Path, resources: SlurmConfig, code: Pat
     """
     snapshot = shlex.quote(str(code.resolve()))
     setup = [f"cd {snapshot}", f"export PYTHONPATH={snapshot}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    executor: submitit.Executor
     if launcher == "local":
         executor = submitit.LocalExecutor(folder, max_num_timeout=resources.max_timeouts)
         executor.update_parameters(
@@ -287,8 +288,8 @@ def _job_failure(job: submitit.Job) -> str | None:
     if outcome == "success":
         return None
     lines = [line.strip() for line in str(payload).splitlines() if line.strip()]
-    error = lines[-1].removeprefix("sslkd.errors.SslkdError: ") if lines else "unknown error"
-    return f"job {job.job_id} failed: {error} (log: {job.paths.stderr})"
+    message = lines[-1].removeprefix("sslkd.errors.SslkdError: ") if lines else "unknown error"
+    return f"job {job.job_id} failed: {message} (log: {job.paths.stderr})"
 
 
 def _queue_states(launcher: str, jobs: list[submitit.Job]) -> dict[str, tuple[str, str]]:

@@ -79,7 +79,7 @@ def enabled() -> bool:
     return value in ON_VALUES
 
 
-def target(workdir: Path, setting: str, experiment: str | None = None) -> Target:
+def target(workdir: Path, setting: str | None, experiment: str | None = None) -> Target:
     """Where runs of ``setting`` go (``experiment`` overrides the experiment name)."""
     experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"sslkd-{setting}"
     # DVC_ROOT: the repository DVC runs the stage for, also when it runs it in a temporary copy
@@ -159,6 +159,13 @@ class StageRun:
     _artifacts: list[tuple[Path, str | None]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def spooled(self) -> Path:
+        """The run's spool entry (:meth:`start` makes it)."""
+        if self.entry is None:
+            raise RuntimeError(f"the tracking run of {self.stage} was used before it started")
+        return self.entry
+
     def start(self) -> "StageRun":
         spool = self.destination.spool or Path.cwd().resolve() / SPOOL
         self.entry = spool / f"{time.time_ns():020d}-{os.getpid()}"
@@ -185,7 +192,7 @@ class StageRun:
         except SslkdError:  # no half-written entry for the uploader to puzzle over
             with contextlib.suppress(OSError):
                 self._events.close()
-            shutil.rmtree(self.entry, ignore_errors=True)
+            shutil.rmtree(self.spooled, ignore_errors=True)
             raise
         threading.Thread(target=self._heartbeat, name="tracking-heartbeat", daemon=True).start()
         report_store_error(spool)
@@ -199,7 +206,7 @@ class StageRun:
             self._events.flush()
         except OSError as error:  # a full disk: one line, not a traceback from deep in the stage
             raise SslkdError(
-                f"cannot write the tracking spool {self.entry.parent} ({error.strerror or error}): "
+                f"cannot write the tracking spool {self.spooled.parent} ({error.strerror or error}): "
                 f"free space, or run with {SWITCH_ENV}=off"
             ) from None
 
@@ -207,7 +214,7 @@ class StageRun:
         """Touch the events file: an entry left untouched for STALE_SECONDS belongs to a dead stage."""
         while not self._stop.wait(upload.HEARTBEAT_SECONDS):
             with contextlib.suppress(OSError):
-                os.utime(self.entry / upload.EVENTS)
+                os.utime(self.spooled / upload.EVENTS)
 
     def metric(self, key: str, value: float, step: int) -> None:
         self._write(event="metric", key=key, value=float(value), step=int(step))
@@ -216,11 +223,11 @@ class StageRun:
         """Attach a file; it is copied when the stage ends."""
         self._artifacts.append((Path(path), folder))
 
-    def _spool_file(self, write: Callable[[Path], None], name: str, folder: str | None) -> None:
+    def _spool_file(self, write: Callable[[Path], object], name: str, folder: str | None) -> None:
         """Write an artifact of the run into the entry (``write(path)``) and record it."""
         file = Path(folder or ".") / name
-        (self.entry / upload.FILES / file).parent.mkdir(parents=True, exist_ok=True)
-        write(self.entry / upload.FILES / file)
+        (self.spooled / upload.FILES / file).parent.mkdir(parents=True, exist_ok=True)
+        write(self.spooled / upload.FILES / file)
         self._write(event="artifact", file=str(file), folder=folder)
 
     def image(self, name: str, draw: Callable[[Path], None], folder: str | None = None) -> None:
@@ -241,8 +248,8 @@ class StageRun:
             self._stop.set()
             with contextlib.suppress(OSError):  # what a full disk kept in the buffer is lost with the run
                 self._events.close()
-        report_store_error(self.entry.parent)
-        start_uploader(self.entry.parent)
+        report_store_error(self.spooled.parent)
+        start_uploader(self.spooled.parent)
 
 
 def report_store_error(spool: Path) -> None:

@@ -210,7 +210,7 @@ class Uploader:
 
     def upload_entry(self, entry: Path, final: bool) -> None:
         state_path = entry / STATE
-        state = (
+        state: dict[str, Any] = (
             json.loads(state_path.read_text()) if state_path.is_file() else {"run_id": None, "lines": 0, "flushed": 0.0}
         )
         events = read_events(entry)

@@ -227,6 +227,7 @@ def test_variance_stage_writes_the_claim_and_its_plots(workspace, capsys):  # no
     for name in ("variance_vs_batch_size.png", "dispersion_vs_epoch.png", "matching_loss_vs_iteration.png"):
         assert (workspace / "results" / name).read_bytes()[:4] == b"\x89PNG"
     sidecar = json.loads((workspace / "results" / "variance.json.meta.json").read_text())
-    assert {"operative_config", "inputs", "seconds"} <= set(sidecar)
+    assert {"operative_config", "inputs"} <= set(sidecar)
+    assert "seconds" not in sidecar  # timings would make a rerun's sidecar differ (docs/reliability.md)
     code, err = run(capsys, "variance", "--bind", "sslkd.variance.batch_sizes = (8, 5000)")
     assert code == 2 and "lower variance.batch_sizes" in err[-1]

@@ -106,6 +106,7 @@ def test_an_allocator_tuned_by_the_environment_is_recognised(variable, value, tu
     assert allocator.tuned_elsewhere({"PATH": "/bin", variable: value}) == (variable if tuned else None)
 
 
+@pytest.mark.slow
 @glibc_only
 def test_keep_holds_freed_memory_that_glibc_gives_back(tmp_path):
     kept = json.loads(run_probe(RSS_PROBE, tmp_path, SSLKD_MALLOC="keep"))
@@ -118,6 +119,7 @@ def test_keep_holds_freed_memory_that_glibc_gives_back(tmp_path):
     assert not tuned["kept"] and tuned["held"] - tuned["after"] > 60  # the environment's setting stands
 
 
+@pytest.mark.slow
 @glibc_only
 def test_keeping_freed_memory_computes_the_same_bits(tmp_path):
     """Eager and compiled KD training steps give bit-identical parameters with either allocator."""

@@ -46,6 +46,7 @@ def assert_identical(first, second):
         assert first == second
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [1, 3])
 def test_distill_resumes_bit_identically(tmp_path, stop_at):
     student, layout, images, targets = make_tiny_problem()
@@ -100,6 +101,7 @@ def test_expert_training_resumes_bit_identically(tmp_path):
     assert_identical(reference, resumed)
 
 
+@pytest.mark.slow
 def test_teacher_training_resumes_bit_identically(tmp_path):
     images = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     augment = AugmentConfig(

@@ -73,6 +73,7 @@ def trained_experts(workspace):
     return workspace
 
 
+@pytest.mark.slow
 def test_trajectories_for_other_images_are_refused(trained_experts, capsys):
     before = (trained_experts / "artifacts" / "experts" / "trajectories.pt").read_bytes()
     assert main(["data", "--bind", "sslkd.data.image_size = 16"]) == 0
@@ -82,6 +83,7 @@ def test_trajectories_for_other_images_are_refused(trained_experts, capsys):
     assert (trained_experts / "artifacts" / "experts" / "trajectories.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_trajectories_of_another_architecture_are_refused(trained_experts, capsys):
     path = trained_experts / "artifacts" / "experts" / "trajectories.pt"
     payload = torch.load(path, weights_only=True)
@@ -93,6 +95,7 @@ def test_trajectories_of_another_architecture_are_refused(trained_experts, capsy
     assert code == 2 and "parameter layout does not match" in err[-1]
 
 
+@pytest.mark.slow
 def test_distill_asks_for_longer_experts(trained_experts, capsys):
     assert main(["init"]) == 0
     code, err = run(capsys, "distill", "--bind", "sslkd.distill.max_start_epoch = 5")
@@ -100,6 +103,7 @@ def test_distill_asks_for_longer_experts(trained_experts, capsys):
     assert not list((trained_experts / "artifacts").glob("distill/*.pt"))
 
 
+@pytest.mark.slow
 def test_the_same_config_gives_a_bit_identical_distilled_set(trained_experts):
     assert main(["init"]) == 0
     path = trained_experts / "artifacts" / "distill" / "synthetic_seed0.pt"

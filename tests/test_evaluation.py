@@ -41,6 +41,7 @@ def probe(encoder, digits_split, fraction=0.05, seed=0) -> float:
     )
 
 
+@pytest.mark.slow
 def test_random_encoder_is_clearly_above_chance_and_a_trained_one_above_that(digits_split):
     train_x, train_y, _, _ = digits_split
     random_encoder = build_student(ConvNetConfig(width=16, depth=3), (1, 8, 8), 10, seed=0)

@@ -48,6 +48,7 @@ def experts_done(tiny_study, tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.slow
 def test_corrupt_trajectories_stop_init_and_distill(tiny_study, tmp_path):
     """Item 2: 1,024 flipped float32 values in the trajectories (same size) are refused by the real
     commands, and init writes nothing (before: exit 0, and init's sidecar recorded the corrupt hash)."""
@@ -124,6 +125,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_full_disk_writing_an_artifact(tiny_study, tmp_path):
     """Item 5: a write past the file size limit (RLIMIT_FSIZE, EFBIG: a full disk without root) ends in one
     line and exit 2, removes its temporary file and keeps the previous artifact (before: a RuntimeError
@@ -156,6 +158,7 @@ def mount_tmpfs():
         subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_no_space_left_writing_an_artifact(tmp_path, mount_tmpfs):
     """Item 5: ENOSPC from a real, full tmpfs under artifacts/ (the dataset artifact is ~130 kB)."""
     root = make_workspace(tmp_path / "w")

@@ -171,6 +171,7 @@ def test_a_server_that_refuses_everything_stops_the_uploader_after_a_bound(study
     assert len(tracking_upload.entries(spool)) == 2
 
 
+@pytest.mark.slow
 def test_a_superseded_attempt_cannot_fail_the_live_run(study, monkeypatch):
     """Attempt 1 was SIGKILLed (no end, no heartbeat), its rerun continues the run; attempt 1's entry
     going stale (5 minutes later, while attempt 2 computes) must not mark the live run FAILED."""

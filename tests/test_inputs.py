@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from sslkd.artifacts import save_artifact
@@ -31,6 +32,7 @@ print(rss_mb() - before, experts.snapshots.shape[1], checksum)
 """
 
 
+@pytest.mark.slow
 def test_expert_trajectories_page_in_only_the_epochs_read(tmp_path):
     from sslkd.experts import build_student
     from sslkd.models import ConvNetConfig, ParameterLayout
@@ -77,6 +79,7 @@ def run_stage(workspace, *argv: str) -> int:
         os.chdir(cwd)
 
 
+@pytest.mark.slow
 def test_zca_students_record_their_space_and_refuse_artifacts_of_another(tiny_study, tmp_path, capsys):
     """With ZCA on, experts, distill and evaluate run on whitened images and record it; a stage whose
     input was made in the other space stops with a one-line error and writes nothing."""

@@ -34,6 +34,7 @@ def test_warmup_rises_linearly_then_the_cosine_falls_to_zero():
     assert warmup_cosine(0, 10)(0) == 1.0  # no warm-up: the cosine from the first step
 
 
+@pytest.mark.slow
 def test_teacher_stage_records_its_probe_against_the_untrained_encoder(tiny_study, tmp_path):
     workspace = clone_study(tiny_study, tmp_path, ("data",))
     cwd = os.getcwd()

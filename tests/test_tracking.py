@@ -128,6 +128,7 @@ def test_switched_off_no_store_is_written(study, monkeypatch):
     assert not (study / tracking.SPOOL).exists()
 
 
+@pytest.mark.slow
 def test_a_failed_stage_is_marked_failed_and_its_rerun_continues_that_run(study):
     assert main(["teacher"]) == 2  # no dataset yet: the stage fails after its run was opened
     [failed] = stage_runs(study, "teacher")
@@ -176,6 +177,7 @@ def test_metrics_go_in_batches_of_at_most_1000_and_a_failed_batch_stays_pending(
     assert [step for batch in store.batches for _, step in batch] == list(range(2500))
 
 
+@pytest.mark.slow
 def test_a_stage_never_imports_mlflow_and_its_run_reaches_the_store_through_the_uploader(study):
     code = (
         "import sys; from sslkd.cli import main; status = main(['data']); "

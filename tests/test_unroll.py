@@ -90,6 +90,7 @@ class RecordingSteps(KDSteps):
     syn_steps=st.integers(1, 12),
     budget=st.integers(5, 13),
 )
+@pytest.mark.slow
 def test_checkpointed_adjoint_equals_the_plain_adjoint_bit_for_bit(seed, size, batch, syn_steps, budget):
     """syn_steps 1..12: one segment (N = 1), segments that divide N (4, 9) and a short last one (3, 5, 10);
     budgets 5..13 (5 unrolls up to 15 steps): below, at and above N."""

@@ -1,0 +1,146 @@
+"""MKDT − random and full data − random against the teacher's strength (issue 18): the same study run with
+teachers trained for different numbers of epochs, each stage the pipeline's own ``sslkd <stage>``.
+
+    python benchmarks/teacher_strength.py --out DIR --epochs 0 5 20 60 \\
+        [--setting digits] [--params params.yaml] [--bind 'sslkd.init.method = "random"'] [--plot]
+
+For each teacher budget E, DIR/teacher_E is a workspace in which data, teacher (``sslkd.ssl.epochs = E``;
+0 keeps the encoder untrained), represent, experts, init, distill and evaluate (random, full_data, mkdt)
+run with the setting, params.yaml and the extra ``--bind``s. The teacher stage probes its own features
+against the same encoder untrained: that gain (points, at the smallest label fraction) is the x-axis.
+DIR/teacher_strength.json holds, per budget, the gain and the paired differences at each horizon and label
+fraction (mean, standard error, n over evaluation seeds and distillation seeds); ``--plot`` draws them.
+Stages already done in a workspace (their artifact present) are not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("teacher_strength")
+METHODS = ("random", "full_data", "mkdt")
+PAIRS = (("mkdt", "random"), ("full_data", "random"))
+STAGES = ("data", "teacher", "represent", "experts", "init", "distill")
+
+
+def sslkd(stage: list[str], workdir: Path, args: argparse.Namespace, binds: list[str]) -> None:
+    command = [sys.executable, "-m", "sslkd", *stage, "--workdir", str(workdir), "--params", str(args.params)]
+    command += ["--no-tracking", "--config-dir", str(args.config_dir)]
+    command += (["--setting", args.setting] if args.setting else []) + [f"--bind={b}" for b in binds]
+    log.info("%s: sslkd %s", workdir.name, " ".join(stage))
+    with open(workdir / f"log_{'_'.join(stage).replace('--method_', '')}.txt", "w") as out:
+        subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def done(workdir: Path, stage: str) -> bool:
+    outputs = {
+        "data": "artifacts/data/dataset.pt",
+        "teacher": "artifacts/teacher/encoder.pt",
+        "represent": "artifacts/represent/representations.pt",
+        "experts": "artifacts/experts/trajectories.pt",
+        "init": "artifacts/init/indices.pt",
+        "distill": "artifacts/distill/synthetic_seed0.pt",
+    }
+    path = outputs.get(stage, f"artifacts/evaluate/{stage.removeprefix('evaluate:')}.json")
+    return (workdir / path).is_file()
+
+
+def run_budget(epochs: int, args: argparse.Namespace) -> Path:
+    workdir = args.out / f"teacher_{epochs}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    binds = [*args.bind, f"sslkd.ssl.epochs = {epochs}", "sslkd.teacher.probe_epochs = ()"]
+    for stage in STAGES:
+        if not done(workdir, stage):
+            sslkd([stage], workdir, args, binds)
+    for method in METHODS:
+        if not done(workdir, f"evaluate:{method}"):
+            sslkd(["evaluate", "--method", method], workdir, args, binds)
+    return workdir
+
+
+def accuracies(workdir: Path, method: str) -> dict[tuple[str, int, int], dict[str, float]]:
+    """(horizon, eval seed, distill seed) -> accuracy per label fraction, from the evaluate artifact."""
+    runs = json.loads((workdir / "artifacts" / "evaluate" / f"{method}.json").read_text())["runs"]
+    return {(r["horizon"], r["eval_seed"], r.get("distill_seed") or 0): r["accuracy"] for r in runs}
+
+
+def paired(workdir: Path) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """'<a> - <b>' -> horizon -> fraction -> {mean, sem, n}: a's runs paired with b's at the same
+    horizon and evaluation seed (every distillation seed of a against b's one run)."""
+    table: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for a, b in PAIRS:
+        runs_a, runs_b = accuracies(workdir, a), accuracies(workdir, b)
+        for (horizon, seed, _), acc in runs_a.items():
+            for fraction, value in acc.items():
+                entry = table.setdefault(f"{a} - {b}", {}).setdefault(horizon, {}).setdefault(fraction, {})
+                entry.setdefault("values", []).append(value - runs_b[(horizon, seed, 0)][fraction])
+    for by_horizon in table.values():
+        for by_fraction in by_horizon.values():
+            for fraction, entry in by_fraction.items():
+                values = entry.pop("values")
+                sem = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+                by_fraction[fraction] = {"mean": statistics.mean(values), "sem": sem, "n": len(values)}
+    return table
+
+
+def teacher_gain(workdir: Path) -> dict[str, float]:
+    meta = json.loads((workdir / "artifacts" / "teacher" / "encoder.pt.meta.json").read_text())
+    return {fraction: value["mean"] for fraction, value in meta["probe"]["gain"].items()}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    horizons = sorted({h for r in results.values() for h in r["paired"]["mkdt - random"]})
+    figure, axes = plt.subplots(1, len(horizons), figsize=(5 * len(horizons), 4), squeeze=False)
+    for axis, horizon in zip(axes[0], horizons):
+        for pair, marker in (("mkdt - random", "o"), ("full_data - random", "s")):
+            fractions = sorted(next(iter(results.values()))["paired"][pair][horizon], key=float)[:2]
+            for fraction in fractions:  # x: the gain at the smallest label fraction, for every curve
+                xs = [r["gain"][min(r["gain"], key=float)] for r in results.values()]
+                ys = [r["paired"][pair][horizon][fraction]["mean"] for r in results.values()]
+                es = [r["paired"][pair][horizon][fraction]["sem"] for r in results.values()]
+                axis.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"{pair}, {float(fraction):.0%}")
+        axis.axhline(0, color="grey", lw=0.8)
+        axis.set(
+            title=f"horizon {horizon}", xlabel="teacher gain over untrained, fewest labels (points)", ylabel="points"
+        )
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, nargs="+", required=True)
+    parser.add_argument("--setting", default=None)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--config-dir", type=Path, default=Path("gin"))
+    parser.add_argument("--bind", action="append", default=[])
+    parser.add_argument("--plot", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args.out, args.params, args.config_dir = args.out.resolve(), args.params.resolve(), args.config_dir.resolve()
+    os.environ.setdefault("SSLKD_TRACKING", "off")
+    results = {}
+    for epochs in args.epochs:
+        workdir = run_budget(epochs, args)
+        results[str(epochs)] = {"gain": teacher_gain(workdir), "paired": paired(workdir)}
+        (args.out / "teacher_strength.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot:
+        plot(results, args.out / "teacher_strength.png")
+
+
+if __name__ == "__main__":
+    main()

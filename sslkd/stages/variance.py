@@ -13,7 +13,9 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+import torch
 
 from sslkd import config
 from sslkd.artifacts import atomic_write, save_json_artifact
@@ -24,7 +26,7 @@ from sslkd.models import ConvNet
 from sslkd.plots import pyplot
 from sslkd.seeding import VarianceStream, derive_seed, generator
 from sslkd.selection import random_indices
-from sslkd.stages.inputs import representations, student_data
+from sslkd.stages.inputs import TrainingData, representations, student_data
 from sslkd.stages.options import StageOptions
 from sslkd.variance import (
     GradientVariance,
@@ -83,39 +85,10 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     )
     for kind, objective in {"kd": "kd", "ssl": variance_config.ssl_objectives[0]}.items():
         with stopwatch(seconds, f"dispersion_{kind}"):
-            snapshots, losses = train_runs(
-                make_student,
-                [init_seed] * variance_config.runs,
-                [generator(seed, VarianceStream.DISPERSION_RUN, r) for r in range(variance_config.runs)],
-                data.images,
-                targets,
-                variance_config.trajectories(objective, variance_config.runs),
-                data.space,
-            )
-            runs[kind] = {
-                "absolute": parameter_dispersion(snapshots).tolist(),
-                "relative": relative_dispersion(snapshots).tolist(),
-                "epoch_losses": losses,
-            }
+            runs[kind] = dispersion_runs(variance_config, objective, make_student, init_seed, data, targets)
         with stopwatch(seconds, f"matching_{kind}"):
-            count = variance_config.matching_experts
-            experts, _ = train_runs(
-                make_student,
-                [derive_seed(seed, VarianceStream.MATCHING_EXPERT_INIT, k) for k in range(count)],
-                [generator(seed, VarianceStream.MATCHING_EXPERT_TRAINING, k) for k in range(count)],
-                data.images,
-                targets,
-                variance_config.trajectories(objective, count),
-                data.space,
-            )
-            matching[kind] = matching_losses(
-                make_student(init_seed),
-                experts,
-                data.images[start_indices],
-                targets[start_indices],
-                variance_config,
-                generator(seed, VarianceStream.MATCHING),
-            )
+            start = (data.images[start_indices], targets[start_indices])
+            matching[kind] = matching_run(variance_config, objective, make_student, init_seed, data, targets, start)
         log.info(
             "%s (%s): relative dispersion per epoch %s; matching loss %.4f -> %.4f",
             kind,
@@ -134,6 +107,65 @@ def main(workspace: Workspace, options: StageOptions) -> None:
         results["final_matching_loss"]["ssl"],
     )
     write_results(workspace, results, seconds, matching)
+
+
+def matching_run(
+    variance_config: VarianceConfig,
+    objective: str,
+    make_student: Callable[[int], ConvNet],
+    init_seed: int,
+    data: TrainingData,
+    targets: torch.Tensor,
+    start: tuple[torch.Tensor, torch.Tensor],
+) -> dict:
+    """Train ``variance.matching_experts`` experts with ``objective`` (each its own init and data order),
+    then distil from them starting from ``start`` (images [M, C, H, W], targets [M, D]): the matching losses."""
+    seed, count = variance_config.seed, variance_config.matching_experts
+    experts, _ = train_runs(
+        make_student,
+        [derive_seed(seed, VarianceStream.MATCHING_EXPERT_INIT, k) for k in range(count)],
+        [generator(seed, VarianceStream.MATCHING_EXPERT_TRAINING, k) for k in range(count)],
+        data.images,
+        targets,
+        variance_config.trajectories(objective, count),
+        data.space,
+    )
+    images, start_targets = start
+    return matching_losses(
+        make_student(init_seed),
+        experts,
+        images,
+        start_targets,
+        variance_config,
+        generator(seed, VarianceStream.MATCHING),
+    )
+
+
+def dispersion_runs(
+    variance_config: VarianceConfig,
+    objective: str,
+    make_student: Callable[[int], ConvNet],
+    init_seed: int,
+    data: TrainingData,
+    targets: torch.Tensor,
+) -> dict[str, list]:
+    """``variance.runs`` trainings with ``objective`` from the one init ``init_seed``, each with its own data
+    order and augmentations: their absolute and relative dispersion per epoch and their losses."""
+    seed = variance_config.seed
+    snapshots, losses = train_runs(
+        make_student,
+        [init_seed] * variance_config.runs,
+        [generator(seed, VarianceStream.DISPERSION_RUN, r) for r in range(variance_config.runs)],
+        data.images,
+        targets,
+        variance_config.trajectories(objective, variance_config.runs),
+        data.space,
+    )
+    return {
+        "absolute": parameter_dispersion(snapshots).tolist(),
+        "relative": relative_dispersion(snapshots).tolist(),
+        "epoch_losses": losses,
+    }
 
 
 def write_results(workspace: Workspace, results: dict, seconds: dict, matching: dict) -> None:

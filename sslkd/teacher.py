@@ -133,11 +133,10 @@ def train_ssl(
     head.train()
     epoch_losses: list[float] = []
     first_epoch = 0
+    stateful: dict[str, Any] = {"encoder": encoder, "head": head, "optimiser": optimiser, "schedule": schedule}
     if resume is not None:
-        encoder.load_state_dict(resume["encoder"])
-        head.load_state_dict(resume["head"])
-        optimiser.load_state_dict(resume["optimiser"])
-        schedule.load_state_dict(resume["schedule"])
+        for name, part in stateful.items():
+            part.load_state_dict(resume[name])
         generator.set_state(resume["generator"])
         epoch_losses, first_epoch = list(resume["epoch_losses"]), resume["epoch"]
         log.info("teacher: resuming after epoch %d", first_epoch)
@@ -160,16 +159,9 @@ def train_ssl(
         if on_epoch is not None:
             on_epoch(epoch + 1, epoch_losses[-1])
         if on_checkpoint is not None:
+            state = {name: part.state_dict() for name, part in stateful.items()}
             on_checkpoint(
-                {
-                    "epoch": epoch + 1,
-                    "encoder": encoder.state_dict(),
-                    "head": head.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "generator": generator.get_state(),
-                    "epoch_losses": list(epoch_losses),
-                }
+                {"epoch": epoch + 1, **state, "generator": generator.get_state(), "epoch_losses": list(epoch_losses)}
             )
     return epoch_losses
 

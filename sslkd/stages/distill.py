@@ -10,12 +10,12 @@ import torch
 from sslkd import config
 from sslkd.artifacts import load_artifact, save_artifact
 from sslkd.checkpoints import run_checkpoints
-from sslkd.distill import distill
+from sslkd.distill import DistillConfig, DistillResult, distill
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
 from sslkd.plots import plot_distillation_curve, plot_synthetic_set
 from sslkd.seeding import generator
-from sslkd.stages.inputs import expert_trajectories, representations, student_data
+from sslkd.stages.inputs import TrainingData, expert_trajectories, representations, student_data
 from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
@@ -52,49 +52,62 @@ def main(workspace: Workspace, options: StageOptions) -> None:
                 {f"matching_loss/seed_{seed}": loss, f"inner_lr/seed_{seed}": lr}, iteration
             ),
         )
-        result.images, result.representations = result.images.cpu(), result.representations.cpu()
-        log.info(
-            "seed %d: matching loss %.4f -> %.4f, lr %.4f",
-            seed,
-            result.matching_losses[0],
-            result.matching_losses[-1],
-            result.lr,
-        )
-        save_artifact(
-            workspace.synthetic(seed),
-            "synthetic",
-            {
-                "images": result.images,
-                "representations": result.representations,
-                "lr": result.lr,
-                "init_indices": indices,
-                "matching_losses": torch.tensor(result.matching_losses),
-                "learning_rates": torch.tensor(result.learning_rates),
-                "input_space": data.space.name,
-            },
-            config=config.operative_config(),
-            inputs={
-                "trajectories": workspace.trajectories,
-                "init": workspace.init_indices,
-                "representations": workspace.representations,
-            },
-            extra={
-                "seed": seed,
-                "lr": result.lr,
-                "distill": dataclasses.asdict(distill_config),
-                "input_space": data.space.name,
-                "matching_loss_first": result.matching_losses[0],
-                "matching_loss_last": result.matching_losses[-1],
-            },
-        )
-        pixels = data.space.invert
-        tracking.log_image(
-            f"synthetic_seed{seed}.png",
-            lambda path: plot_synthetic_set(pixels(data.images[indices]), pixels(result.images), path),
-        )
-        tracking.log_image(
-            f"distill_loss_seed{seed}.png",
-            lambda path: plot_distillation_curve(result.matching_losses, result.learning_rates, path),
-        )
-        tracking.log_metric("learned_lr", result.lr, seed)
+        record_synthetic_set(workspace, seed, result, indices, data, distill_config)
     run.clear()
+
+
+def record_synthetic_set(
+    workspace: Workspace,
+    seed: int,
+    result: DistillResult,
+    indices: torch.Tensor,
+    data: TrainingData,
+    distill_config: DistillConfig,
+) -> None:
+    """Save distillation seed ``seed``'s set (artifacts/distill/synthetic_seed<seed>.pt and its sidecar)
+    and show it, with its matching-loss curve, in tracking."""
+    result.images, result.representations = result.images.cpu(), result.representations.cpu()
+    log.info(
+        "seed %d: matching loss %.4f -> %.4f, lr %.4f",
+        seed,
+        result.matching_losses[0],
+        result.matching_losses[-1],
+        result.lr,
+    )
+    save_artifact(
+        workspace.synthetic(seed),
+        "synthetic",
+        {
+            "images": result.images,
+            "representations": result.representations,
+            "lr": result.lr,
+            "init_indices": indices,
+            "matching_losses": torch.tensor(result.matching_losses),
+            "learning_rates": torch.tensor(result.learning_rates),
+            "input_space": data.space.name,
+        },
+        config=config.operative_config(),
+        inputs={
+            "trajectories": workspace.trajectories,
+            "init": workspace.init_indices,
+            "representations": workspace.representations,
+        },
+        extra={
+            "seed": seed,
+            "lr": result.lr,
+            "distill": dataclasses.asdict(distill_config),
+            "input_space": data.space.name,
+            "matching_loss_first": result.matching_losses[0],
+            "matching_loss_last": result.matching_losses[-1],
+        },
+    )
+    pixels = data.space.invert
+    tracking.log_image(
+        f"synthetic_seed{seed}.png",
+        lambda path: plot_synthetic_set(pixels(data.images[indices]), pixels(result.images), path),
+    )
+    tracking.log_image(
+        f"distill_loss_seed{seed}.png",
+        lambda path: plot_distillation_curve(result.matching_losses, result.learning_rates, path),
+    )
+    tracking.log_metric("learned_lr", result.lr, seed)

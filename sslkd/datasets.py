@@ -65,6 +65,8 @@ class DataConfig:
             raise SslkdError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
         if self.train_subset < 0 or self.image_size < 0:
             raise SslkdError("train_subset and image_size must be >= 0 (0 means keep)")
+        if self.dataset in DOWNSTREAM_READERS and not self.image_size:
+            raise SslkdError(f"{self.dataset}'s images differ in size: set sslkd.data.image_size (e.g. 32)")
 
 
 @dataclass

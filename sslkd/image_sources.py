@@ -14,6 +14,7 @@ of mixed sizes is decoded straight into one array of the final size; square imag
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import zipfile
@@ -167,15 +168,15 @@ def fetch_if_missing(
     name: str,
     root: Path,
     layout: str,
-    present: Callable[[], bool],
+    required: tuple[Path, ...],
     download: bool,
     archives: tuple[tuple[str, str | None], ...],
 ) -> None:
-    """Download and extract ``archives`` ((url, md5 or None), torchvision's helpers) into ``root`` when the
-    set is not ``present`` and ``download`` is on; a set still missing is one line."""
+    """Download and extract ``archives`` ((url, md5 or None), torchvision's helpers) into ``root`` when a
+    ``required`` path is missing and ``download`` is on; a set still missing is one line."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    if present():
+    if all(path.exists() for path in required):
         return
     if not download:
         raise offline_error(name, root, layout, "download is off")
@@ -185,7 +186,7 @@ def fetch_if_missing(
             download_and_extract_archive(url, download_root=str(root), filename=filename, md5=md5)
         except Exception as error:  # URLError / OSError offline, RuntimeError on a bad checksum
             raise offline_error(name, root, layout, download_failure(error)) from None
-    if not present():
+    if not all(path.exists() for path in required):
         raise offline_error(
             name, root, layout, f"the downloaded archives ({', '.join(u for u, _ in archives)}) did not hold it"
         )
@@ -253,8 +254,7 @@ def read_cub(root: Path, download: bool, size: int) -> Splits:
     classes.txt, images/): its official train / test split, labels 1–200 as 0–199."""
     base, layout = root / "CUB_200_2011", "CUB_200_2011/ with images.txt, image_class_labels.txt, train_test_split.txt"
     lists = {name: base / f"{name}.txt" for name in ("images", "image_class_labels", "train_test_split", "classes")}
-    present = lambda: all(path.is_file() for path in lists.values())  # noqa: E731
-    fetch_if_missing("cub200", root, layout, present, download, ((CUB_URL, CUB_MD5),))
+    fetch_if_missing("cub200", root, layout, tuple(lists.values()), download, ((CUB_URL, CUB_MD5),))
     columns = {name: read_columns(path) for name, path in lists.items()}
     files, labels, is_train = (dict(columns[key]) for key in ("images", "image_class_labels", "train_test_split"))
     if not files.keys() == labels.keys() == is_train.keys():
@@ -293,8 +293,8 @@ def read_dogs(root: Path, download: bool, size: int) -> Splits:
     test_list.mat, whose ``file_list`` and 1-based ``labels`` give the official 12k / 8.6k split)."""
     layout = "Images/ and train_list.mat, test_list.mat"
     lists = (root / "train_list.mat", root / "test_list.mat")
-    present = lambda: all(path.is_file() for path in lists) and (root / "Images").is_dir()  # noqa: E731
-    fetch_if_missing("stanford_dogs", root, layout, present, download, tuple((url, None) for url in DOGS_URLS))
+    archives = tuple((url, None) for url in DOGS_URLS)
+    fetch_if_missing("stanford_dogs", root, layout, (*lists, root / "Images"), download, archives)
     splits = [read_dogs_list(path, root / "Images") for path in lists]
     breeds = sorted(path.name for path in (root / "Images").iterdir() if path.is_dir())
     names = [breed.split("-", 1)[-1] for breed in breeds]
@@ -317,8 +317,8 @@ def read_dogs_list(path: Path, images: Path) -> tuple[list[Path], list[int]]:
 
 
 DOWNSTREAM_READERS: dict[str, Callable[[Path, bool, int], Splits]] = {
-    "aircraft": lambda root, download, size: read_torchvision_set("aircraft", root, download, size),
-    "flowers102": lambda root, download, size: read_torchvision_set("flowers102", root, download, size),
+    "aircraft": functools.partial(read_torchvision_set, "aircraft"),
+    "flowers102": functools.partial(read_torchvision_set, "flowers102"),
     "cub200": read_cub,
     "stanford_dogs": read_dogs,
 }

@@ -268,6 +268,11 @@ def test_a_failed_download_is_one_line(tmp_path, monkeypatch, name):
     assert "\n" not in str(error.value)
 
 
+def test_a_downstream_set_needs_an_image_size():
+    with pytest.raises(SslkdError, match="cub200's images differ in size: set sslkd.data.image_size"):
+        data_config(dataset="cub200", root="somewhere")
+
+
 def save_jpeg(path: Path, value: int, size: tuple[int, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)

@@ -2,15 +2,17 @@
 
 Sources: ``digits`` (scikit-learn's bundled UCI digits, the embedded default), ``cifar10``/``cifar100``
 (torchvision's copy under ``root``, downloaded when allowed, or an offline .npz copy of the training set
-when ``root`` is a .npz file), ``tinyimagenet`` (the CS231n archive, val folder relabelled from its annotations) and
-``npz`` (any file with ``x`` uint8 NHWC and ``y`` int64). Sets without a test split get a seeded,
-class-balanced held-out part of the training set.
+when ``root`` is a .npz file), ``tinyimagenet`` (the CS231n archive, val folder relabelled from its
+annotations, or an npz_jpeg copy of training images when ``root`` is a .npz file), ``npz`` (any file with
+``x`` uint8 NHWC and ``y`` int64), ``npz_jpeg`` (JPEG files packed in one .npz, sslkd.image_sources) and
+the paper's downstream sets ``aircraft``, ``flowers102``, ``cub200``, ``stanford_dogs`` (image folders,
+sslkd.image_sources). Sets without a test split get a seeded, class-balanced held-out part of the
+training set.
 """
 
 from __future__ import annotations
 
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,20 +22,28 @@ import torch
 import torch.nn.functional as F
 
 from sslkd.errors import SslkdError
+from sslkd.image_sources import DOWNSTREAM_READERS, npz_archive, read_npz_jpeg
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet", "npz")
+DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet", "npz", "npz_jpeg", *DOWNSTREAM_READERS)
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+# Sets whose root may name one .npz file (an offline copy of the training set) instead of their folder:
+# classes and image shape [C, H, W] it must have, and whether it holds JPEG files (npz_jpeg) or pixels (npz).
+NPZ_COPIES = {
+    "cifar10": (10, (3, 32, 32), False),
+    "cifar100": (100, (3, 32, 32), False),
+    "tinyimagenet": (200, (3, 64, 64), True),
+}
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which images, and how they are split.
 
-    dataset: one of DATASETS; root: folder (torchvision sets), or .npz file (npz; also an offline copy of
-    a CIFAR training set); test_path: an .npz test file for ``npz`` and .npz CIFAR copies ("" for none); holdout_fraction: share of each class held
+    dataset: one of DATASETS; root: folder (torchvision sets, tinyimagenet, the downstream sets), or .npz
+    file (npz, npz_jpeg; also an offline copy of a CIFAR or Tiny ImageNet training set); test_path: an .npz
+    test file of the same format for .npz sources ("" for none); holdout_fraction: share of each class held
     out as test when there is no test split; train_subset: keep a seeded class-balanced subset of
     this many training images (0 keeps all); image_size: resize to this side (0 keeps it);
     download: let torchvision download a missing set; split_seed: seeds the hold-out and the subset.
@@ -55,6 +65,8 @@ class DataConfig:
             raise SslkdError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
         if self.train_subset < 0 or self.image_size < 0:
             raise SslkdError("train_subset and image_size must be >= 0 (0 means keep)")
+        if self.dataset in DOWNSTREAM_READERS and not self.image_size:
+            raise SslkdError(f"{self.dataset}'s images differ in size: set sslkd.data.image_size (e.g. 32)")
 
 
 @dataclass
@@ -153,19 +165,11 @@ def load_digits_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    if not path.is_file():
-        raise SslkdError(f"npz dataset not found: {path} (set sslkd.data.root to a .npz with x uint8 NHWC, y int64)")
-    if not zipfile.is_zipfile(path):
-        raise SslkdError(f"{path} is not an .npz archive (np.savez: a zip of the arrays x uint8 NHWC and y int64)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive or "y" not in archive:
-                raise SslkdError(f"{path} lacks the arrays 'x' (uint8 NHWC) and 'y' (int64); it has {archive.files}")
-            images = _from_nhwc(archive["x"], str(path))
-            labels = _labels(archive["y"], len(images), str(path))
-            names = [str(n) for n in archive["class_names"]] if "class_names" in archive else []
-    except (OSError, ValueError) as error:
-        raise SslkdError(f"cannot read {path}: {error}") from None
+    """An ``npz`` file: ``x`` uint8 [N, H, W, C], ``y`` integer [N], optional ``class_names``."""
+    with npz_archive(path, ("x", "y"), "x uint8 NHWC, y int64") as archive:
+        images = _from_nhwc(archive["x"], str(path))
+        labels = _labels(archive["y"], len(images), str(path))
+        names = [str(n) for n in archive["class_names"]] if "class_names" in archive else []
     return images, labels, names or [str(c) for c in range(int(labels.max()) + 1)]
 
 
@@ -208,7 +212,8 @@ def _tinyimagenet(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
     if not (base / "train").is_dir() or not (base / "val" / "val_annotations.txt").is_file():
         raise SslkdError(
             f"tinyimagenet not found under {base} (needs train/ and val/val_annotations.txt); "
-            f"unzip {TINYIMAGENET_URL} into {root} or set sslkd.data.download = True when online"
+            f"unzip {TINYIMAGENET_URL} into {root}, set sslkd.data.download = True when online, or set data.root "
+            "to an npz_jpeg copy of training images (dvc exp run -S data.root=PATH.npz)"
         )
     wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
     index_of = {wnid: i for i, wnid in enumerate(wnids)}
@@ -235,6 +240,23 @@ def _tinyimagenet(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
     )
 
 
+def read_file(dataset: str, path: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A dataset given as one .npz file: ``npz``, ``npz_jpeg`` (decoded at image_size, 0 keeping it) or an
+    NPZ_COPIES set's offline copy, checked to be that set (its classes and image shape)."""
+    if dataset not in NPZ_COPIES:
+        return read_npz_jpeg(path, image_size) if dataset == "npz_jpeg" else read_npz(path)
+    classes, shape, jpeg = NPZ_COPIES[dataset]
+    images, labels, names = read_npz_jpeg(path, image_size) if jpeg else read_npz(path)
+    if jpeg and image_size:
+        shape = (shape[0], image_size, image_size)  # decoded at that size
+    if int(labels.max()) + 1 != classes or tuple(images.shape[1:]) != shape:
+        raise SslkdError(
+            f"{path} is not {dataset}: {int(labels.max()) + 1} classes of "
+            f"{tuple(images.shape[1:])} images, expected {classes} of {shape}"
+        )
+    return images, labels, names
+
+
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [N, C, H, W] -> uint8 [N, C, size, size] (bilinear, antialiased)."""
     if images.shape[-1] == size and images.shape[-2] == size:
@@ -250,31 +272,27 @@ def load_dataset(config: DataConfig) -> ImageDataset:
     test: tuple[torch.Tensor, torch.Tensor] | None = None
     if config.dataset == "digits":
         images, labels, names = load_digits_images()
-    elif config.dataset == "npz":
-        images, labels, names = read_npz(root)
+    elif config.dataset in ("npz", "npz_jpeg") or (config.dataset in NPZ_COPIES and root.suffix == ".npz"):
+        images, labels, names = read_file(config.dataset, root, config.image_size)
         if config.test_path:
-            test_images, test_labels, _ = read_npz(Path(config.test_path).expanduser())
+            test_images, test_labels, _ = read_file(
+                config.dataset, Path(config.test_path).expanduser(), config.image_size
+            )
             if test_images.shape[1:] != images.shape[1:]:
                 raise SslkdError(
                     f"test images {tuple(test_images.shape[1:])} differ from train {tuple(images.shape[1:])}"
                 )
             test = (test_images, test_labels)
-    elif config.dataset in ("cifar10", "cifar100") and root.suffix == ".npz":
-        images, labels, names = read_npz(root)  # an offline copy of the training set: a test split is held out
-        classes = CIFAR_CLASSES[config.dataset]
-        if int(labels.max()) + 1 != classes or tuple(images.shape[1:]) != (3, 32, 32):
-            raise SslkdError(
-                f"{root} is not {config.dataset}: {int(labels.max()) + 1} classes of "
-                f"{tuple(images.shape[1:])} images, expected {classes} of (3, 32, 32)"
-            )
-        if config.test_path:
-            test_images, test_labels, _ = read_npz(Path(config.test_path).expanduser())
-            test = (test_images, test_labels)
     elif config.dataset in ("cifar10", "cifar100"):
         images, labels, test_images, test_labels, names = _torchvision_cifar(config.dataset, root, config.download)
         test = (test_images, test_labels)
-    else:
+    elif config.dataset == "tinyimagenet":
         images, labels, test_images, test_labels, names = _tinyimagenet(root, config.download)
+        test = (test_images, test_labels)
+    else:
+        images, labels, test_images, test_labels, names = DOWNSTREAM_READERS[config.dataset](
+            root, config.download, config.image_size
+        )
         test = (test_images, test_labels)
     if test is None:
         kept, held_out = class_balanced_split(labels, config.holdout_fraction, generator)

@@ -28,6 +28,7 @@ def test_the_required_settings_exist():
         "cifar100_5pct",
         "tinyimagenet_2pct",
         "tinyimagenet_5pct",
+        "tinyimagenet_cpu",
     } <= set(SETTINGS)
 
 

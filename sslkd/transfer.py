@@ -34,7 +34,9 @@ class DownstreamConfig:
     """A downstream (transfer) set: name (its key in results/transfer.json and in params.yaml's
     transfer.files); dataset (datasets.DATASETS); holdout_fraction and split_seed: the seeded,
     class-balanced test split when it has no test file; train_subset: keep a class-balanced subset of its
-    training pool (0 keeps all); download: let torchvision download a missing set. Its images are resized to the encoder's input size; where they are read
+    training pool (0 keeps all); download: let torchvision download a missing set; label_fractions: the
+    fractions of its training pool the probe gets labels for (() the in-domain probe's), fine-tuning at
+    those of them fine_tune.label_fractions names (all when it names none). Its images are resized to the encoder's input size; where they are read
     from (root, test_path) is a params.yaml value (TransferConfig.files)."""
 
     name: str
@@ -43,6 +45,7 @@ class DownstreamConfig:
     split_seed: int
     train_subset: int = 0
     download: bool = False
+    label_fractions: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or " " in self.name:
@@ -50,6 +53,10 @@ class DownstreamConfig:
         if self.dataset not in DATASETS:
             raise SslkdError(
                 f"downstream {self.name!r}: unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
+            )
+        if not all(0 < f <= 1 for f in self.label_fractions):
+            raise SslkdError(
+                f"downstream {self.name!r}: label_fractions must lie in (0, 1], got {self.label_fractions}"
             )
         if not 0.0 < self.holdout_fraction < 1.0 or self.train_subset < 0:
             raise SslkdError(f"downstream {self.name!r}: holdout_fraction must lie in (0, 1) and train_subset >= 0")
@@ -90,6 +97,22 @@ class TransferConfig:
         """(root, test_path) of a downstream set ('' for a bundled one without an entry)."""
         entry = self.files.get(downstream.name, {})
         return str(entry.get("root", "")), str(entry.get("test_path", ""))
+
+
+def downstream_evaluation(evaluate: EvaluateConfig, downstream: DownstreamConfig) -> EvaluateConfig:
+    """The evaluation of a downstream set: the in-domain one at the downstream's label fractions (when it
+    names some), fine-tuning at those of them fine_tune.label_fractions names (none of them: no fine-tuning)."""
+    if not downstream.label_fractions:
+        return evaluate
+    probe = dataclasses.replace(evaluate.probe, label_fractions=downstream.label_fractions)
+    if evaluate.fine_tune is None or not evaluate.fine_tune.label_fractions:
+        return dataclasses.replace(evaluate, probe=probe)
+    tuned = tuple(f for f in downstream.label_fractions if f in evaluate.fine_tune.label_fractions)
+    if not tuned:
+        return dataclasses.replace(evaluate, probe=probe, protocols=("linear_probe",), fine_tune=None)
+    return dataclasses.replace(
+        evaluate, probe=probe, fine_tune=dataclasses.replace(evaluate.fine_tune, label_fractions=tuned)
+    )
 
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as augmentations' grayscale

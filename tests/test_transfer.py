@@ -4,6 +4,7 @@ the downstream images (channels) and bad input (one line, exit code 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -19,7 +20,13 @@ from sslkd.experts import build_student
 from sslkd.fine_tune import Classifier, accuracy, fine_tune, fine_tune_at_fractions, parameter_groups
 from sslkd.models import ConvNetConfig
 from sslkd.stages.report import protocol_table, transfer_tables
-from sslkd.transfer import DownstreamConfig, TransferConfig, downstream_key, match_channels
+from sslkd.transfer import (
+    DownstreamConfig,
+    TransferConfig,
+    downstream_evaluation,
+    downstream_key,
+    match_channels,
+)
 
 from conftest import make_workspace
 
@@ -198,6 +205,26 @@ def test_bad_transfer_configs_are_refused(tmp_path):
     with pytest.raises(SslkdError, match="must map 'root'"):
         TransferConfig(downstream=(tiny,), evaluate=evaluate, files={"tiny": {"path": "x"}})
     assert TransferConfig((tiny,), evaluate, {"tiny": {"root": "r.npz"}}).location(tiny) == ("r.npz", "")
+
+
+def test_a_downstream_set_s_label_fractions_pick_its_probe_and_fine_tuning_fractions():
+    from sslkd import config
+
+    config.parse(
+        REPO_GIN, "digits", [], ["sslkd.evaluate.seeds = [0]", "sslkd.fine_tune.label_fractions = (0.01, 0.05)"]
+    )
+    evaluate = config.build("evaluate")
+    assert evaluate.probe.label_fractions == (0.01, 0.05, 0.1, 0.5)
+    same = DownstreamConfig(name="d", dataset="digits", holdout_fraction=0.3, split_seed=0)
+    assert downstream_evaluation(evaluate, same) is evaluate
+    on = dataclasses.replace(evaluate, protocols=("linear_probe", "fine_tune"))
+    chosen = downstream_evaluation(on, dataclasses.replace(same, label_fractions=(0.05, 0.1)))
+    assert chosen.probe.label_fractions == (0.05, 0.1) and chosen.fine_tune.label_fractions == (0.05,)
+    assert chosen.fine_tunes
+    none_tuned = downstream_evaluation(on, dataclasses.replace(same, label_fractions=(0.1, 0.5)))
+    assert none_tuned.probe.label_fractions == (0.1, 0.5) and not none_tuned.fine_tunes
+    with pytest.raises(SslkdError, match="label_fractions must lie in"):
+        dataclasses.replace(same, label_fractions=(0.0,))
 
 
 REPO_GIN = __import__("conftest").REPO / "gin"

@@ -33,7 +33,13 @@ from sslkd.seeding import EvaluateStream, generator
 from sslkd.stage_configs import METHODS
 from sslkd.stages.inputs import TrainingData
 from sslkd.stages.options import StageOptions
-from sslkd.transfer import DownstreamConfig, TransferConfig, downstream_data, downstream_key
+from sslkd.transfer import (
+    DownstreamConfig,
+    TransferConfig,
+    downstream_data,
+    downstream_evaluation,
+    downstream_key,
+)
 from sslkd.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -79,7 +85,7 @@ def evaluate_downstream(
                 pool,
                 data,
                 test,
-                transfer_config.evaluate,
+                downstream_evaluation(transfer_config.evaluate, downstream),
                 partial(generator, eval_seed, EvaluateStream.TRANSFER_LABELLED_SUBSET, key),
                 partial(generator, eval_seed, EvaluateStream.TRANSFER_FINE_TUNING, key),
             ),

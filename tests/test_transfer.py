@@ -321,3 +321,23 @@ def test_transfer_to_digits_writes_paired_runs_of_every_encoder(transfer_workspa
     assert run["eval_seed"] == 0 and set(run["accuracy"]) == {"0.05", "0.5"}
     assert set(run["fine_tune"]) == {"0.05", "0.5"}  # tiny.gin fine-tunes
     assert all(0 <= value <= 100 for value in run["accuracy"].values())
+
+
+def test_report_without_transfer_results_says_which_stage_to_run_and_writes_nothing(tmp_path, capsys):
+    from sslkd.artifacts import save_json_artifact
+
+    root = make_workspace(tmp_path)
+    for method in ("no_pretrain", "random", "high_loss", "full_data", "mkdt"):
+        runs = [{"eval_seed": 0, "distill_seed": None, "horizon": "equal_steps", "accuracy": {"0.5": 50.0}}]
+        save_json_artifact(
+            root / "artifacts" / "evaluate" / f"{method}.json", "evaluation", {"method": method, "runs": runs}
+        )
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        code = main(["report", "--no-tracking"])
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "sslkd transfer --method no_pretrain" in err
+    assert not (root / "results").exists() or not any((root / "results").iterdir())

@@ -206,6 +206,10 @@ def main(workspace: Workspace, options: StageOptions) -> None:
         )
         for method in report_config.methods
     }
+    transfers = {  # read before anything is written: a missing input leaves no results half-written
+        method: load_json_artifact(workspace.transfer(method), "transfer", produced_by=f"transfer --method {method}")
+        for method in report_config.methods
+    }
     horizons = next((e["horizons"] for e in evaluations.values() if e.get("horizons")), ["equal_steps"])
     by_horizon = runs_by_horizon({method: e["runs"] for method, e in evaluations.items()}, horizons)
     headline = horizons[0]
@@ -233,10 +237,6 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     write_json_atomic(results / "fine_tune.json", fine_tuned)
     if fine_tuned:
         sections.append("## Fine-tuning (in-domain)\n\n" + split_table(fine_tuned))
-    transfers = {
-        method: load_json_artifact(workspace.transfer(method), "transfer", produced_by=f"transfer --method {method}")
-        for method in report_config.methods
-    }
     transfer = transfer_tables(transfers, "linear_probe")
     transfer_fine_tuned = transfer_tables(transfers, "fine_tune")
     write_json_atomic(results / "transfer.json", transfer)

@@ -100,3 +100,24 @@ def two_views(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Barlow Twins' asymmetric pair: solarisation only in the second view."""
     return augment(images, config, generator, 0.0), augment(images, config, generator, config.solarize_prob)
+
+
+def padded_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """The usual CIFAR fine-tuning augmentation: a random H×W crop of each image zero-padded by ``padding``
+    pixels on every side, then a random horizontal flip (probability 1/2), parameters drawn per image.
+
+    images [B, C, H, W] (pixels in [0, 1]) -> [B, C, H, W].
+    """
+    if padding < 0:
+        raise SslkdError(f"crop padding must be >= 0, got {padding}")
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(images.device)
+    left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(images.device)
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(images.device)
+    rows = top[:, None] + torch.arange(height, device=images.device)  # [B, H]
+    columns = left[:, None] + torch.arange(width, device=images.device)  # [B, W]
+    columns = torch.where(flip[:, None], columns.flip(1), columns)
+    index = torch.arange(batch, device=images.device)[:, None, None]
+    crops = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], columns[:, None, :]]  # [B, H, W, C]
+    return crops.permute(0, 3, 1, 2).contiguous()

@@ -24,6 +24,7 @@ from sslkd.infra import allocator, devices, termination
 from sslkd.infra.launchers import LAUNCHERS, chosen_launcher
 
 log = logging.getLogger("sslkd")
+METHOD_STAGES = ("evaluate", "transfer")  # run once per method: `sslkd <stage> --method M`, DVC stage <stage>@M
 
 STAGE_HELP = {
     "data": "read, split and normalise the dataset",
@@ -32,7 +33,8 @@ STAGE_HELP = {
     "experts": "KD expert trajectories",
     "init": "high-loss (and random) initial subsets",
     "distill": "trajectory matching: learn the synthetic set",
-    "evaluate": "KD pre-training + linear probe of one method's set",
+    "evaluate": "KD pre-training + linear probe (and fine-tuning) of one method's set",
+    "transfer": "probe (and fine-tune) one method's pre-trained encoders on the downstream sets",
     "report": "summary tables and plots of all evaluations",
     "variance": "measure SSL vs KD gradient variance, run dispersion and matchability",
 }
@@ -76,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--device", help="cpu, cuda, cuda:N or auto (CUDA when there is a GPU); default: $SSLKD_DEVICE, else auto"
         )
-        if stage == "evaluate":
+        if stage in METHOD_STAGES:
             command.add_argument("--method", required=True, help="no_pretrain | random | high_loss | full_data | mkdt")
     check = commands.add_parser("check", help="validate params.yaml and the setting (dvc.yaml's first stage)")
     _add_study_options(check)
@@ -105,7 +107,7 @@ def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[s
         "sslkd.code_version": version,
         "sslkd.workspace": str(Path(args.workdir).resolve()),
     }
-    if args.stage == "evaluate":
+    if args.stage in METHOD_STAGES:
         tags["sslkd.method"] = args.method
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
@@ -131,7 +133,7 @@ def run_stage(args: argparse.Namespace) -> None:
         tracking.check_reachable(destination.uri)
     config.parse(args.config_dir, setting, args.gin, params.bindings() + args.bind)
     workspace = Workspace(args.workdir)
-    name = f"evaluate@{args.method}" if args.stage == "evaluate" else args.stage  # dvc.yaml's stage name
+    name = f"{args.stage}@{args.method}" if args.stage in METHOD_STAGES else args.stage  # dvc.yaml's stage name
     identity: dict[str, str] = {}
     tags: dict[str, str] = {}
     if destination is not None:
@@ -165,9 +167,12 @@ def run_compare(args: argparse.Namespace) -> None:
     tracking.check_reachable(destination.uri)
     comparison = tracking.compare(destination, args.pipeline)
     ui = destination.uri.rstrip("/") if destination.uri.startswith("http") else "http://127.0.0.1:5000"
+    tables = "".join(
+        f"\n{title}, accuracy (%):\n\n{markdown_table(table, {})}" for title, table in comparison.tables.items()
+    )
     sys.stdout.write(
         f"experiment {comparison.experiment}, pipeline {comparison.pipeline}: linear-probe accuracy (%), "
-        f"mean ± std (n)\n\n{markdown_table(comparison.summary, {})}\n"
+        f"mean ± std (n)\n\n{markdown_table(comparison.summary, {})}{tables}\n"
         f"side by side in the MLflow UI: {ui}/{comparison.ui_route()}\n"
     )
 

@@ -25,10 +25,10 @@ import yaml
 
 from sslkd.errors import SslkdError
 
-STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "report", "variance")
+STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "transfer", "report", "variance")
 # Stages whose students read ``sslkd.student_input`` besides their root config; params.yaml may hold a
 # section of that name too (DVC tracks it for these stages).
-STUDENT_STAGES = ("experts", "init", "distill", "evaluate", "variance")
+STUDENT_STAGES = ("experts", "init", "distill", "evaluate", "transfer", "variance")
 PARAMS_SECTIONS = STAGES + ("student_input",)
 
 
@@ -37,12 +37,13 @@ def configurables() -> dict[str, type]:
     from sslkd.augmentations import AugmentConfig
     from sslkd.datasets import DataConfig, StudentInputConfig
     from sslkd.distill import DistillConfig
-    from sslkd.evaluation import PretrainConfig, ProbeConfig
+    from sslkd.evaluation import FineTuneConfig, PretrainConfig, ProbeConfig
     from sslkd.experts import ExpertsConfig
     from sslkd.infra.launchers import SlurmConfig
     from sslkd.models import BNConvNetConfig, ConvNetConfig, ResNetConfig
     from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
     from sslkd.teacher import SSLConfig, TeacherConfig
+    from sslkd.transfer import DownstreamConfig, TransferConfig
     from sslkd.variance import VarianceConfig
 
     return {
@@ -53,6 +54,7 @@ def configurables() -> dict[str, type]:
         "init": InitConfig,
         "distill": DistillConfig,
         "evaluate": EvaluateConfig,
+        "transfer": TransferConfig,
         "report": ReportConfig,
         "variance": VarianceConfig,
         "convnet": ConvNetConfig,
@@ -62,6 +64,8 @@ def configurables() -> dict[str, type]:
         "ssl": SSLConfig,
         "pretrain": PretrainConfig,
         "probe": ProbeConfig,
+        "fine_tune": FineTuneConfig,
+        "downstream": DownstreamConfig,
         "student_input": StudentInputConfig,
         "slurm": SlurmConfig,
     }

@@ -85,6 +85,29 @@ class ProbeConfig:
             raise SslkdError(f"label_fractions must be non-empty and in (0, 1], got {self.label_fractions}")
 
 
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Full fine-tuning (sslkd/fine_tune.py). epochs: passes over the labelled subset (a fixed budget whatever its size); batch_size; lr: the
+    head's (peak) lr, the trunk's is backbone_lr_factor × lr; momentum, weight_decay: SGD's; padding:
+    pixels of zero padding around each image before the random crop (0: flips only); label_fractions: the
+    probe's label fractions to fine-tune at (() all of them; each costs epochs passes over its labels)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    backbone_lr_factor: float
+    momentum: float
+    weight_decay: float
+    padding: int
+    label_fractions: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.padding < 0:
+            raise SslkdError("fine_tune needs epochs >= 1, batch_size >= 1, lr > 0 and padding >= 0")
+        if not 0 <= self.backbone_lr_factor <= 1 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise SslkdError("fine_tune needs backbone_lr_factor in [0, 1], momentum in [0, 1), weight_decay >= 0")
+
+
 def pretrain_kd(
     student: ConvNet,
     images: torch.Tensor,

@@ -9,6 +9,15 @@ from sslkd.evaluation import summary_stats
 Runs = list[dict[str, Any]]
 
 
+def protocol_runs(runs: Runs, protocol: str) -> Runs:
+    """The runs with ``protocol``'s accuracies as their "accuracy" ('linear_probe': as they are;
+    'fine_tune': each run's "fine_tune" record, runs without one left out), for :func:`summarise` and
+    :func:`paired_differences`."""
+    if protocol == "linear_probe":
+        return runs
+    return [{**run, "accuracy": run[protocol]} for run in runs if run.get(protocol)]
+
+
 def summarise(runs_by_method: dict[str, Runs]) -> dict[str, dict[str, dict[str, float | int]]]:
     """{method: {label_fraction: {"mean", "std" (sample std over runs), "n"}}} from each method's runs."""
     summary = {}

@@ -47,6 +47,10 @@ class EvaluateStream(IntEnum):
     PRETRAINING = 1  # batches of KD pre-training
     LABELLED_SUBSET = 2  # with the label fraction's index: the probe's labelled subset
     RANDOM_SUBSET = 3  # the random baseline's pre-training subset
+    FINE_TUNING = 4  # with the label fraction's index: batches and augmentations of fine-tuning
+    # Transfer (sslkd transfer), with the downstream set's key (transfer.downstream_key) and the fraction's index
+    TRANSFER_LABELLED_SUBSET = 5
+    TRANSFER_FINE_TUNING = 6
 
 
 class VarianceStream(IntEnum):

@@ -40,6 +40,13 @@ class Workspace:
     def evaluation(self, method: str) -> Path:
         return self.root / "artifacts" / "evaluate" / f"{method}.json"
 
+    def encoders(self, method: str) -> Path:
+        """The encoders ``evaluate --method`` pre-trained (state dicts), which ``transfer`` evaluates."""
+        return self.root / "artifacts" / "encoders" / f"{method}.pt"
+
+    def transfer(self, method: str) -> Path:
+        return self.root / "artifacts" / "transfer" / f"{method}.json"
+
     @property
     def results(self) -> Path:
         return self.root / "results"

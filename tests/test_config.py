@@ -114,7 +114,9 @@ def test_dvc_stages_match_the_cli_and_track_their_params():
     assert "artifacts/check" in root["data"]["deps"]
     for stage, spec in dvc.items():
         body = spec.get("do", spec)
-        assert body["cmd"].split() == ["sslkd", stage] + (["--method", "${key}"] if stage == "evaluate" else [])
+        assert body["cmd"].split() == ["sslkd", stage] + (
+            ["--method", "${key}"] if stage in ("evaluate", "transfer") else []
+        )
         assert "setting" in body["params"]
         # the stage's own code and its setting (the full lists: tests/test_stage_deps.py)
         assert {f"sslkd/stages/{stage}.py", "gin/settings/${setting}.gin"} <= set(body["deps"])
@@ -126,7 +128,7 @@ def test_dvc_stages_match_the_cli_and_track_their_params():
             assert "student_input" not in body["params"], f"dvc stage {stage} does not read student_input"
     from sslkd.stage_configs import METHODS
 
-    assert set(dvc["evaluate"]["foreach"]) == set(METHODS)
+    assert set(dvc["evaluate"]["foreach"]) == set(dvc["transfer"]["foreach"]) == set(METHODS)
 
 
 def test_a_stage_tracks_the_params_of_every_stage_config_it_embeds():

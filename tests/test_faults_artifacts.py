@@ -171,7 +171,8 @@ def test_no_space_left_writing_an_artifact(tmp_path, mount_tmpfs):
 
 
 def make_evaluations(root: Path) -> None:
-    """Evaluation results of every method (the report stage's inputs), written as the evaluate stage does."""
+    """Evaluation and (empty) transfer results of every method (the report stage's inputs), written as the
+    evaluate and transfer stages do."""
     for method in ("no_pretrain", "random", "high_loss", "full_data", "mkdt"):
         runs = [
             {
@@ -183,6 +184,9 @@ def make_evaluations(root: Path) -> None:
         ]
         save_json_artifact(
             root / "artifacts" / "evaluate" / f"{method}.json", "evaluation", {"method": method, "runs": runs}
+        )
+        save_json_artifact(
+            root / "artifacts" / "transfer" / f"{method}.json", "transfer", {"method": method, "downstream": {}}
         )
 
 

@@ -67,7 +67,28 @@ def test_repro_runs_every_stage_and_writes_the_summary(repro):
                 assert cell["mean"] == pytest.approx(
                     summary[method][fraction]["mean"] - summary[baseline][fraction]["mean"]
                 )
-    assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 2  # one table per horizon
+    # 2 horizon tables, in-domain fine-tuning, and transfer to digits by probe and by fine-tuning
+    assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 5
+    assert {f"transfer@{method}" for method in methods} <= ran(output)
+    transfers = {
+        method: json.loads((root / "artifacts" / "transfer" / f"{method}.json").read_text())["downstream"]["digits"]
+        for method in methods
+    }
+    for name, protocol in (("transfer.json", "accuracy"), ("transfer_fine_tune.json", "fine_tune")):
+        table = json.loads((root / "results" / name).read_text())
+        assert set(table) == {"digits"} and set(table["digits"]) == set(summary)
+        for method in methods:  # each method's 3 encoders (one per evaluation seed) on digits
+            for fraction in ("0.05", "0.5"):
+                values = [run[protocol][fraction] for run in transfers[method]["runs"]]
+                assert table["digits"][method][fraction]["n"] == 3
+                assert table["digits"][method][fraction]["mean"] == pytest.approx(sum(values) / 3)
+        paired = table["digits"]["mkdt - random"]["0.05"]
+        assert paired["mean"] == pytest.approx(
+            table["digits"]["mkdt"]["0.05"]["mean"] - table["digits"]["random"]["0.05"]["mean"]
+        )
+    fine_tuned = json.loads((root / "results" / "fine_tune.json").read_text())
+    assert set(fine_tuned) == set(summary) and all(fine_tuned[m]["0.5"]["n"] == 3 for m in methods)
+    assert (root / "results" / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sidecar = json.loads((root / "artifacts" / "distill" / "synthetic_seed0.pt.meta.json").read_text())
     assert {"operative_config", "inputs", "shapes", "code_version", "sha256"} <= set(sidecar)
     assert sidecar["shapes"]["images"]["shape"] == [20, 1, 8, 8]
@@ -82,7 +103,7 @@ def test_a_distill_value_reruns_only_distill_and_what_follows(repro):
     root, _ = repro
     output = sh(root, "dvc", "exp", "run", "-S", "+distill.lr_images=50.0")
     # check validates every params.yaml value first; its output (the setting) is unchanged, so data is not rerun
-    assert ran(output) == {"check", "distill", "evaluate@mkdt", "report"}
+    assert ran(output) == {"check", "distill", "evaluate@mkdt", "transfer@mkdt", "report"}
 
 
 def test_the_variance_study_runs_on_its_own_from_the_pipeline_artifacts(repro):

@@ -31,6 +31,7 @@ METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt")
 STAGES = (
     [["data"], ["teacher"], ["represent"], ["experts"], ["init"], ["distill"]]
     + [["evaluate", "--method", method] for method in METHODS]
+    + [["transfer", "--method", method] for method in METHODS]
     + [["report"]]
 )
 
@@ -141,7 +142,7 @@ def artifacts(uri: str, run: dict) -> set[str]:
 def test_every_stage_is_one_finished_run_of_one_pipeline(pipeline):
     _, runs, _ = pipeline
     assert set(runs) == {"data", "teacher", "represent", "experts", "init", "distill", "report"} | {
-        f"evaluate@{method}" for method in METHODS
+        f"{stage}@{method}" for method in METHODS for stage in ("evaluate", "transfer")
     }
     assert {run["info"]["status"] for run in runs.values()} == {"FINISHED"}
     assert len({tags(run)["sslkd.pipeline"] for run in runs.values()}) == 1
@@ -189,6 +190,19 @@ def test_metrics_are_logged_with_their_steps(pipeline, server):
             assert latest[f"acc_{fraction}_mean"] == pytest.approx(summary[method][fraction]["mean"])
             assert latest[f"acc_{fraction}_std"] == pytest.approx(summary[method][fraction]["std"])
             assert latest[f"acc_{fraction}_n"] == 3
+    # fine-tuning (tests/configs/tiny.gin turns it on) and transfer to digits, as in the report's JSON files
+    fine_tuned = json.loads((study / "results" / "fine_tune.json").read_text())
+    transfer = json.loads((study / "results" / "transfer.json").read_text())["digits"]
+    transfer_fine_tuned = json.loads((study / "results" / "transfer_fine_tune.json").read_text())["digits"]
+    for method in METHODS:
+        evaluated = {metric["key"]: metric["value"] for metric in runs[f"evaluate@{method}"]["data"]["metrics"]}
+        transferred = {metric["key"]: metric["value"] for metric in runs[f"transfer@{method}"]["data"]["metrics"]}
+        for fraction in ("0.05", "0.5"):
+            assert evaluated[f"ft_acc_{fraction}_mean"] == pytest.approx(fine_tuned[method][fraction]["mean"])
+            assert transferred[f"acc/digits/{fraction}_mean"] == pytest.approx(transfer[method][fraction]["mean"])
+            assert transferred[f"ft_acc/digits/{fraction}_n"] == transfer_fine_tuned[method][fraction]["n"] == 3
+            per_seed = history(server, runs[f"transfer@{method}"], f"acc/digits/{fraction}")
+            assert [step for step, _ in per_seed] == [0, 1, 2]
 
 
 def test_artifacts_include_the_config_the_results_and_the_images(pipeline, server):
@@ -213,7 +227,13 @@ def test_compare_prints_the_report_table_from_the_store(pipeline):
         line for line in (study / "results" / "summary.md").read_text().splitlines() if line.startswith("| ")
     ]
     compared_rows = [line for line in output.splitlines() if line.startswith("| ")]
-    assert compared_rows == report_rows[: len(METHODS) + 1]  # header and one row per method, same numbers
+    assert compared_rows[: len(METHODS) + 1] == report_rows[: len(METHODS) + 1]  # header, a row per method
+    for title in ("fine-tuning, accuracy", "digits: linear probe, accuracy", "digits: fine-tuning, accuracy"):
+        assert title in output
+    transfer_rows = output.split("digits: linear probe")[1].splitlines()
+    report_transfer = (study / "results" / "summary.md").read_text().split("### digits")[1].splitlines()
+    method_rows = [line for line in transfer_rows if line.startswith("| ")][1 : len(METHODS) + 1]
+    assert method_rows == [line for line in report_transfer if line.startswith("| ")][1 : len(METHODS) + 1]
 
 
 def test_a_crash_mid_stage_marks_the_run_failed_and_a_rerun_continues_it(pipeline, server, tmp_path_factory):

@@ -362,22 +362,32 @@ def log_image(name: str, draw: Callable[[Path], None], folder: str | None = None
 # Reading back: the comparison of the evaluate runs.
 
 _ACCURACY = re.compile(r"^acc_(?P<fraction>[0-9.e-]+)_(?P<stat>mean|std|n)$")
+# evaluate's fine-tuning (headline horizon) and transfer's metrics (sslkd/stages/transfer.py)
+_FINE_TUNED = re.compile(r"^ft_acc_(?P<fraction>[0-9.e-]+)_(?P<stat>mean|std|n)$")
+_TRANSFER = re.compile(r"^(?P<metric>acc|ft_acc)/(?P<downstream>[^/]+)/(?P<fraction>[0-9.e-]+)_(?P<stat>mean|std|n)$")
+PROTOCOL_NAMES = {"acc": "linear probe", "ft_acc": "fine-tuning"}
+
+Table = dict[str, dict[str, dict[str, float]]]
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The evaluate runs of one pipeline, methods in the order they ran: run ids, and the summary
-    {method: {fraction: {mean, std, n}}} of report.py."""
+    """The evaluate (and transfer) runs of one pipeline, methods in the order they ran: run ids, the summary
+    {method: {fraction: {mean, std, n}}} of report.py, and further tables of the same shape by title
+    ("fine-tuning", "<downstream>: linear probe", "<downstream>: fine-tuning") where those were logged."""
 
     experiment: str
     experiment_id: str
     pipeline: str
     run_ids: dict[str, str]
-    summary: dict[str, dict[str, dict[str, float]]]
+    summary: Table
+    tables: dict[str, Table] = field(default_factory=dict)
+    transfer_run_ids: dict[str, str] = field(default_factory=dict)
 
     def ui_route(self) -> str:
         """The MLflow UI's run-comparison page of these runs, relative to the UI's address."""
-        runs = json.dumps([self.run_ids[method] for method in self.summary], separators=(",", ":"))
+        ids = [self.run_ids[method] for method in self.summary] + list(self.transfer_run_ids.values())
+        runs = json.dumps(ids, separators=(",", ":"))
         experiments = json.dumps([self.experiment_id], separators=(",", ":"))
         return f"#/compare-runs?runs={urllib.parse.quote(runs)}&experiments={urllib.parse.quote(experiments)}"
 
@@ -422,15 +432,46 @@ def _compare(destination: Target, pipeline: str | None) -> Comparison:
             + ": run `dvc repro` first"
         )
     pipeline = pipeline or runs[0].data.tags["sslkd.pipeline"]
-    latest: dict[str, Any] = {}
-    for run in runs:  # newest first
-        if run.data.tags.get("sslkd.pipeline") == pipeline:
-            latest.setdefault(run.data.tags["sslkd.method"], run)
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for method, run in sorted(latest.items(), key=lambda item: item[1].info.start_time):
-        rows = summary.setdefault(method, {})
+    latest = _latest_by_method(runs, pipeline)
+    summary: Table = {}
+    tables: dict[str, Table] = {}
+    for method, run in latest.items():
+        summary[method] = {}
         for key, value in run.data.metrics.items():
             if match := _ACCURACY.match(key):
-                rows.setdefault(match["fraction"], {})[match["stat"]] = int(value) if match["stat"] == "n" else value
+                _cell(summary, method, match, value)
+            elif match := _FINE_TUNED.match(key):
+                _cell(tables.setdefault("fine-tuning", {}), method, match, value)
+    query = "tags.`sslkd.stage` LIKE 'transfer@%' and attributes.status = 'FINISHED' and "
+    transfers = _latest_by_method(
+        client.search_runs(
+            [experiment_id],
+            filter_string=query + upload.tags_filter({"sslkd.pipeline": pipeline}),
+            order_by=["attributes.start_time DESC"],
+        ),
+        pipeline,
+    )
+    for method, run in transfers.items():
+        for key, value in sorted(run.data.metrics.items()):
+            if match := _TRANSFER.match(key):
+                title = f"{match['downstream']}: {PROTOCOL_NAMES[match['metric']]}"
+                _cell(tables.setdefault(title, {}), method, match, value)
     run_ids = {method: latest[method].info.run_id for method in summary}
-    return Comparison(destination.experiment, experiment_id, pipeline, run_ids, summary)
+    transfer_run_ids = {method: run.info.run_id for method, run in transfers.items()}
+    return Comparison(destination.experiment, experiment_id, pipeline, run_ids, summary, tables, transfer_run_ids)
+
+
+def _latest_by_method(runs: list, pipeline: str) -> dict[str, Any]:
+    """The newest run of each method in ``pipeline`` (runs newest first), methods in the order they ran."""
+    latest: dict[str, Any] = {}
+    for run in runs:
+        if run.data.tags.get("sslkd.pipeline") == pipeline:
+            latest.setdefault(run.data.tags["sslkd.method"], run)
+    return dict(sorted(latest.items(), key=lambda item: item[1].info.start_time))
+
+
+def _cell(table: Table, method: str, match: re.Match, value: float) -> None:
+    """Put a logged statistic (``match``: its fraction and stat) into ``table``'s row of ``method``."""
+    table.setdefault(method, {}).setdefault(match["fraction"], {})[match["stat"]] = (
+        int(value) if match["stat"] == "n" else value
+    )

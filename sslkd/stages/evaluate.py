@@ -10,10 +10,16 @@ Sets: no_pretrain (none), high_loss (the M real images ``init`` ranked highest),
 images drawn afresh for every evaluation seed), both with teacher targets,
 full_data (every training image) and mkdt (each distilled set, its learned targets and learned lr).
 At a given evaluation seed every method starts from the same encoder init and sees the same labels.
+
+With 'fine_tune' in evaluate.protocols, each pre-trained encoder is also fine-tuned (sslkd/fine_tune.py) at
+every label fraction, with the probe's labels; a run's "fine_tune" holds its accuracies. Every pre-trained
+encoder (state dict per evaluation seed, distilled set and horizon) goes to artifacts/encoders/<method>.pt,
+which ``sslkd transfer`` evaluates on the downstream sets without pre-training again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -22,15 +28,16 @@ import torch
 
 from sslkd import config
 from sslkd.infra import tracking
-from sslkd.artifacts import load_artifact, save_json_artifact
+from sslkd.artifacts import load_artifact, save_artifact, save_json_artifact
 from sslkd.infra.devices import stage_device
 from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
-from sslkd.evaluation import pretrain_kd, probe_at_fractions
+from sslkd.evaluation import pretrain_kd
 from sslkd.experts import build_student
+from sslkd.fine_tune import protocol_accuracies
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
-from sslkd.report import summarise
+from sslkd.report import protocol_runs, summarise
 from sslkd.seeding import EvaluateStream, derive_seed, generator
 from sslkd.selection import random_indices
 from sslkd.stage_configs import METHODS, EvaluateConfig
@@ -91,12 +98,13 @@ def pretraining_sets(
     return sets, {p.stem: p for p in paths}
 
 
-def log_runs(method: str, runs: list[dict], horizons: tuple[str, ...]) -> None:
+def log_runs(method: str, runs: list[dict], horizons: tuple[str, ...], metric: str = "acc") -> None:
     """Tracking: accuracy per label fraction at step = evaluation seed (several values at one step for
     several distilled sets) and its mean, std and n over all runs, under the same names for every method;
-    the first (headline) horizon as ``acc_<fraction>``, the others as ``acc_<horizon>_<fraction>``."""
+    the first (headline) horizon as ``<metric>_<fraction>``, the others as ``<metric>_<horizon>_<fraction>``
+    (metric: ``acc`` for the linear probe, ``ft_acc`` for fine-tuning)."""
     for horizon in horizons:
-        prefix = "acc" if horizon == horizons[0] else f"acc_{horizon}"
+        prefix = metric if horizon == horizons[0] else f"{metric}_{horizon}"
         at_horizon = [run for run in runs if run["horizon"] == horizon]
         for run in at_horizon:
             tracking.log_metrics({f"{prefix}_{key}": value for key, value in run["accuracy"].items()}, run["eval_seed"])
@@ -114,8 +122,9 @@ def evaluate_set(
     evaluate_config: EvaluateConfig,
     device: torch.device,
     steps: KDSteps | None,
-) -> tuple[dict[str, Any], KDSteps | None]:
-    """Pre-train a fresh encoder on one set at one horizon, probe it; returns the run's record."""
+) -> tuple[dict[str, Any], KDSteps | None, torch.nn.Module]:
+    """Pre-train a fresh encoder on one set at one horizon, probe (and fine-tune) it; returns the run's
+    record, the KD steps and the pre-trained encoder."""
     student = build_student(
         evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, EvaluateStream.ENCODER_INIT)
     ).to(device)
@@ -137,16 +146,17 @@ def evaluate_set(
         distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
         for epoch, loss in enumerate(losses, start=1):
             tracking.log_metric(f"pretrain_loss/{horizon}/eval_seed_{eval_seed}{distilled}", loss, epoch)
-    accuracy = probe_at_fractions(
+
+    results = protocol_accuracies(
         student,
         pool,
-        data.pool_labels,
+        data,
         data.test_images.to(device),
-        data.test_labels,
-        evaluate_config.probe,
+        evaluate_config,
         lambda fraction_index: generator(eval_seed, EvaluateStream.LABELLED_SUBSET, fraction_index),
+        lambda fraction_index: generator(eval_seed, EvaluateStream.FINE_TUNING, fraction_index),
     )
-    return {
+    record = {
         "eval_seed": eval_seed,
         "horizon": horizon,
         "distill_seed": pretraining_set.distill_seed if pretraining_set else None,
@@ -154,8 +164,9 @@ def evaluate_set(
         "pretrain_lr": pretraining_set.lr if pretraining_set else None,
         "pretrain_epochs": len(losses),
         "pretrain_losses": losses,
-        "accuracy": accuracy,
-    }, steps
+        **results,
+    }
+    return record, steps, student
 
 
 def main(workspace: Workspace, options: StageOptions) -> None:
@@ -168,20 +179,23 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     images, pool = data.images.to(device), data.pool_images().to(device)
     targets = representations(workspace, data).to(device)
     runs: list[dict[str, Any]] = []
+    encoders: list[dict[str, Any]] = []  # the pre-trained encoders, one per run: what `sslkd transfer` evaluates
     steps = None  # one KDSteps for every pre-training run: the step compiles once per stage
     for eval_seed in evaluate_config.seeds:
         sets, inputs = pretraining_sets(
             method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed, data.space
         )
         for pretraining_set in sets:
-            done: dict[int, dict[str, Any]] = {}  # pre-training epochs -> run: horizons that coincide run once
+            done: dict[
+                int, tuple[dict[str, Any], dict]
+            ] = {}  # epochs -> (run, encoder state): horizons that coincide run once
             for horizon in evaluate_config.horizons:
                 set_size = len(pretraining_set.images) if pretraining_set else 0
                 epochs = evaluate_config.pretrain.at_horizon(horizon).epochs_for(set_size)
                 if epochs in done:
-                    run = {**done[epochs], "horizon": horizon}
+                    run, state = {**done[epochs][0], "horizon": horizon}, done[epochs][1]
                 else:
-                    run, steps = evaluate_set(
+                    run, steps, student = evaluate_set(
                         pretraining_set,
                         eval_seed,
                         horizon,
@@ -192,7 +206,16 @@ def main(workspace: Workspace, options: StageOptions) -> None:
                         device,
                         steps,
                     )
-                    done[epochs] = run
+                    state = {name: value.detach().cpu().clone() for name, value in student.state_dict().items()}
+                    done[epochs] = run, state
+                encoders.append(
+                    {
+                        "eval_seed": eval_seed,
+                        "distill_seed": run["distill_seed"],
+                        "horizon": horizon,
+                        "state_dict": state,
+                    }
+                )
                 log.info(
                     "%s eval seed %d%s, %s horizon (%d epochs): %s",
                     method,
@@ -210,5 +233,22 @@ def main(workspace: Workspace, options: StageOptions) -> None:
         config=config.operative_config(),
         inputs={"dataset": workspace.dataset, "representations": workspace.representations, **inputs},
     )
+    save_artifact(
+        workspace.encoders(method),
+        "encoders",
+        {
+            "method": method,
+            "encoder": dataclasses.asdict(evaluate_config.encoder),
+            "image_shape": list(data.image_shape),
+            "out_dim": int(targets.shape[1]),
+            "input_space": data.space.name,
+            "horizons": list(evaluate_config.horizons),
+            "encoders": encoders,
+        },
+        config=config.operative_config(),
+        inputs={"evaluation": workspace.evaluation(method)},
+    )
     log_runs(method, runs, evaluate_config.horizons)
+    if evaluate_config.fine_tunes:
+        log_runs(method, protocol_runs(runs, "fine_tune"), evaluate_config.horizons, metric="ft_acc")
     tracking.log_artifact(workspace.evaluation(method))

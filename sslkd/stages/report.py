@@ -6,6 +6,12 @@ summary.json maps each method and each paired difference ("mkdt - random", "mkdt
 seed minus the baseline's run at that seed, for every distilled set) to
 ``{label_fraction: {"mean", "std", "n"}}``, at the headline (first) pre-training horizon; by_horizon.json
 holds the same for every horizon, and summary.md shows them all with the teacher's own probe.
+
+Fine-tuning (evaluate.protocols with 'fine_tune') gives results/fine_tune.json in the same shape, and
+transfer (``sslkd transfer``) results/transfer.json: {downstream: {method or paired difference:
+{label_fraction: {"mean", "std", "n"}}}} of the linear probe, results/transfer_fine_tune.json the same of
+fine-tuning ({} where nothing was evaluated); summary.md shows them beside the in-domain tables and
+results/transfer.png plots the probe's accuracy on each downstream set (docs/transfer.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from sslkd import config
 from sslkd.artifacts import atomic_write, load_json_artifact, sidecar_path, write_json_atomic, write_text_atomic
 from sslkd.infra import tracking
 from sslkd.plots import pyplot
-from sslkd.report import markdown_table, paired_differences, summarise
+from sslkd.report import markdown_table, paired_differences, protocol_runs, summarise
 from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
@@ -27,6 +33,30 @@ log = logging.getLogger(__name__)
 def plot_accuracy(summary: dict, path) -> None:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
+    draw_accuracy(axis, summary)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    plt.close(figure)
+
+
+def plot_transfer(transfer: dict, path) -> None:
+    """One panel per downstream set: the methods' linear-probe accuracy against the label fraction."""
+    plt = pyplot()
+    panels = max(1, len(transfer))
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    for axis, (name, table) in zip(axes[0], transfer.items()):
+        draw_accuracy(axis, {method: rows for method, rows in table.items() if " - " not in method})
+        axis.set_title(f"transfer to {name}")
+    if not transfer:
+        axes[0][0].text(0.5, 0.5, "no downstream sets in this setting", ha="center", va="center")
+        axes[0][0].axis("off")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    plt.close(figure)
+
+
+def draw_accuracy(axis, summary: dict) -> None:
+    """Accuracy (mean ± std) against the label fraction, one line per method of ``summary``."""
     for method, rows in summary.items():
         fractions = sorted(rows, key=float)
         axis.errorbar(
@@ -42,9 +72,6 @@ def plot_accuracy(summary: dict, path) -> None:
     axis.set_ylabel("linear-probe top-1 accuracy (%)")
     axis.legend()
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-    plt.close(figure)
 
 
 PAIRS = (
@@ -74,6 +101,59 @@ def paired_table(runs: dict[str, list[dict]]) -> dict[str, dict]:
         for method, baseline in PAIRS
         if method in runs and baseline in runs
     }
+
+
+def protocol_table(runs: dict[str, list[dict]], protocol: str) -> dict[str, dict]:
+    """{method or paired difference: {label_fraction: {"mean", "std", "n"}}} of one protocol's accuracies
+    ('linear_probe' or 'fine_tune'), methods with no such runs left out."""
+    chosen = {method: protocol_runs(method_runs, protocol) for method, method_runs in runs.items()}
+    chosen = {method: method_runs for method, method_runs in chosen.items() if method_runs}
+    return {**summarise(chosen), **paired_table(chosen)}
+
+
+def transfer_tables(transfers: dict[str, dict], protocol: str) -> dict[str, dict]:
+    """{downstream: protocol_table} from every method's transfer artifact (its "downstream" entry)."""
+    names = list(dict.fromkeys(name for transfer in transfers.values() for name in transfer["downstream"]))
+    tables = {
+        name: protocol_table(
+            {
+                method: transfer["downstream"][name]["runs"]
+                for method, transfer in transfers.items()
+                if name in transfer["downstream"]
+            },
+            protocol,
+        )
+        for name in names
+    }
+    return {name: table for name, table in tables.items() if table}
+
+
+def split_table(table: dict[str, dict]) -> str:
+    """markdown_table of a {method or "a - b": rows} table."""
+    return markdown_table(
+        {name: rows for name, rows in table.items() if " - " not in name},
+        {name: rows for name, rows in table.items() if " - " in name},
+    )
+
+
+def transfer_section(transfers: dict[str, dict], probe: dict[str, dict], fine_tuned: dict[str, dict]) -> str:
+    """summary.md's transfer tables: per downstream set, the probe's (and fine-tuning's) accuracy."""
+    if not probe:
+        return ""
+    lines = ["## Transfer: downstream sets", ""]
+    for name, table in probe.items():
+        entry = next(t["downstream"][name] for t in transfers.values() if name in t["downstream"])
+        lines += [
+            f"### {name} ({entry['dataset']}: {entry['classes']} classes, {entry['train_images']} training images "
+            f"for the labels, {entry['test_images']} test images)",
+            "",
+            "Linear probe:",
+            "",
+            split_table(table),
+        ]
+        if name in fine_tuned:
+            lines += ["Fine-tuning:", "", split_table(fine_tuned[name])]
+    return "\n".join(lines)
 
 
 def teacher_section(metadata: dict) -> str:
@@ -126,6 +206,10 @@ def main(workspace: Workspace, options: StageOptions) -> None:
         )
         for method in report_config.methods
     }
+    transfers = {  # read before anything is written: a missing input leaves no results half-written
+        method: load_json_artifact(workspace.transfer(method), "transfer", produced_by=f"transfer --method {method}")
+        for method in report_config.methods
+    }
     horizons = next((e["horizons"] for e in evaluations.values() if e.get("horizons")), ["equal_steps"])
     by_horizon = runs_by_horizon({method: e["runs"] for method, e in evaluations.items()}, horizons)
     headline = horizons[0]
@@ -149,11 +233,31 @@ def main(workspace: Workspace, options: StageOptions) -> None:
             f"## Pre-training horizon {horizon}\n\n"
             + markdown_table(summarise(by_horizon[horizon]), paired_table(by_horizon[horizon]))
         )
+    fine_tuned = protocol_table(by_horizon[headline], "fine_tune")
+    write_json_atomic(results / "fine_tune.json", fine_tuned)
+    if fine_tuned:
+        sections.append("## Fine-tuning (in-domain)\n\n" + split_table(fine_tuned))
+    transfer = transfer_tables(transfers, "linear_probe")
+    transfer_fine_tuned = transfer_tables(transfers, "fine_tune")
+    write_json_atomic(results / "transfer.json", transfer)
+    write_json_atomic(results / "transfer_fine_tune.json", transfer_fine_tuned)
+    sections.append(transfer_section(transfers, transfer, transfer_fine_tuned))
     if workspace.teacher.is_file() and sidecar_path(workspace.teacher).is_file():
         sections.append(teacher_section(json.loads(sidecar_path(workspace.teacher).read_text())))
     table = "\n".join(section for section in sections if section)
     write_text_atomic(results / "summary.md", table)
     plot_accuracy(summary, results / "accuracy_vs_labels.png")
-    for name in ("summary.json", "summary.md", "paired_differences.json", "by_horizon.json", "accuracy_vs_labels.png"):
+    plot_transfer(transfer, results / "transfer.png")
+    for name in (
+        "summary.json",
+        "summary.md",
+        "paired_differences.json",
+        "by_horizon.json",
+        "accuracy_vs_labels.png",
+        "fine_tune.json",
+        "transfer.json",
+        "transfer_fine_tune.json",
+        "transfer.png",
+    ):
         tracking.log_artifact(results / name)
     log.info("summary:\n%s", table)

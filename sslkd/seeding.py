@@ -40,6 +40,20 @@ class ExpertStream(IntEnum):
     TRAINING = 1  # augmentations and batches of the expert's training
 
 
+class KrrStStream(IntEnum):
+    """``generator(krr_st seed, stream)``."""
+
+    TRAINING = 0  # real batches and their augmentations
+    POOL = 1  # the model pool: initialisations, draws and initial step counters
+
+
+class MttSslStream(IntEnum):
+    """``generator(mtt_ssl's distill seed, stream)``; its experts: ``generator(experts.seed, expert index,
+    ExpertStream.TRAINING)`` as the KD experts (another objective, so other trajectories)."""
+
+    MATCHING = 0
+
+
 class EvaluateStream(IntEnum):
     """``derive_seed(eval seed, stream[, index])``."""
 
@@ -47,6 +61,7 @@ class EvaluateStream(IntEnum):
     PRETRAINING = 1  # batches of KD pre-training
     LABELLED_SUBSET = 2  # with the label fraction's index: the probe's labelled subset
     RANDOM_SUBSET = 3  # the random baseline's pre-training subset
+    SSL_PRETRAINING = 4  # batches and augmentations of SSL pre-training (MTT-SSL's set)
 
 
 class VarianceStream(IntEnum):

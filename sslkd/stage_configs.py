@@ -8,8 +8,9 @@ from sslkd.errors import SslkdError
 from sslkd.evaluation import HORIZONS, PretrainConfig, ProbeConfig
 from sslkd.models import ConvNetConfig
 from sslkd.selection import HIGH_LOSS_SCOPES, INIT_METHODS
+from sslkd.teacher import SSLConfig
 
-METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt")
+METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt", "krr_st", "mtt_ssl")
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,15 @@ class EvaluateConfig:
     """encoder: the network pre-trained on each set; seeds: evaluation seeds (pre-training init, random
     subset, labelled subset); horizons: the pre-training horizons every set is evaluated at
     (evaluation.HORIZONS), the first being the headline one of results/summary.json; methods come from the
-    command line."""
+    command line; ssl: the SSL objective MTT-SSL's set is pre-trained with (None: that method cannot be
+    evaluated)."""
 
     encoder: ConvNetConfig
     pretrain: PretrainConfig
     probe: ProbeConfig
     seeds: tuple[int, ...]
     horizons: tuple[str, ...] = ("equal_steps", "paper")
+    ssl: SSLConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:

@@ -3,6 +3,7 @@ pool's counters, and both stages through the real entry point on the toy setting
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -172,3 +173,73 @@ def test_missing_inputs_and_sets_name_the_stage_to_run(tiny_study, tmp_path, cap
     root = clone_study(tiny_study, tmp_path / "noset", ("data", "represent"))
     code, err = run(capsys, root, "evaluate", "--method", "mtt_ssl")
     assert code == 2 and len(err) == 1 and "run `sslkd mtt_ssl` first" in err[0]
+
+
+def krr_config(**overrides):
+    from sslkd.augmentations import AugmentConfig
+    from sslkd.krr_st import KrrStConfig
+    from sslkd.stage_configs import InitConfig
+
+    values = dict(
+        student=ConvNetConfig(width=4, depth=2),
+        init=InitConfig(size=6, method="random", high_loss_scope="global", seed=0),
+        augment=AugmentConfig((0.5, 1.0), True, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        iterations=5,
+        batch_real=8,
+        lr_images=0.01,
+        lr_representations=0.01,
+        weight_decay=0.0,
+        ridge=1e-6,
+        pool_size=2,
+        model_steps=2,
+        model_lr=0.1,
+        model_momentum=0.9,
+        model_weight_decay=0.0,
+        reset_step_counter=True,
+        seeds=(0,),
+    )
+    return KrrStConfig(**{**values, **overrides})
+
+
+def run_krr(config, resume=None, states=None):
+    from sslkd.krr_st import distill_krr_st
+
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.rand(20, 1, 8, 8, generator=generator)
+    projection = torch.randn(64, 3, generator=generator)
+    return distill_krr_st(
+        lambda seed: build_student(config.student, (1, 8, 8), 3, seed=seed % 2**31),
+        pixels[:6] * 2 - 1,
+        pixels[:6].flatten(1) @ projection,
+        pixels,
+        lambda p: p * 2 - 1,
+        lambda p: p.flatten(1) @ projection,
+        config,
+        torch.Generator().manual_seed(0),
+        torch.Generator().manual_seed(1),
+        resume=resume,
+        # a copy, as the checkpoint files are: the state holds the live tensors
+        on_checkpoint=None if states is None else lambda state: states.append(copy.deepcopy(state)),
+    )
+
+
+def test_krr_st_learns_and_resumes_bit_identically():
+    config = krr_config()
+    states: list[dict] = []
+    full = run_krr(config, states=states)
+    assert len(full.losses) == 5
+    frozen = run_krr(krr_config(lr_images=0.0, lr_representations=0.0))
+    assert not torch.equal(full.images, frozen.images) and not torch.equal(full.representations, frozen.representations)
+    resumed = run_krr(config, resume=states[1])
+    assert torch.equal(full.images, resumed.images) and torch.equal(full.representations, resumed.representations)
+    assert full.losses == resumed.losses and full.model_steps == resumed.model_steps
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_without_the_reset_every_kernel_comes_from_an_untrained_model_once_the_budgets_are_spent(reset):
+    result = run_krr(krr_config(iterations=40, reset_step_counter=reset))
+    late = result.model_steps[20:]  # pool 2 x budget 2: every counter has reached the budget by then
+    if reset:
+        assert any(steps > 0 for steps in late)
+    else:
+        assert all(steps == 0 for steps in late)

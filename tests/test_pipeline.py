@@ -35,16 +35,18 @@ def repro(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_the_summary(repro):
     root, output = repro
-    assert {"data", "teacher", "represent", "experts", "init", "distill", "report"} <= ran(output)
+    assert {"data", "teacher", "represent", "experts", "init", "distill", "krr_st", "mtt_ssl", "report"} <= ran(output)
     assert not any("variance" in stage for stage in ran(output)), "the variance study is not in the default repro"
     summary = json.loads((root / "results" / "summary.json").read_text())
-    methods = {"mkdt", "random", "high_loss", "no_pretrain", "full_data"}
+    methods = {"mkdt", "random", "high_loss", "no_pretrain", "full_data", "krr_st", "mtt_ssl"}
     assert set(summary) == methods | {
         "mkdt - random",
         "mkdt - high_loss",
         "mkdt - no_pretrain",
         "full_data - random",
         "full_data - no_pretrain",
+        "mkdt - krr_st",
+        "mkdt - mtt_ssl",
     }
     accuracies = {
         method: [
@@ -67,7 +69,9 @@ def test_repro_runs_every_stage_and_writes_the_summary(repro):
                 assert cell["mean"] == pytest.approx(
                     summary[method][fraction]["mean"] - summary[baseline][fraction]["mean"]
                 )
-    assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 2  # one table per horizon
+    summary_md = (root / "results" / "summary.md").read_text()
+    assert summary_md.count("| mkdt |") == 2  # one table per horizon
+    assert "## MTT-SSL's matching loss" in summary_md
     sidecar = json.loads((root / "artifacts" / "distill" / "synthetic_seed0.pt.meta.json").read_text())
     assert {"operative_config", "inputs", "shapes", "code_version", "sha256"} <= set(sidecar)
     assert sidecar["shapes"]["images"]["shape"] == [20, 1, 8, 8]
@@ -81,8 +85,9 @@ def test_second_repro_runs_nothing(repro):
 def test_a_distill_value_reruns_only_distill_and_what_follows(repro):
     root, _ = repro
     output = sh(root, "dvc", "exp", "run", "-S", "+distill.lr_images=50.0")
-    # check validates every params.yaml value first; its output (the setting) is unchanged, so data is not rerun
-    assert ran(output) == {"check", "distill", "evaluate@mkdt", "report"}
+    # check validates every params.yaml value first; its output (the setting) is unchanged, so data is not rerun;
+    # MTT-SSL matches with distill's values
+    assert ran(output) == {"check", "distill", "evaluate@mkdt", "mtt_ssl", "evaluate@mtt_ssl", "report"}
 
 
 def test_the_variance_study_runs_on_its_own_from_the_pipeline_artifacts(repro):
@@ -107,7 +112,8 @@ def test_editing_tracking_code_changes_no_stage_but_editing_method_code_does(rep
     for module, expected in (
         ("infra/tracking.py", set()),
         # check builds every config (distill's among them): it reruns, and its unchanged output stops there
-        ("unroll.py", {"check", "distill", "studies/variance/dvc.yaml:variance"}),
+        # (krr_st reads distill's minibatch sampler, mtt_ssl runs the matching)
+        ("unroll.py", {"check", "distill", "krr_st", "mtt_ssl", "studies/variance/dvc.yaml:variance"}),
     ):
         path = root / "sslkd" / module
         original = path.read_text()

@@ -33,6 +33,8 @@ STAGE_HELP = {
     "experts": "KD expert trajectories",
     "init": "high-loss (and random) initial subsets",
     "distill": "trajectory matching: learn the synthetic set",
+    "krr_st": "KRR-ST baseline: learn a synthetic set by kernel ridge regression onto teacher representations",
+    "mtt_ssl": "MTT-SSL baseline: SSL experts, then trajectory matching on them",
     "evaluate": "KD pre-training + linear probe (and fine-tuning) of one method's set",
     "transfer": "probe (and fine-tune) one method's pre-trained encoders on the downstream sets",
     "report": "summary tables and plots of all evaluations",
@@ -79,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
             "--device", help="cpu, cuda, cuda:N or auto (CUDA when there is a GPU); default: $SSLKD_DEVICE, else auto"
         )
         if stage in METHOD_STAGES:
-            command.add_argument("--method", required=True, help="no_pretrain | random | high_loss | full_data | mkdt")
+            command.add_argument(
+                "--method", required=True, help="no_pretrain | random | high_loss | full_data | mkdt | krr_st | mtt_ssl"
+            )
     check = commands.add_parser("check", help="validate params.yaml and the setting (dvc.yaml's first stage)")
     _add_study_options(check)
     check.add_argument("--config-dir", type=Path, default=Path("gin"), help="gin folder (default: %(default)s)")

@@ -25,10 +25,23 @@ import yaml
 
 from sslkd.errors import SslkdError
 
-STAGES = ("data", "teacher", "represent", "experts", "init", "distill", "evaluate", "transfer", "report", "variance")
+STAGES = (
+    "data",
+    "teacher",
+    "represent",
+    "experts",
+    "init",
+    "distill",
+    "krr_st",
+    "mtt_ssl",
+    "evaluate",
+    "transfer",
+    "report",
+    "variance",
+)
 # Stages whose students read ``sslkd.student_input`` besides their root config; params.yaml may hold a
 # section of that name too (DVC tracks it for these stages).
-STUDENT_STAGES = ("experts", "init", "distill", "evaluate", "transfer", "variance")
+STUDENT_STAGES = ("experts", "init", "distill", "krr_st", "mtt_ssl", "evaluate", "transfer", "variance")
 PARAMS_SECTIONS = STAGES + ("student_input",)
 
 
@@ -40,7 +53,9 @@ def configurables() -> dict[str, type]:
     from sslkd.evaluation import FineTuneConfig, PretrainConfig, ProbeConfig
     from sslkd.experts import ExpertsConfig
     from sslkd.infra.launchers import SlurmConfig
+    from sslkd.krr_st import KrrStConfig
     from sslkd.models import BNConvNetConfig, ConvNetConfig, ResNetConfig
+    from sslkd.mtt_ssl import MttSslConfig
     from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
     from sslkd.teacher import SSLConfig, TeacherConfig
     from sslkd.transfer import DownstreamConfig, TransferConfig
@@ -53,6 +68,8 @@ def configurables() -> dict[str, type]:
         "experts": ExpertsConfig,
         "init": InitConfig,
         "distill": DistillConfig,
+        "krr_st": KrrStConfig,
+        "mtt_ssl": MttSslConfig,
         "evaluate": EvaluateConfig,
         "transfer": TransferConfig,
         "report": ReportConfig,

@@ -4,7 +4,7 @@ with an SSL loss for the "MTT with SSL" baseline, with the flat parameters saved
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -12,8 +12,10 @@ import torch
 from sslkd.augmentations import two_views
 from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
+from sslkd.evaluation import PretrainConfig
 from sslkd.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, seeded_module
+from sslkd.progress import track
 from sslkd.seeding import derive_seed
 from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 
@@ -167,22 +169,10 @@ def _train_ssl_expert(
         generator.set_state(resume["generator"])
         snapshots, epoch_losses = list(resume["snapshots"]), list(resume["epoch_losses"])
     for _ in range(len(epoch_losses), config.epochs):
-        order = torch.randperm(len(images), generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, len(images), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            if len(batch) < 2:  # the SSL losses standardise over the batch
-                continue
-            view1, view2 = two_views(input_space.invert(images[batch]), config.ssl.augment, generator)
-            loss = ssl_loss(config.ssl, student(input_space.apply(view1)), student(input_space.apply(view2)))
-            if not torch.isfinite(loss):
-                raise SslkdError(f"expert loss became {loss.item()}: lower experts.lr")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total, count = total + loss.item(), count + 1
+        epoch_losses.append(
+            ssl_epoch(student, optimiser, images, config.ssl, config.batch_size, generator, input_space)
+        )
         snapshots.append(layout.flatten(student).cpu())
-        epoch_losses.append(total / max(count, 1))
         if on_checkpoint is not None:
             on_checkpoint(
                 {
@@ -194,3 +184,59 @@ def _train_ssl_expert(
                 }
             )
     return torch.stack(snapshots), epoch_losses
+
+
+def ssl_epoch(
+    student: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    images: torch.Tensor,
+    ssl: SSLConfig,
+    batch_size: int,
+    generator: torch.Generator,
+    input_space: InputSpace,
+) -> float:
+    """One pass of SSL training over images [N, C, H, W] (in ``input_space``) in seeded random order, the
+    student's output used as the projection; returns the mean loss. Batches smaller than 2 are skipped
+    (the SSL losses standardise over the batch)."""
+    order = torch.randperm(len(images), generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) < 2:
+            continue
+        view1, view2 = two_views(input_space.invert(images[batch]), ssl.augment, generator)
+        loss = ssl_loss(ssl, student(input_space.apply(view1)), student(input_space.apply(view2)))
+        if not torch.isfinite(loss):
+            raise SslkdError(f"SSL training loss became {loss.item()}: lower the learning rate")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        total, count = total + loss.item(), count + 1
+    return total / max(count, 1)
+
+
+def with_objective(config: ExpertsConfig, objective: str) -> ExpertsConfig:
+    """``config`` training ``objective`` (kd or an SSL objective, whose ``ssl`` settings it then uses)."""
+    ssl = replace(config.ssl, objective=objective) if objective != "kd" else config.ssl
+    return replace(config, objective=objective, ssl=ssl)
+
+
+def pretrain_ssl(
+    student: ConvNet,
+    images: torch.Tensor,
+    lr: float,
+    config: PretrainConfig,
+    ssl: SSLConfig,
+    generator: torch.Generator,
+    input_space: InputSpace,
+) -> list[float]:
+    """Train ``student`` in place with the SSL objective ``ssl`` (its augmentations and loss; the
+    student's output as the projection) on images [N, C, H, W] in ``input_space``, with the KD
+    pre-training's optimiser (SGD, config's momentum, weight decay, batch size and horizon); returns the
+    loss per epoch. The set of the MTT-SSL baseline is pre-trained on so."""
+    optimiser = torch.optim.SGD(student.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    num_epochs = config.epochs_for(len(images))
+    return [
+        ssl_epoch(student, optimiser, images, ssl, config.batch_size, generator, input_space)
+        for _ in track(range(num_epochs), desc="SSL pre-train")
+    ]

@@ -29,11 +29,17 @@ def summarise(runs_by_method: dict[str, Runs]) -> dict[str, dict[str, dict[str, 
 
 def paired_differences(runs_by_method: dict[str, Runs], method: str, baseline: str) -> dict[str, dict]:
     """method − baseline accuracy per label fraction, each ``method`` run paired with the ``baseline`` run
-    of the same evaluation seed (same encoder init, same labels); mean, std and n of the differences."""
-    baseline_by_seed = {run["eval_seed"]: run["accuracy"] for run in runs_by_method[baseline]}
+    of the same evaluation seed (same encoder init, same labels) and, when the baseline is a distilled set
+    too (krr_st, mtt_ssl), of the same distillation seed; mean, std and n of the differences."""
+    by_distill_seed = any(run.get("distill_seed") is not None for run in runs_by_method[baseline])
+
+    def pair_key(run: dict[str, Any]) -> tuple[int, int | None]:
+        return run["eval_seed"], run.get("distill_seed") if by_distill_seed else None
+
+    baseline_by_seed = {pair_key(run): run["accuracy"] for run in runs_by_method[baseline]}
     differences: dict[str, list[float]] = {}
     for run in runs_by_method[method]:
-        paired = baseline_by_seed.get(run["eval_seed"])
+        paired = baseline_by_seed.get(pair_key(run))
         if paired is None:
             continue
         for key, value in run["accuracy"].items():

@@ -40,6 +40,20 @@ class ExpertStream(IntEnum):
     TRAINING = 1  # augmentations and batches of the expert's training
 
 
+class KrrStStream(IntEnum):
+    """``generator(krr_st seed, stream)``."""
+
+    TRAINING = 0  # real batches and their augmentations
+    POOL = 1  # the model pool: initialisations, draws and initial step counters
+
+
+class MttSslStream(IntEnum):
+    """``generator(mtt_ssl's distill seed, stream)``; its experts: ``generator(experts.seed, expert index,
+    ExpertStream.TRAINING)`` as the KD experts (another objective, so other trajectories)."""
+
+    MATCHING = 0
+
+
 class EvaluateStream(IntEnum):
     """``derive_seed(eval seed, stream[, index])``."""
 
@@ -51,6 +65,7 @@ class EvaluateStream(IntEnum):
     # Transfer (sslkd transfer), with the downstream set's key (transfer.downstream_key) and the fraction's index
     TRANSFER_LABELLED_SUBSET = 5
     TRANSFER_FINE_TUNING = 6
+    SSL_PRETRAINING = 7  # batches and augmentations of SSL pre-training (MTT-SSL's set)
 
 
 class VarianceStream(IntEnum):

@@ -8,8 +8,9 @@ from sslkd.errors import SslkdError
 from sslkd.evaluation import HORIZONS, FineTuneConfig, PretrainConfig, ProbeConfig
 from sslkd.models import ConvNetConfig
 from sslkd.selection import HIGH_LOSS_SCOPES, INIT_METHODS
+from sslkd.teacher import SSLConfig
 
-METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt")
+METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt", "krr_st", "mtt_ssl")
 # Evaluation protocols of a pre-trained encoder: the linear probe (always, the headline) and full fine-tuning
 PROTOCOLS = ("linear_probe", "fine_tune")
 
@@ -53,7 +54,8 @@ class EvaluateConfig:
     subset, labelled subset); horizons: the pre-training horizons every set is evaluated at
     (evaluation.HORIZONS), the first being the headline one of results/summary.json; protocols: what is
     done with each pre-trained encoder (PROTOCOLS): 'linear_probe' always, 'fine_tune' adds full
-    fine-tuning with ``fine_tune``'s recipe at the probe's label fractions; methods come from the command line."""
+    fine-tuning with ``fine_tune``'s recipe at the probe's label fractions; methods come from the command
+    line; ssl: the SSL objective MTT-SSL's set is pre-trained with (None: that method cannot be evaluated)."""
 
     encoder: ConvNetConfig
     pretrain: PretrainConfig
@@ -62,6 +64,7 @@ class EvaluateConfig:
     horizons: tuple[str, ...] = ("equal_steps", "paper")
     protocols: tuple[str, ...] = ("linear_probe",)
     fine_tune: FineTuneConfig | None = None
+    ssl: SSLConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:

@@ -24,7 +24,7 @@ from sslkd.augmentations import two_views
 from sslkd.datasets import InputSpace
 from sslkd.distill import DistillConfig, distill
 from sslkd.errors import SslkdError
-from sslkd.experts import ExpertsConfig, train_expert
+from sslkd.experts import ExpertsConfig, train_expert, with_objective
 from sslkd.losses import kd_mse_loss
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
@@ -77,8 +77,7 @@ class VarianceConfig:
 
     def trajectories(self, objective: str, count: int) -> ExpertsConfig:
         """The experts config of ``count`` runs with ``objective`` (kd or an SSL objective)."""
-        ssl = replace(self.experts.ssl, objective=objective) if objective != "kd" else self.experts.ssl
-        return replace(self.experts, objective=objective, num_experts=count, ssl=ssl)
+        return replace(with_objective(self.experts, objective), num_experts=count)
 
     def matching(self) -> DistillConfig:
         return replace(self.distill, iterations=self.iterations)

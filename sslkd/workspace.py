@@ -37,6 +37,13 @@ class Workspace:
     def synthetic(self, seed: int) -> Path:
         return self.distill_dir / f"synthetic_seed{seed}.pt"
 
+    def method_dir(self, method: str) -> Path:
+        """Where a distilled method's sets are: artifacts/distill (mkdt), artifacts/krr_st, artifacts/mtt_ssl."""
+        return self.distill_dir if method == "mkdt" else self.root / "artifacts" / method
+
+    def method_set(self, method: str, seed: int) -> Path:
+        return self.method_dir(method) / f"synthetic_seed{seed}.pt"
+
     def evaluation(self, method: str) -> Path:
         return self.root / "artifacts" / "evaluate" / f"{method}.json"
 

@@ -62,8 +62,8 @@ def test_corrupt_artifact_is_refused_and_kept(workspace, capsys):
 
 
 def test_unknown_method(workspace, capsys):
-    code, err = run(capsys, "evaluate", "--method", "krr_st")
-    assert code == 2 and "unknown method 'krr_st'" in err[-1]
+    code, err = run(capsys, "evaluate", "--method", "krrst")
+    assert code == 2 and "unknown method 'krrst'" in err[-1]
 
 
 @pytest.fixture

@@ -35,16 +35,18 @@ def repro(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_the_summary(repro):
     root, output = repro
-    assert {"data", "teacher", "represent", "experts", "init", "distill", "report"} <= ran(output)
+    assert {"data", "teacher", "represent", "experts", "init", "distill", "krr_st", "mtt_ssl", "report"} <= ran(output)
     assert not any("variance" in stage for stage in ran(output)), "the variance study is not in the default repro"
     summary = json.loads((root / "results" / "summary.json").read_text())
-    methods = {"mkdt", "random", "high_loss", "no_pretrain", "full_data"}
+    methods = {"mkdt", "random", "high_loss", "no_pretrain", "full_data", "krr_st", "mtt_ssl"}
     assert set(summary) == methods | {
         "mkdt - random",
         "mkdt - high_loss",
         "mkdt - no_pretrain",
         "full_data - random",
         "full_data - no_pretrain",
+        "mkdt - krr_st",
+        "mkdt - mtt_ssl",
     }
     accuracies = {
         method: [
@@ -68,7 +70,9 @@ def test_repro_runs_every_stage_and_writes_the_summary(repro):
                     summary[method][fraction]["mean"] - summary[baseline][fraction]["mean"]
                 )
     # 2 horizon tables, in-domain fine-tuning, and transfer to digits by probe and by fine-tuning
-    assert (root / "results" / "summary.md").read_text().count("| mkdt |") == 5
+    summary_md = (root / "results" / "summary.md").read_text()
+    assert summary_md.count("| mkdt |") == 5
+    assert "## MTT-SSL's matching loss" in summary_md
     assert {f"transfer@{method}" for method in methods} <= ran(output)
     transfers = {
         method: json.loads((root / "artifacts" / "transfer" / f"{method}.json").read_text())["downstream"]["digits"]
@@ -102,8 +106,18 @@ def test_second_repro_runs_nothing(repro):
 def test_a_distill_value_reruns_only_distill_and_what_follows(repro):
     root, _ = repro
     output = sh(root, "dvc", "exp", "run", "-S", "+distill.lr_images=50.0")
-    # check validates every params.yaml value first; its output (the setting) is unchanged, so data is not rerun
-    assert ran(output) == {"check", "distill", "evaluate@mkdt", "transfer@mkdt", "report"}
+    # check validates every params.yaml value first; its output (the setting) is unchanged, so data is not rerun;
+    # MTT-SSL matches with distill's values
+    assert ran(output) == {
+        "check",
+        "distill",
+        "evaluate@mkdt",
+        "transfer@mkdt",
+        "mtt_ssl",
+        "evaluate@mtt_ssl",
+        "transfer@mtt_ssl",
+        "report",
+    }
 
 
 def test_the_variance_study_runs_on_its_own_from_the_pipeline_artifacts(repro):
@@ -128,7 +142,8 @@ def test_editing_tracking_code_changes_no_stage_but_editing_method_code_does(rep
     for module, expected in (
         ("infra/tracking.py", set()),
         # check builds every config (distill's among them): it reruns, and its unchanged output stops there
-        ("unroll.py", {"check", "distill", "studies/variance/dvc.yaml:variance"}),
+        # (krr_st reads distill's minibatch sampler, mtt_ssl runs the matching)
+        ("unroll.py", {"check", "distill", "krr_st", "mtt_ssl", "studies/variance/dvc.yaml:variance"}),
     ):
         path = root / "sslkd" / module
         original = path.read_text()

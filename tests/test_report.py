@@ -78,3 +78,31 @@ def test_markdown_table_shows_mean_std_and_count_and_a_dash_for_a_missing_fracti
     assert "| random | 52.0 ± 2.0 (3) | 82.0 ± 2.0 (3) |" in table
     assert "| mkdt | 61.2 ± 5.4 (5) | – |" in table
     assert "| mkdt - random | +7.0 ± 2.6 (4) | – |" in table
+
+
+def test_two_distilled_methods_pair_by_evaluation_and_distillation_seed():
+    """mkdt − krr_st: each MKDT set against the KRR-ST set of the same distillation seed, at the same
+    evaluation seed; a set without a partner (distill seed 1 has no KRR-ST set) is left out."""
+    krr_st = [
+        {"eval_seed": 0, "distill_seed": 0, "accuracy": {"0.1": 55.0}},
+        {"eval_seed": 1, "distill_seed": 0, "accuracy": {"0.1": 61.0}},
+        {"eval_seed": 0, "distill_seed": 2, "accuracy": {"0.1": 10.0}},
+    ]
+    paired = paired_differences({**RUNS, "krr_st": krr_st}, "mkdt", "krr_st")
+    # (0, 0): 60 − 55 = 5; (1, 0): 58 − 61 = −3; mean 1, sample variance (16 + 16) / 1 = 32
+    assert paired["0.1"]["n"] == 2
+    assert paired["0.1"]["mean"] == pytest.approx(1.0)
+    assert paired["0.1"]["std"] == pytest.approx(math.sqrt(32))
+
+
+def test_the_report_says_whether_mtt_ssl_s_matching_loss_fell_below_one():
+    from sslkd.stages.report import matching_section
+
+    runs = [
+        {"eval_seed": 0, "distill_seed": 0, "matching_loss_final": 1.02, "accuracy": {}},
+        {"eval_seed": 1, "distill_seed": 0, "matching_loss_final": 1.02, "accuracy": {}},
+        {"eval_seed": 0, "distill_seed": 1, "matching_loss_final": 0.93, "accuracy": {}},
+    ]
+    section = matching_section(runs)
+    assert "| 0 | 1.0200 | no |" in section and "| 1 | 0.9300 | yes |" in section
+    assert matching_section([{"eval_seed": 0, "distill_seed": 0, "accuracy": {}}]) == ""

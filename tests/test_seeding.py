@@ -10,7 +10,7 @@ from sslkd.seeding import EvaluateStream, ExpertStream, TeacherStream, VarianceS
 def test_the_streams_keep_their_numbers():
     assert [int(s) for s in TeacherStream] == [0, 1, 2, 3]
     assert [int(s) for s in ExpertStream] == [1]
-    assert [int(s) for s in EvaluateStream] == [0, 1, 2, 3]
+    assert [int(s) for s in EvaluateStream] == [0, 1, 2, 3, 4, 5, 6, 7]
     assert [int(s) for s in VarianceStream] == [0, 1, 2, 3, 4, 5, 6]
 
 

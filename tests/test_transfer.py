@@ -326,8 +326,10 @@ def test_transfer_to_digits_writes_paired_runs_of_every_encoder(transfer_workspa
 def test_report_without_transfer_results_says_which_stage_to_run_and_writes_nothing(tmp_path, capsys):
     from sslkd.artifacts import save_json_artifact
 
+    from sslkd.stage_configs import METHODS
+
     root = make_workspace(tmp_path)
-    for method in ("no_pretrain", "random", "high_loss", "full_data", "mkdt"):
+    for method in METHODS:
         runs = [{"eval_seed": 0, "distill_seed": None, "horizon": "equal_steps", "accuracy": {"0.5": 50.0}}]
         save_json_artifact(
             root / "artifacts" / "evaluate" / f"{method}.json", "evaluation", {"method": method, "runs": runs}

@@ -8,7 +8,9 @@ SGD steps; a set whose two horizons give the same number of passes is pre-traine
 
 Sets: no_pretrain (none), high_loss (the M real images ``init`` ranked highest), random (M real
 images drawn afresh for every evaluation seed), both with teacher targets,
-full_data (every training image) and mkdt (each distilled set, its learned targets and learned lr).
+full_data (every training image) and mkdt (each distilled set, its learned targets and learned lr);
+the baselines krr_st (each KRR-ST set, its learned targets, KD pre-training at the baselines' lr) and
+mtt_ssl (each MTT-SSL set's images, pre-trained on with the SSL objective ``evaluate.ssl`` at that lr).
 At a given evaluation seed every method starts from the same encoder init and sees the same labels.
 
 With 'fine_tune' in evaluate.protocols, each pre-trained encoder is also fine-tuned (sslkd/fine_tune.py) at
@@ -33,7 +35,7 @@ from sslkd.infra.devices import stage_device
 from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd
-from sslkd.experts import build_student
+from sslkd.experts import build_student, pretrain_ssl
 from sslkd.fine_tune import protocol_accuracies
 from sslkd.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
@@ -50,12 +52,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainingSet:
-    """images [M, C, H, W] (normalised), targets [M, D], the lr to pre-train with; distill_seed for MKDT."""
+    """images [M, C, H, W] (normalised), targets [M, D], the lr to pre-train with; distill_seed for a
+    distilled set; objective: kd (regress the targets) or ssl (``evaluate.ssl``, the targets unused);
+    matching_loss_final: an MTT-SSL set's final matching loss, reported."""
 
     images: torch.Tensor
     targets: torch.Tensor
     lr: float
     distill_seed: int | None = None
+    objective: str = "kd"
+    matching_loss_final: float | None = None
+
+
+# The distilled methods: the stage that writes their sets (sslkd <stage>; Workspace.method_dir)
+DISTILLED = {"mkdt": "distill", "krr_st": "krr_st", "mtt_ssl": "mtt_ssl"}
 
 
 def pretraining_sets(
@@ -81,20 +91,24 @@ def pretraining_sets(
             else random_indices(len(images), len(high_loss), generator(eval_seed, EvaluateStream.RANDOM_SUBSET))
         )
         return [PretrainingSet(images[indices], targets[indices], baseline_lr)], {"init": workspace.init_indices}
-    paths = sorted(workspace.distill_dir.glob("synthetic_seed*.pt"))
+    stage = DISTILLED[method]
+    paths = sorted(workspace.method_dir(method).glob("synthetic_seed*.pt"))
     if not paths:
-        raise SslkdError(f"no distilled sets in {workspace.distill_dir}: run `sslkd distill` first")
+        raise SslkdError(f"no distilled sets in {workspace.method_dir(method)}: run `sslkd {stage}` first")
     sets = []
     for path in paths:
-        synthetic = load_artifact(path, "synthetic", produced_by="distill")
+        synthetic = load_artifact(path, "synthetic", produced_by=stage)
         if (
             tuple(synthetic["images"].shape[1:]) != tuple(images.shape[1:])
             or synthetic["representations"].shape[1] != targets.shape[1]
         ):
             raise SslkdError(f"{path} does not match the dataset's image shape or representation size")
-        check_input_space(synthetic, space, path, "distill")
+        check_input_space(synthetic, space, path, stage)
         seed = int(path.stem.removeprefix("synthetic_seed"))
-        sets.append(PretrainingSet(synthetic["images"], synthetic["representations"], float(synthetic["lr"]), seed))
+        lr = float(synthetic["lr"]) if method == "mkdt" else baseline_lr
+        objective = "ssl" if method == "mtt_ssl" else "kd"
+        final = float(synthetic["matching_loss_final"]) if method == "mtt_ssl" else None
+        sets.append(PretrainingSet(synthetic["images"], synthetic["representations"], lr, seed, objective, final))
     return sets, {p.stem: p for p in paths}
 
 
@@ -130,7 +144,19 @@ def evaluate_set(
     ).to(device)
     pretrain_config = evaluate_config.pretrain.at_horizon(horizon)
     losses: list[float] = []
-    if pretraining_set is not None:
+    if pretraining_set is not None and pretraining_set.objective == "ssl":
+        if evaluate_config.ssl is None:
+            raise SslkdError("evaluating an SSL-pre-trained set needs sslkd.evaluate.ssl (the SSL objective)")
+        losses = pretrain_ssl(
+            student,
+            pretraining_set.images.to(device),
+            pretraining_set.lr,
+            pretrain_config,
+            evaluate_config.ssl,
+            generator(eval_seed, EvaluateStream.SSL_PRETRAINING),
+            data.space,
+        )
+    elif pretraining_set is not None:
         steps = steps or KDSteps(
             student, ParameterLayout.of(student), compile=pretrain_config.compile, precision=pretrain_config.precision
         )
@@ -143,6 +169,7 @@ def evaluate_set(
             generator(eval_seed, EvaluateStream.PRETRAINING),
             steps,
         )
+    if pretraining_set is not None:
         distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
         for epoch, loss in enumerate(losses, start=1):
             tracking.log_metric(f"pretrain_loss/{horizon}/eval_seed_{eval_seed}{distilled}", loss, epoch)
@@ -165,6 +192,11 @@ def evaluate_set(
         "pretrain_epochs": len(losses),
         "pretrain_losses": losses,
         **results,
+        **(
+            {"matching_loss_final": pretraining_set.matching_loss_final}
+            if pretraining_set and pretraining_set.matching_loss_final is not None
+            else {}
+        ),
     }
     return record, steps, student
 

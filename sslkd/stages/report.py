@@ -2,8 +2,8 @@
 of accuracy against label fraction, from every method's evaluation.
 
 summary.json maps each method and each paired difference ("mkdt - random", "mkdt - high_loss",
-"mkdt - no_pretrain", "full_data - random", "full_data - no_pretrain": the method's run at an evaluation
-seed minus the baseline's run at that seed, for every distilled set) to
+"mkdt - no_pretrain", "full_data - random", "full_data - no_pretrain", "mkdt - krr_st", "mkdt - mtt_ssl":
+the method's run at an evaluation seed minus the baseline's run at that seed, for every distilled set) to
 ``{label_fraction: {"mean", "std", "n"}}``, at the headline (first) pre-training horizon; by_horizon.json
 holds the same for every horizon, and summary.md shows them all with the teacher's own probe.
 
@@ -80,6 +80,8 @@ PAIRS = (
     ("mkdt", "no_pretrain"),
     ("full_data", "random"),
     ("full_data", "no_pretrain"),
+    ("mkdt", "krr_st"),
+    ("mkdt", "mtt_ssl"),
 )
 
 
@@ -198,6 +200,26 @@ def teacher_section(metadata: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matching_section(runs: list[dict]) -> str:
+    """Whether MTT-SSL's matching loss fell below 1 (the variance study's test, docs/variance.md), per
+    distilled set, from the evaluation's runs (empty without such runs)."""
+    finals = {run["distill_seed"]: run["matching_loss_final"] for run in runs if "matching_loss_final" in run}
+    if not finals:
+        return ""
+    lines = [
+        "## MTT-SSL's matching loss",
+        "",
+        "Trajectory matching on SSL experts: the matching loss (mean over the last tenth of the iterations) "
+        "and whether it fell below 1, i.e. whether the synthetic steps got closer to the expert's end point "
+        "than its start was (docs/variance.md).",
+        "",
+        "| distill seed | final matching loss | below 1 |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {seed} | {loss:.4f} | {'yes' if loss < 1 else 'no'} |" for seed, loss in sorted(finals.items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(workspace: Workspace, options: StageOptions) -> None:
     report_config = config.build("report")
     evaluations = {
@@ -233,6 +255,8 @@ def main(workspace: Workspace, options: StageOptions) -> None:
             f"## Pre-training horizon {horizon}\n\n"
             + markdown_table(summarise(by_horizon[horizon]), paired_table(by_horizon[horizon]))
         )
+    if "mtt_ssl" in evaluations:
+        sections.append(matching_section(evaluations["mtt_ssl"]["runs"]))
     fine_tuned = protocol_table(by_horizon[headline], "fine_tune")
     write_json_atomic(results / "fine_tune.json", fine_tuned)
     if fine_tuned:

@@ -1,0 +1,49 @@
+"""MTT with SSL experts (the MKDT paper's "MTT-SSL" baseline): trajectory matching (sslkd/distill.py)
+on expert trajectories trained with an SSL objective instead of KD. The synthetic set learns its images
+only; the inner steps regress the start images' fixed teacher representations (the distill machinery's
+inner loss, as in the variance study's matchability test), and the set is pre-trained on with the SSL
+objective at evaluation.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, replace
+
+from sslkd.distill import DistillConfig
+from sslkd.errors import SslkdError
+from sslkd.experts import ExpertsConfig, with_objective
+from sslkd.stage_configs import InitConfig
+from sslkd.teacher import SSL_OBJECTIVES
+
+
+@dataclass(frozen=True)
+class MttSslConfig:
+    """experts: the KD experts' settings (optimiser, student, epochs, number, seed), trained with
+    ``objective`` instead; distill: the trajectory-matching settings and seeds, with the representations
+    frozen; init: its size M and seed give the random real subset that starts the set (the init stage's
+    random one); objective: the SSL objective the experts train with."""
+
+    experts: ExpertsConfig
+    distill: DistillConfig
+    init: InitConfig
+    objective: str
+
+    def __post_init__(self) -> None:
+        if self.objective not in SSL_OBJECTIVES:
+            raise SslkdError(f"unknown mtt_ssl.objective {self.objective!r}; choose one of {', '.join(SSL_OBJECTIVES)}")
+
+    @property
+    def ssl_experts(self) -> ExpertsConfig:
+        return with_objective(self.experts, self.objective)
+
+    @property
+    def matching(self) -> DistillConfig:
+        return replace(self.distill, learn_representations=False)
+
+
+def final_matching_loss(losses: list[float]) -> float:
+    """The mean matching loss over the last tenth of the iterations (at least one): each iteration matches
+    a random start epoch, so single values scatter."""
+    window = max(1, len(losses) // 10)
+    return statistics.fmean(losses[-window:])

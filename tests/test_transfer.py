@@ -325,7 +325,6 @@ def test_transfer_to_digits_writes_paired_runs_of_every_encoder(transfer_workspa
 
 def test_report_without_transfer_results_says_which_stage_to_run_and_writes_nothing(tmp_path, capsys):
     from sslkd.artifacts import save_json_artifact
-
     from sslkd.stage_configs import METHODS
 
     root = make_workspace(tmp_path)

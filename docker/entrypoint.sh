@@ -10,7 +10,7 @@
 set -eu
 
 STUDY=${SSLKD_STUDY:-/opt/sslkd/study}
-STAGES="data teacher represent experts init distill evaluate report variance"
+STAGES="data teacher represent experts init distill krr_st mtt_ssl evaluate transfer report variance"
 
 fail() {
     echo "sslkd-entrypoint: error: $*" >&2

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sslkd.errors import SslkdError
-from sslkd.image_sources import DOWNSTREAM_READERS, npz_archive, read_npz_jpeg
+from sslkd.image_sources import DOWNSTREAM_READERS, Splits, npz_archive, read_npz_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +173,11 @@ def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return images, labels, names or [str(c) for c in range(int(labels.max()) + 1)]
 
 
-def _torchvision_cifar(name: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+def _torchvision_cifar(name: str, root: Path, download: bool) -> Splits:
     from torchvision import datasets
 
     dataset_class = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
-    parts = []
+    parts: list[torch.Tensor] = []
     for train in (True, False):
         try:
             data = dataset_class(str(root), train=train, download=download)
@@ -189,7 +189,7 @@ def _torchvision_cifar(name: str, root: Path, download: bool) -> tuple[torch.Ten
                 f"(dvc exp run -S data.root=PATH), or sslkd.data.download = True when online"
             ) from None
         parts += [_from_nhwc(np.asarray(data.data), name), torch.tensor(data.targets, dtype=torch.int64)]
-    return (*parts, list(data.classes))
+    return parts[0], parts[1], parts[2], parts[3], list(data.classes)
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -199,7 +199,7 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def _tinyimagenet(root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+def _tinyimagenet(root: Path, download: bool) -> Splits:
     """Train images from ``train/<wnid>/images``; val labels from ``val/val_annotations.txt``."""
     base = root / "tiny-imagenet-200"
     if not base.is_dir() and download:

@@ -173,11 +173,13 @@ def test_no_space_left_writing_an_artifact(tmp_path, mount_tmpfs):
 def make_evaluations(root: Path) -> None:
     """Evaluation and (empty) transfer results of every method (the report stage's inputs), written as the
     evaluate and transfer stages do."""
-    for method in ("no_pretrain", "random", "high_loss", "full_data", "mkdt"):
+    from sslkd.stage_configs import METHODS
+
+    for method in METHODS:
         runs = [
             {
                 "eval_seed": seed,
-                "distill_seed": 0 if method == "mkdt" else None,
+                "distill_seed": 0 if method in ("mkdt", "krr_st", "mtt_ssl") else None,
                 "accuracy": {"0.05": 40.0 + seed, "0.5": 60.0 + seed},
             }
             for seed in range(3)

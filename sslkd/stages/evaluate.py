@@ -95,7 +95,7 @@ def pretraining_sets(
     paths = sorted(workspace.method_dir(method).glob("synthetic_seed*.pt"))
     if not paths:
         raise SslkdError(f"no distilled sets in {workspace.method_dir(method)}: run `sslkd {stage}` first")
-    sets = []
+    sets: list[PretrainingSet | None] = []
     for path in paths:
         synthetic = load_artifact(path, "synthetic", produced_by=stage)
         if (

@@ -63,9 +63,11 @@ def source_digest() -> str:
 
 
 def _git(*arguments: str) -> str:
-    """stdout of a git command in the package's repository (raises outside a repository)."""
+    """stdout of a git command in the package's repository (raises outside a repository). Without optional
+    locks: ``describe --dirty`` would otherwise refresh the index under .git/index.lock, and a stage stopped
+    (or a git timed out) meanwhile left that lock behind, failing the user's next ``git commit``."""
     return subprocess.run(
-        ["git", *arguments],
+        ["git", "--no-optional-locks", *arguments],
         cwd=PACKAGE_DIR,
         capture_output=True,
         text=True,

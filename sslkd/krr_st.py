@@ -19,6 +19,7 @@ kernel comes from an untrained network. ``reset_step_counter=True`` (sslkd's def
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -216,6 +217,52 @@ def make_pool(
     )
 
 
+def outer_step(
+    model: ConvNet,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    real: tuple[torch.Tensor, torch.Tensor],
+    ridge: float,
+    optimiser: torch.optim.Optimizer,
+) -> float:
+    """One outer step on (X_s, Y_s): the KRR loss of predicting the real batch's targets through ``model``'s
+    kernel (``real``: images [B, C, H, W], teacher representations [B, D]), its gradient to X_s and Y_s only
+    (not to the model), and the optimiser's step. Returns the loss (the step is skipped when it is not
+    finite: the caller stops)."""
+    loss = krr_loss(model, images, targets, real[0], real[1], ridge)
+    if not torch.isfinite(loss):
+        return loss.item()
+    optimiser.zero_grad(set_to_none=True)
+    images.grad, targets.grad = torch.autograd.grad(loss, [images, targets])
+    optimiser.step()
+    return loss.item()
+
+
+def training_state(
+    iteration: int,
+    result: KrrStResult,
+    optimisation: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler],
+    pool: ModelPool,
+    sampler: MinibatchSampler,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Everything a resume needs after ``iteration`` outer steps: X_s and Y_s (``result``'s, live), the
+    optimiser and its schedule, the pool, the batch order and the generator, the curves so far."""
+    optimiser, schedule = optimisation
+    return {
+        "iteration": iteration,
+        "images": result.images.detach(),
+        "representations": result.representations.detach(),
+        "optimiser": optimiser.state_dict(),
+        "schedule": schedule.state_dict(),
+        "pool": pool.state(),
+        "sampler": sampler.pending,
+        "generator": generator.get_state(),
+        "losses": list(result.losses),
+        "model_steps": list(result.model_steps),
+    }
+
+
 def distill_krr_st(
     build: Callable[[int], ConvNet],
     init_images: torch.Tensor,
@@ -255,8 +302,8 @@ def distill_krr_st(
         with torch.no_grad():
             images.copy_(resume["images"])
             targets.copy_(resume["representations"])
-        optimiser.load_state_dict(resume["optimiser"])
-        schedule.load_state_dict(resume["schedule"])
+        for part, name in ((optimiser, "optimiser"), (schedule, "schedule")):
+            part.load_state_dict(resume[name])
         pool.restore(resume["pool"])
         sampler.pending = resume["sampler"]
         generator.set_state(resume["generator"])
@@ -269,33 +316,17 @@ def distill_krr_st(
         real = to_student(pixels)
         real_targets = teacher(pixels)
         index = pool.draw()
-        loss = krr_loss(pool.models[index], images, targets, real, real_targets, config.ridge)
-        if not torch.isfinite(loss):
-            raise SslkdError(f"krr_st loss became {loss.item()} at iteration {iteration}: lower krr_st.lr_images")
-        optimiser.zero_grad(set_to_none=True)
-        images.grad, targets.grad = torch.autograd.grad(loss, [images, targets])
-        optimiser.step()
+        loss = outer_step(pool.models[index], images, targets, (real, real_targets), config.ridge, optimiser)
+        if not math.isfinite(loss):
+            raise SslkdError(f"krr_st loss became {loss} at iteration {iteration}: lower krr_st.lr_images")
         schedule.step()
-        result.losses.append(loss.item())
+        result.losses.append(loss)
         result.model_steps.append(pool.trained[index])
         pool.advance(index, images, targets)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(loss=f"{loss:.4f}")
         if on_iteration is not None:
-            on_iteration(iteration, loss.item())
+            on_iteration(iteration, loss)
         if on_checkpoint is not None:
-            on_checkpoint(
-                {
-                    "iteration": iteration + 1,
-                    "images": images.detach(),
-                    "representations": targets.detach(),
-                    "optimiser": optimiser.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "pool": pool.state(),
-                    "sampler": sampler.pending,
-                    "generator": generator.get_state(),
-                    "losses": list(result.losses),
-                    "model_steps": list(result.model_steps),
-                }
-            )
+            on_checkpoint(training_state(iteration + 1, result, (optimiser, schedule), pool, sampler, generator))
     result.images, result.representations = images.detach(), targets.detach()
     return result

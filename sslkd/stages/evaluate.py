@@ -38,7 +38,7 @@ from sslkd.evaluation import pretrain_kd
 from sslkd.experts import build_student, pretrain_ssl
 from sslkd.fine_tune import protocol_accuracies
 from sslkd.kd_steps import KDSteps
-from sslkd.models import ParameterLayout
+from sslkd.models import ConvNet, ParameterLayout
 from sslkd.report import protocol_runs, summarise
 from sslkd.seeding import EvaluateStream, derive_seed, generator
 from sslkd.selection import random_indices
@@ -126,22 +126,19 @@ def log_runs(method: str, runs: list[dict], horizons: tuple[str, ...], metric: s
             tracking.log_metrics({f"{prefix}_{key}_{name}": value for name, value in stats.items()}, 0)
 
 
-def evaluate_set(
+def pretrain(
+    student: ConvNet,
     pretraining_set: PretrainingSet | None,
     eval_seed: int,
     horizon: str,
     data: TrainingData,
-    pool: torch.Tensor,
-    out_dim: int,
     evaluate_config: EvaluateConfig,
     device: torch.device,
     steps: KDSteps | None,
-) -> tuple[dict[str, Any], KDSteps | None, torch.nn.Module]:
-    """Pre-train a fresh encoder on one set at one horizon, probe (and fine-tune) it; returns the run's
-    record, the KD steps and the pre-trained encoder."""
-    student = build_student(
-        evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, EvaluateStream.ENCODER_INIT)
-    ).to(device)
+) -> tuple[list[float], KDSteps | None]:
+    """Pre-train ``student`` in place on one set at one horizon (none: no pre-training), by KD regression
+    onto its targets or, for an SSL set (MTT-SSL's), with the SSL objective; returns the loss per epoch and
+    the KD steps (built on first use, shared by the stage's runs)."""
     pretrain_config = evaluate_config.pretrain.at_horizon(horizon)
     losses: list[float] = []
     if pretraining_set is not None and pretraining_set.objective == "ssl":
@@ -169,6 +166,26 @@ def evaluate_set(
             generator(eval_seed, EvaluateStream.PRETRAINING),
             steps,
         )
+    return losses, steps
+
+
+def evaluate_set(
+    pretraining_set: PretrainingSet | None,
+    eval_seed: int,
+    horizon: str,
+    data: TrainingData,
+    pool: torch.Tensor,
+    out_dim: int,
+    evaluate_config: EvaluateConfig,
+    device: torch.device,
+    steps: KDSteps | None,
+) -> tuple[dict[str, Any], KDSteps | None, torch.nn.Module]:
+    """Pre-train a fresh encoder on one set at one horizon, probe (and fine-tune) it; returns the run's
+    record, the KD steps and the pre-trained encoder."""
+    student = build_student(
+        evaluate_config.encoder, data.image_shape, out_dim, derive_seed(eval_seed, EvaluateStream.ENCODER_INIT)
+    ).to(device)
+    losses, steps = pretrain(student, pretraining_set, eval_seed, horizon, data, evaluate_config, device, steps)
     if pretraining_set is not None:
         distilled = "" if pretraining_set.distill_seed is None else f"/distill_seed_{pretraining_set.distill_seed}"
         for epoch, loss in enumerate(losses, start=1):
@@ -201,6 +218,49 @@ def evaluate_set(
     return record, steps, student
 
 
+def evaluate_at_horizons(
+    method: str,
+    pretraining_set: PretrainingSet | None,
+    eval_seed: int,
+    data: TrainingData,
+    pool: torch.Tensor,
+    out_dim: int,
+    evaluate_config: EvaluateConfig,
+    device: torch.device,
+    steps: KDSteps | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], KDSteps | None]:
+    """One set at every horizon (horizons whose pre-training coincides run once): the runs, the pre-trained
+    encoders (one per horizon) and the KD steps."""
+    runs: list[dict[str, Any]] = []
+    encoders: list[dict[str, Any]] = []
+    done: dict[int, tuple[dict[str, Any], dict]] = {}  # epochs -> (run, encoder state)
+    for horizon in evaluate_config.horizons:
+        set_size = len(pretraining_set.images) if pretraining_set else 0
+        epochs = evaluate_config.pretrain.at_horizon(horizon).epochs_for(set_size)
+        if epochs in done:
+            run, state = {**done[epochs][0], "horizon": horizon}, done[epochs][1]
+        else:
+            run, steps, student = evaluate_set(
+                pretraining_set, eval_seed, horizon, data, pool, out_dim, evaluate_config, device, steps
+            )
+            state = {name: value.detach().cpu().clone() for name, value in student.state_dict().items()}
+            done[epochs] = run, state
+        encoders.append(
+            {"eval_seed": eval_seed, "distill_seed": run["distill_seed"], "horizon": horizon, "state_dict": state}
+        )
+        log.info(
+            "%s eval seed %d%s, %s horizon (%d epochs): %s",
+            method,
+            eval_seed,
+            f" distill seed {run['distill_seed']}" if run["distill_seed"] is not None else "",
+            horizon,
+            epochs,
+            ", ".join(f"{k}: {v:.1f}%" for k, v in run["accuracy"].items()),
+        )
+        runs.append(run)
+    return runs, encoders, steps
+
+
 def main(workspace: Workspace, options: StageOptions) -> None:
     method = options.method
     if method not in METHODS:
@@ -218,46 +278,11 @@ def main(workspace: Workspace, options: StageOptions) -> None:
             method, workspace, images, targets, evaluate_config.pretrain.lr, eval_seed, data.space
         )
         for pretraining_set in sets:
-            done: dict[
-                int, tuple[dict[str, Any], dict]
-            ] = {}  # epochs -> (run, encoder state): horizons that coincide run once
-            for horizon in evaluate_config.horizons:
-                set_size = len(pretraining_set.images) if pretraining_set else 0
-                epochs = evaluate_config.pretrain.at_horizon(horizon).epochs_for(set_size)
-                if epochs in done:
-                    run, state = {**done[epochs][0], "horizon": horizon}, done[epochs][1]
-                else:
-                    run, steps, student = evaluate_set(
-                        pretraining_set,
-                        eval_seed,
-                        horizon,
-                        data,
-                        pool,
-                        targets.shape[1],
-                        evaluate_config,
-                        device,
-                        steps,
-                    )
-                    state = {name: value.detach().cpu().clone() for name, value in student.state_dict().items()}
-                    done[epochs] = run, state
-                encoders.append(
-                    {
-                        "eval_seed": eval_seed,
-                        "distill_seed": run["distill_seed"],
-                        "horizon": horizon,
-                        "state_dict": state,
-                    }
-                )
-                log.info(
-                    "%s eval seed %d%s, %s horizon (%d epochs): %s",
-                    method,
-                    eval_seed,
-                    f" distill seed {run['distill_seed']}" if run["distill_seed"] is not None else "",
-                    horizon,
-                    epochs,
-                    ", ".join(f"{k}: {v:.1f}%" for k, v in run["accuracy"].items()),
-                )
-                runs.append(run)
+            set_runs, set_encoders, steps = evaluate_at_horizons(
+                method, pretraining_set, eval_seed, data, pool, targets.shape[1], evaluate_config, device, steps
+            )
+            runs += set_runs
+            encoders += set_encoders
     save_json_artifact(
         workspace.evaluation(method),
         "evaluation",

@@ -19,7 +19,7 @@ from sslkd.datasets import InputSpace, ZCAWhitening
 from sslkd.experts import build_student
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
-from sslkd.krr_st import distill_krr_st
+from sslkd.krr_st import KrrStConfig, KrrStResult, distill_krr_st
 from sslkd.seeding import KrrStStream, generator
 from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, student_data, teacher_encoder
@@ -66,38 +66,51 @@ def main(workspace: Workspace, options: StageOptions) -> None:
             resume=run.load(f"seed{seed}"),
             on_checkpoint=run.saver(f"seed{seed}"),
         )
-        untrained = sum(steps == 0 for steps in result.model_steps) / len(result.model_steps)
-        log.info(
-            "seed %d: KRR loss %.4f -> %.4f; %.0f%% of the kernels from untrained models",
-            seed,
-            result.losses[0],
-            result.losses[-1],
-            100 * untrained,
-        )
-        save_artifact(
-            workspace.method_set("krr_st", seed),
-            "synthetic",
-            {
-                "images": result.images.cpu(),
-                "representations": result.representations.cpu(),
-                "init_indices": indices,
-                "losses": torch.tensor(result.losses),
-                "model_steps": torch.tensor(result.model_steps),
-                "input_space": data.space.name,
-            },
-            config=config.operative_config(),
-            inputs={
-                "dataset": workspace.dataset,
-                "representations": workspace.representations,
-                "teacher": workspace.teacher,
-            },
-            extra={
-                "seed": seed,
-                "krr_st": dataclasses.asdict(krr_config),
-                "input_space": data.space.name,
-                "loss_first": result.losses[0],
-                "loss_last": result.losses[-1],
-                "untrained_kernel_fraction": untrained,
-            },
-        )
+        save_krr_st_set(workspace, seed, result, indices, krr_config, data.space.name)
     run.clear()
+
+
+def save_krr_st_set(
+    workspace: Workspace,
+    seed: int,
+    result: KrrStResult,
+    indices: torch.Tensor,
+    krr_config: KrrStConfig,
+    input_space: str,
+) -> None:
+    """artifacts/krr_st/synthetic_seed<seed>.pt: the set, its KRR losses and the drawn models' step counts;
+    the sidecar records the fraction of kernels that came from untrained models."""
+    untrained = sum(steps == 0 for steps in result.model_steps) / len(result.model_steps)
+    log.info(
+        "seed %d: KRR loss %.4f -> %.4f; %.0f%% of the kernels from untrained models",
+        seed,
+        result.losses[0],
+        result.losses[-1],
+        100 * untrained,
+    )
+    save_artifact(
+        workspace.method_set("krr_st", seed),
+        "synthetic",
+        {
+            "images": result.images.cpu(),
+            "representations": result.representations.cpu(),
+            "init_indices": indices,
+            "losses": torch.tensor(result.losses),
+            "model_steps": torch.tensor(result.model_steps),
+            "input_space": input_space,
+        },
+        config=config.operative_config(),
+        inputs={
+            "dataset": workspace.dataset,
+            "representations": workspace.representations,
+            "teacher": workspace.teacher,
+        },
+        extra={
+            "seed": seed,
+            "krr_st": dataclasses.asdict(krr_config),
+            "input_space": input_space,
+            "loss_first": result.losses[0],
+            "loss_last": result.losses[-1],
+            "untrained_kernel_fraction": untrained,
+        },
+    )

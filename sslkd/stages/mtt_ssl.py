@@ -17,7 +17,7 @@ import torch
 from sslkd import config
 from sslkd.artifacts import save_artifact
 from sslkd.checkpoints import run_checkpoints
-from sslkd.distill import distill
+from sslkd.distill import DistillResult, distill
 from sslkd.experts import build_student
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
@@ -27,7 +27,7 @@ from sslkd.progress import track
 from sslkd.seeding import MttSslStream, generator
 from sslkd.selection import random_indices
 from sslkd.stages.experts import ExpertsRun, expert
-from sslkd.stages.inputs import representations, student_data
+from sslkd.stages.inputs import TrainingData, representations, student_data
 from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
@@ -78,29 +78,44 @@ def main(workspace: Workspace, options: StageOptions) -> None:
             final,
             "below" if final < 1 else "not below",
         )
-        save_artifact(
-            workspace.method_set("mtt_ssl", seed),
-            "synthetic",
-            {
-                "images": result.images.cpu(),
-                "representations": result.representations.cpu(),
-                "lr": result.lr,
-                "init_indices": indices,
-                "matching_losses": torch.tensor(result.matching_losses),
-                "matching_loss_final": final,
-                "expert_losses": torch.tensor([part["epoch_losses"] for part in parts]),
-                "objective": experts_config.objective,
-                "input_space": data.space.name,
-            },
-            config=config.operative_config(),
-            inputs={"dataset": workspace.dataset, "representations": workspace.representations},
-            extra={
-                "seed": seed,
-                "objective": experts_config.objective,
-                "input_space": data.space.name,
-                "matching_loss_first": result.matching_losses[0],
-                "matching_loss_final": final,
-                "matching_loss_below_one": final < 1,
-            },
-        )
+        save_mtt_ssl_set(workspace, seed, result, final, indices, parts, experts_config.objective, data)
     run.checkpoints.clear()
+
+
+def save_mtt_ssl_set(
+    workspace: Workspace,
+    seed: int,
+    result: DistillResult,
+    final: float,
+    indices: torch.Tensor,
+    parts: list[dict],
+    objective: str,
+    data: TrainingData,
+) -> None:
+    """artifacts/mtt_ssl/synthetic_seed<seed>.pt: the set, its matching losses (``final``: the last tenth's
+    mean) and its SSL experts' losses; the sidecar says whether the matching loss fell below 1."""
+    save_artifact(
+        workspace.method_set("mtt_ssl", seed),
+        "synthetic",
+        {
+            "images": result.images.cpu(),
+            "representations": result.representations.cpu(),
+            "lr": result.lr,
+            "init_indices": indices,
+            "matching_losses": torch.tensor(result.matching_losses),
+            "matching_loss_final": final,
+            "expert_losses": torch.tensor([part["epoch_losses"] for part in parts]),
+            "objective": objective,
+            "input_space": data.space.name,
+        },
+        config=config.operative_config(),
+        inputs={"dataset": workspace.dataset, "representations": workspace.representations},
+        extra={
+            "seed": seed,
+            "objective": objective,
+            "input_space": data.space.name,
+            "matching_loss_first": result.matching_losses[0],
+            "matching_loss_final": final,
+            "matching_loss_below_one": final < 1,
+        },
+    )

@@ -220,6 +220,19 @@ def matching_section(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RESULT_FILES = (  # what the report writes under results/ (dvc.yaml's outputs), each also a tracking artifact
+    "summary.json",
+    "summary.md",
+    "paired_differences.json",
+    "by_horizon.json",
+    "accuracy_vs_labels.png",
+    "fine_tune.json",
+    "transfer.json",
+    "transfer_fine_tune.json",
+    "transfer.png",
+)
+
+
 def main(workspace: Workspace, options: StageOptions) -> None:
     report_config = config.build("report")
     evaluations = {
@@ -272,16 +285,6 @@ def main(workspace: Workspace, options: StageOptions) -> None:
     write_text_atomic(results / "summary.md", table)
     plot_accuracy(summary, results / "accuracy_vs_labels.png")
     plot_transfer(transfer, results / "transfer.png")
-    for name in (
-        "summary.json",
-        "summary.md",
-        "paired_differences.json",
-        "by_horizon.json",
-        "accuracy_vs_labels.png",
-        "fine_tune.json",
-        "transfer.json",
-        "transfer_fine_tune.json",
-        "transfer.png",
-    ):
+    for name in RESULT_FILES:
         tracking.log_artifact(results / name)
     log.info("summary:\n%s", table)

@@ -138,19 +138,23 @@ def test_sigterm_to_dvc_repro_stops_the_stage_and_writes_no_artifact(long_study,
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signalled_stage_says_so_in_one_line_and_exits_at_once(long_study, signum):
-    stage = subprocess.Popen(
-        ["sslkd", "teacher"],
-        cwd=long_study,
-        env=environment(long_study),
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    log = long_study / "teacher.log"
+    with open(log, "w") as out:
+        stage = subprocess.Popen(
+            ["sslkd", "teacher"],
+            cwd=long_study,
+            env=environment(long_study),
+            stderr=out,
+            text=True,
+            start_new_session=True,
+        )
     try:
-        # the teacher's first epoch: give it a moment past start-up (its handlers are set before any work)
-        time.sleep(6)
+        # the signal once the teacher trains (its handlers are set before any work; a fixed sleep was too
+        # short for start-up on a loaded machine, and the default action killed it before the handlers)
+        wait_for(lambda: "teacher epochs" in log.read_text() or "teacher epoch 1" in log.read_text(), 120, "training")
         stage.send_signal(signum)
-        _, err = stage.communicate(timeout=15)
+        stage.wait(timeout=15)
+        err = log.read_text()
         assert stage.returncode == 128 + signum
         name = signal.Signals(signum).name
         assert f"sslkd teacher: stopped by {name} before it finished" in err.strip().splitlines()[-1]

@@ -22,14 +22,14 @@ from test_tracking import free_port
 
 from sslkd.cli import main
 from sslkd.infra import tracking
+from sslkd.stage_configs import METHODS
 
 from conftest import make_workspace
 
 pytestmark = pytest.mark.slow
 
-METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt")
 STAGES = (
-    [["data"], ["teacher"], ["represent"], ["experts"], ["init"], ["distill"]]
+    [["data"], ["teacher"], ["represent"], ["experts"], ["init"], ["distill"], ["krr_st"], ["mtt_ssl"]]
     + [["evaluate", "--method", method] for method in METHODS]
     + [["transfer", "--method", method] for method in METHODS]
     + [["report"]]
@@ -141,9 +141,17 @@ def artifacts(uri: str, run: dict) -> set[str]:
 
 def test_every_stage_is_one_finished_run_of_one_pipeline(pipeline):
     _, runs, _ = pipeline
-    assert set(runs) == {"data", "teacher", "represent", "experts", "init", "distill", "report"} | {
-        f"{stage}@{method}" for method in METHODS for stage in ("evaluate", "transfer")
-    }
+    assert set(runs) == {
+        "data",
+        "teacher",
+        "represent",
+        "experts",
+        "init",
+        "distill",
+        "krr_st",
+        "mtt_ssl",
+        "report",
+    } | {f"{stage}@{method}" for method in METHODS for stage in ("evaluate", "transfer")}
     assert {run["info"]["status"] for run in runs.values()} == {"FINISHED"}
     assert len({tags(run)["sslkd.pipeline"] for run in runs.values()}) == 1
     for name, run in runs.items():

@@ -19,10 +19,13 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from sslkd.report import paired_differences
+from sslkd.stages.report import runs_by_horizon
+from sslkd.workspace import Workspace
 
 log = logging.getLogger("teacher_strength")
 METHODS = ("random", "full_data", "mkdt")
@@ -39,54 +42,48 @@ def sslkd(stage: list[str], workdir: Path, args: argparse.Namespace, binds: list
         subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-def done(workdir: Path, stage: str) -> bool:
-    outputs = {
-        "data": "artifacts/data/dataset.pt",
-        "teacher": "artifacts/teacher/encoder.pt",
-        "represent": "artifacts/represent/representations.pt",
-        "experts": "artifacts/experts/trajectories.pt",
-        "init": "artifacts/init/indices.pt",
-        "distill": "artifacts/distill/synthetic_seed0.pt",
-    }
-    path = outputs.get(stage, f"artifacts/evaluate/{stage.removeprefix('evaluate:')}.json")
-    return (workdir / path).is_file()
+def output(workspace: Workspace, stage: str) -> Path:
+    """The artifact whose presence says ``stage`` (or ``evaluate:<method>``) is done in the workspace."""
+    if stage.startswith("evaluate:"):
+        return workspace.evaluation(stage.removeprefix("evaluate:"))
+    return {
+        "data": workspace.dataset,
+        "teacher": workspace.teacher,
+        "represent": workspace.representations,
+        "experts": workspace.trajectories,
+        "init": workspace.init_indices,
+        "distill": workspace.synthetic(0),
+    }[stage]
 
 
 def run_budget(epochs: int, args: argparse.Namespace) -> Path:
     workdir = args.out / f"teacher_{epochs}"
     workdir.mkdir(parents=True, exist_ok=True)
+    workspace = Workspace(workdir)
     binds = [*args.bind, f"sslkd.ssl.epochs = {epochs}", "sslkd.teacher.probe_epochs = ()"]
     for stage in STAGES:
-        if not done(workdir, stage):
+        if not output(workspace, stage).is_file():
             sslkd([stage], workdir, args, binds)
     for method in METHODS:
-        if not done(workdir, f"evaluate:{method}"):
+        if not output(workspace, f"evaluate:{method}").is_file():
             sslkd(["evaluate", "--method", method], workdir, args, binds)
     return workdir
 
 
-def accuracies(workdir: Path, method: str) -> dict[tuple[str, int, int], dict[str, float]]:
-    """(horizon, eval seed, distill seed) -> accuracy per label fraction, from the evaluate artifact."""
-    runs = json.loads((workdir / "artifacts" / "evaluate" / f"{method}.json").read_text())["runs"]
-    return {(r["horizon"], r["eval_seed"], r.get("distill_seed") or 0): r["accuracy"] for r in runs}
-
-
 def paired(workdir: Path) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """'<a> - <b>' -> horizon -> fraction -> {mean, sem, n}: a's runs paired with b's at the same
-    horizon and evaluation seed (every distillation seed of a against b's one run)."""
+    """'<a> - <b>' -> horizon -> fraction -> {mean, sem, n}: the report's paired differences (same horizon
+    and evaluation seed), with the standard error of their mean."""
+    workspace = Workspace(workdir)
+    evaluations = {method: json.loads(workspace.evaluation(method).read_text()) for method in METHODS}
+    horizons = evaluations["mkdt"]["horizons"]
+    by_horizon = runs_by_horizon({method: e["runs"] for method, e in evaluations.items()}, horizons)
     table: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for a, b in PAIRS:
-        runs_a, runs_b = accuracies(workdir, a), accuracies(workdir, b)
-        for (horizon, seed, _), acc in runs_a.items():
-            for fraction, value in acc.items():
-                entry = table.setdefault(f"{a} - {b}", {}).setdefault(horizon, {}).setdefault(fraction, {})
-                entry.setdefault("values", []).append(value - runs_b[(horizon, seed, 0)][fraction])
-    for by_horizon in table.values():
-        for by_fraction in by_horizon.values():
-            for fraction, entry in by_fraction.items():
-                values = entry.pop("values")
-                sem = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-                by_fraction[fraction] = {"mean": statistics.mean(values), "sem": sem, "n": len(values)}
+        for horizon, runs in by_horizon.items():
+            table.setdefault(f"{a} - {b}", {})[horizon] = {
+                fraction: {"mean": d["mean"], "sem": d["std"] / d["n"] ** 0.5, "n": d["n"]}
+                for fraction, d in paired_differences(runs, a, b).items()
+            }
     return table
 
 

@@ -34,7 +34,7 @@ from sslkd.distill import distill
 from sslkd.errors import SslkdError
 from sslkd.evaluation import pretrain_kd, probe_at_fractions, probe_features_at_fractions
 from sslkd.experts import build_student
-from sslkd.seeding import derive_seed, generator
+from sslkd.seeding import EvaluateStream, derive_seed, generator
 from sslkd.selection import class_balanced_high_loss_indices, random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.evaluate import PretrainingSet, pretraining_sets
@@ -121,7 +121,9 @@ def pretraining_set(
     if name in BASELINES:
         return pretraining_sets(name, workspace, data.images, targets, baseline_lr, eval_seed, data.space)[0][0]
     if name.startswith("random:"):  # N random images, drawn afresh per evaluation seed as ``random`` is
-        indices = random_indices(len(data.images), int(name.split(":")[1]), generator(eval_seed, 3))
+        indices = random_indices(
+            len(data.images), int(name.split(":")[1]), generator(eval_seed, EvaluateStream.RANDOM_SUBSET)
+        )
     elif name in ("high_loss_per_class", "init_random"):
         indices = start_indices(name.removeprefix("init_"), init, data.labels, len(data.images))
     else:
@@ -143,37 +145,48 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
         started, rows = time.perf_counter(), []
         if name == TEACHER:  # the represent stage's features of the training images; the test images' here
             standardised = training_data(workspace)  # what the teacher sees, whatever the students see
-            teacher_test_features = teacher_representations(
-                teacher_encoder(workspace, standardised), standardised.test_images
-            )
+            teacher = teacher_encoder(workspace, standardised)
+            teacher_pool_features = teacher_representations(teacher, standardised.pool_images())
+            teacher_test_features = teacher_representations(teacher, standardised.test_images)
+        pool = data.pool_images()  # the probe's labels come from every non-held-out image, as in sslkd evaluate
         for seed in evaluate_config.seeds:
             if name == TEACHER:  # the same labelled subsets as every set at this seed
                 accuracy = probe_features_at_fractions(
-                    targets,
-                    data.labels,
+                    teacher_pool_features,
+                    data.pool_labels,
                     teacher_test_features,
                     data.test_labels,
                     evaluate_config.probe,
-                    lambda index: generator(seed, 2, index),
+                    lambda index: generator(seed, EvaluateStream.LABELLED_SUBSET, index),
                 )
                 rows.append(list(accuracy.values()))
                 continue
-            student = build_student(evaluate_config.encoder, data.image_shape, targets.shape[1], derive_seed(seed, 0))
+            student = build_student(
+                evaluate_config.encoder,
+                data.image_shape,
+                targets.shape[1],
+                derive_seed(seed, EvaluateStream.ENCODER_INIT),
+            )
             chosen = pretraining_set(
                 name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr, args.distilled_lr
             )
             if chosen is not None:
                 pretrain_kd(
-                    student, chosen.images, chosen.targets, chosen.lr, evaluate_config.pretrain, generator(seed, 1)
+                    student,
+                    chosen.images,
+                    chosen.targets,
+                    chosen.lr,
+                    evaluate_config.pretrain,
+                    generator(seed, EvaluateStream.PRETRAINING),
                 )
             accuracy = probe_at_fractions(
                 student,
-                data.images,
-                data.labels,
+                pool,
+                data.pool_labels,
                 data.test_images,
                 data.test_labels,
                 evaluate_config.probe,
-                lambda index: generator(seed, 2, index),
+                lambda index: generator(seed, EvaluateStream.LABELLED_SUBSET, index),
             )
             rows.append(list(accuracy.values()))
         table = np.asarray(rows)

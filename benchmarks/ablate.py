@@ -141,14 +141,14 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
     data = student_data(workspace)
     targets = representations(workspace, data)
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
+    pool = data.pool_images()  # the probe's labels come from every non-held-out image, as in sslkd evaluate
     for name in args.sets.split(","):
         started, rows = time.perf_counter(), []
-        if name == TEACHER:  # the represent stage's features of the training images; the test images' here
+        if name == TEACHER:  # the teacher's features of the probe's pool and of the test images
             standardised = training_data(workspace)  # what the teacher sees, whatever the students see
             teacher = teacher_encoder(workspace, standardised)
             teacher_pool_features = teacher_representations(teacher, standardised.pool_images())
             teacher_test_features = teacher_representations(teacher, standardised.test_images)
-        pool = data.pool_images()  # the probe's labels come from every non-held-out image, as in sslkd evaluate
         for seed in evaluate_config.seeds:
             if name == TEACHER:  # the same labelled subsets as every set at this seed
                 accuracy = probe_features_at_fractions(

@@ -2,11 +2,14 @@
 teachers trained for different numbers of epochs, each stage the pipeline's own ``sslkd <stage>``.
 
     python benchmarks/teacher_strength.py --out DIR --epochs 0 5 20 60 \\
-        [--setting digits] [--params params.yaml] [--bind 'sslkd.init.method = "random"'] [--plot]
+        [--checkpoint NAME=PATH ...] [--setting digits] [--params params.yaml] \\
+        [--bind 'sslkd.init.method = "random"'] [--plot]
 
 For each teacher budget E, DIR/teacher_E is a workspace in which data, teacher (``sslkd.ssl.epochs = E``;
 0 keeps the encoder untrained), represent, experts, init, distill and evaluate (random, full_data, mkdt)
-run with the setting, params.yaml and the extra ``--bind``s. The teacher stage probes its own features
+run with the setting, params.yaml and the extra ``--bind``s. ``--checkpoint NAME=PATH`` adds a teacher the
+stage imports instead of training (``sslkd.teacher.checkpoint``; e.g. the encoders benchmarks/teacher_curve.py
+saves after 175 ... 1,400 steps), in DIR/teacher_NAME. The teacher stage probes its own features
 against the same encoder untrained: that gain (points, at the smallest label fraction) is the x-axis.
 DIR/teacher_strength.json holds, per budget, the gain and the paired differences at each horizon and label
 fraction (mean, standard error, n over evaluation seeds and distillation seeds); ``--plot`` draws them.
@@ -56,11 +59,24 @@ def output(workspace: Workspace, stage: str) -> Path:
     }[stage]
 
 
-def run_budget(epochs: int, args: argparse.Namespace) -> Path:
-    workdir = args.out / f"teacher_{epochs}"
+def teachers(args: argparse.Namespace) -> dict[str, list[str]]:
+    """name -> the bindings that give that teacher: trained ``--epochs`` or imported ``--checkpoint``s."""
+    budgets = {str(epochs): [f"sslkd.ssl.epochs = {epochs}"] for epochs in args.epochs}
+    for entry in args.checkpoint:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            raise SystemExit(f"--checkpoint takes NAME=PATH to an encoder file, got {entry!r}")
+        budgets[name] = [f"sslkd.teacher.checkpoint = '{Path(path).resolve()}'"]
+    if not budgets:
+        raise SystemExit("name at least one teacher: --epochs E ... or --checkpoint NAME=PATH ...")
+    return budgets
+
+
+def run_budget(name: str, teacher_binds: list[str], args: argparse.Namespace) -> Path:
+    workdir = args.out / f"teacher_{name}"
     workdir.mkdir(parents=True, exist_ok=True)
     workspace = Workspace(workdir)
-    binds = [*args.bind, f"sslkd.ssl.epochs = {epochs}", "sslkd.teacher.probe_epochs = ()"]
+    binds = [*args.bind, *teacher_binds, "sslkd.teacher.probe_epochs = ()"]
     for stage in STAGES:
         if not output(workspace, stage).is_file():
             sslkd([stage], workdir, args, binds)
@@ -120,7 +136,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, nargs="+", required=True)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[])
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--setting", default=None)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--config-dir", type=Path, default=Path("gin"))
@@ -131,9 +148,9 @@ def main() -> None:
     args.out, args.params, args.config_dir = args.out.resolve(), args.params.resolve(), args.config_dir.resolve()
     os.environ.setdefault("SSLKD_TRACKING", "off")
     results = {}
-    for epochs in args.epochs:
-        workdir = run_budget(epochs, args)
-        results[str(epochs)] = {"gain": teacher_gain(workdir), "paired": paired(workdir)}
+    for name, teacher_binds in teachers(args).items():
+        workdir = run_budget(name, teacher_binds, args)
+        results[name] = {"gain": teacher_gain(workdir), "paired": paired(workdir)}
         (args.out / "teacher_strength.json").write_text(json.dumps(results, indent=1) + "\n")
     if args.plot:
         plot(results, args.out / "teacher_strength.png")

@@ -21,15 +21,19 @@ from sslkd.teacher import SSL_OBJECTIVES
 class MttSslConfig:
     """experts: the KD experts' settings (optimiser, student, epochs, number, seed), trained with
     ``objective`` instead; distill: the trajectory-matching settings and seeds, with the representations
-    frozen; init: its size M and seed give the random real subset that starts the set (the init stage's
-    random one); objective: the SSL objective the experts train with."""
+    frozen (its seeds are not used); init: its size M and seed give the random real subset that starts the
+    set (the init stage's random one); objective: the SSL objective the experts train with; seeds: one set
+    per seed (params.yaml ``mtt_ssl.seeds``), paired with MKDT's set of the same seed."""
 
     experts: ExpertsConfig
     distill: DistillConfig
     init: InitConfig
     objective: str
+    seeds: tuple[int, ...]
 
     def __post_init__(self) -> None:
+        if not self.seeds:
+            raise SslkdError("mtt_ssl.seeds must name at least one seed")
         if self.objective not in SSL_OBJECTIVES:
             raise SslkdError(f"unknown mtt_ssl.objective {self.objective!r}; choose one of {', '.join(SSL_OBJECTIVES)}")
 
@@ -39,7 +43,7 @@ class MttSslConfig:
 
     @property
     def matching(self) -> DistillConfig:
-        return replace(self.distill, learn_representations=False)
+        return replace(self.distill, seeds=tuple(self.seeds), learn_representations=False)
 
 
 def final_matching_loss(losses: list[float]) -> float:

@@ -140,6 +140,16 @@ def test_the_stages_write_sets_that_evaluate_pretrains_on(baselines: Path):
     assert all(run["matching_loss_final"] == pytest.approx(float(mtt["matching_loss_final"])) for run in mtt_runs)
 
 
+def test_mtt_ssl_draws_its_sets_from_its_own_seeds_not_distill_s(baselines: Path, tmp_path, capsys):
+    """mtt_ssl.seeds, not distill.seeds, names MTT-SSL's sets (a sweep over MKDT's seeds leaves it alone)."""
+    root = clone_study(baselines, tmp_path / "seeds", ("data", "teacher", "represent", "init"))
+    code, _ = run(
+        capsys, root, "mtt_ssl", "--bind", "sslkd.mtt_ssl.seeds = [3]", "--bind", "sslkd.distill.seeds = [0, 1]"
+    )
+    assert code == 0
+    assert sorted(p.name for p in (root / "artifacts" / "mtt_ssl").glob("*.pt")) == ["synthetic_seed3.pt"]
+
+
 def run(capsys, root: Path, *argv: str) -> tuple[int, list[str]]:
     cwd = os.getcwd()
     os.chdir(root)
@@ -157,6 +167,7 @@ def run(capsys, root: Path, *argv: str) -> tuple[int, list[str]]:
         (["krr_st", "--bind", "sslkd.krr_st.pool_size = 0"], "pool_size"),
         (["krr_st", "--bind", "sslkd.krr_st.reset_step_counter = 1"], "must be bool"),
         (["mtt_ssl", "--bind", "sslkd.mtt_ssl.objective = 'kd'"], "unknown mtt_ssl.objective 'kd'"),
+        (["mtt_ssl", "--bind", "sslkd.mtt_ssl.seeds = []"], "mtt_ssl.seeds must name at least one seed"),
     ],
 )
 def test_bad_config_values_end_in_one_line(tiny_study, tmp_path, capsys, argv, message):

@@ -66,6 +66,8 @@ def teachers(args: argparse.Namespace) -> dict[str, list[str]]:
         name, sep, path = entry.partition("=")
         if not sep or not name or not Path(path).is_file():
             raise SystemExit(f"--checkpoint takes NAME=PATH to an encoder file, got {entry!r}")
+        if name in budgets:
+            raise SystemExit(f"teacher name {name!r} is given twice (--epochs and --checkpoint share DIR/teacher_NAME)")
         budgets[name] = [f"sslkd.teacher.checkpoint = '{Path(path).resolve()}'"]
     if not budgets:
         raise SystemExit("name at least one teacher: --epochs E ... or --checkpoint NAME=PATH ...")

@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 128 + stop.signum
     finally:
+        termination.clear_request()
         if threading.current_thread() is threading.main_thread():
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

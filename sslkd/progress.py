@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Iterable, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import std
 from tqdm.auto import tqdm
 
 from sslkd.errors import SslkdError
+from sslkd.infra import termination
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,23 @@ def period_s() -> float:
     return period
 
 
+def stoppable(iterable: Iterable[T]) -> Iterator[T]:
+    """``iterable``, raising a pending stop request (SIGTERM, SIGHUP, a lost launcher) before each item:
+    sslkd/infra/termination.py."""
+    for item in iterable:
+        termination.raise_if_requested()
+        yield item
+
+
 def track(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> tqdm:
-    """``tqdm(iterable)``: a bar on a terminal (stderr), else log lines at a steady rhythm."""
+    """``tqdm(iterable)``: a bar on a terminal (stderr), else log lines at a steady rhythm; a stop request
+    pending at a step is raised there (:func:`stoppable`)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     if sys.stderr.isatty():
-        return tqdm(iterable, desc=desc, total=total, leave=leave)
+        return tqdm(stoppable(iterable), desc=desc, total=total, leave=leave)
     return _LoggedProgress(
-        iterable,
+        stoppable(iterable),
         desc=desc,
         total=total,
         file=_LogLines(),

@@ -66,13 +66,24 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+EPOCH_LINE = re.compile(r"teacher epoch \d+: ")
+
+
+def excerpt(log: Path) -> str:
+    """The log without its per-epoch lines (all but the last five), which would hide how it started and
+    whether a stop was asked for."""
+    lines = log.read_text().splitlines()
+    kept = [line for line in lines[:-5] if not EPOCH_LINE.search(line)] + lines[-5:]
+    return "\n".join(kept)[-4000:]
+
+
 def wait_for(predicate, timeout: float, what: str, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
             return value
         time.sleep(0.2)
-    raise AssertionError(f"{what} within {timeout} s" + (f"; log:\n{log.read_text()[-3000:]}" if log else ""))
+    raise AssertionError(f"{what} within {timeout} s" + (f"; log:\n{excerpt(log)}" if log else ""))
 
 
 def training_teacher(parent: int, marker: str, log: Path) -> int:
@@ -128,7 +139,7 @@ def test_sigterm_to_dvc_repro_stops_the_stage_and_writes_no_artifact(long_study,
         time.sleep(1.0)
         dvc.send_signal(signal.SIGTERM)
         assert dvc.wait(timeout=30) != 0
-        wait_for(lambda: not alive(teacher), 10, f"sslkd teacher (pid {teacher}) gone after dvc's SIGTERM", log)
+        wait_for(lambda: not alive(teacher), 20, f"sslkd teacher (pid {teacher}) gone after dvc's SIGTERM", log)
         time.sleep(1.0)
         assert not list((long_study / "artifacts").glob("teacher/*"))
     finally:
@@ -348,6 +359,35 @@ def test_progress_lines_come_at_the_period_and_a_short_loop_is_silent(monkeypatc
     messages = [record.getMessage() for record in caplog.records]
     assert 2 <= len(messages) <= 6, messages  # ~0.6 s of work at one line per 0.2 s, and the last
     assert messages[-1].startswith("long: 12/12 (100%)") and "ETA" in messages[-1] and "loss=0.083" in messages[-1]
+
+
+class _DropsWhatItRaises:
+    """Python drops an exception raised in ``__del__`` (it prints "Exception ignored"): a signal whose
+    handler runs there is lost."""
+
+    def __del__(self):
+        from sslkd.infra import termination
+
+        termination.raise_terminated(signal.SIGTERM, None)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Terminated
+def test_a_stop_request_lost_by_python_is_raised_at_the_next_loop_step():
+    from sslkd.infra import termination
+    from sslkd.progress import track
+
+    steps = []
+    try:
+        with pytest.raises(termination.Terminated) as stopped:
+            for step in track(range(10), desc="loop"):
+                steps.append(step)
+                if step == 3:
+                    _DropsWhatItRaises()  # collected at once: the Terminated it raises is dropped
+        assert stopped.value.signum == signal.SIGTERM and stopped.value.code == 128 + signal.SIGTERM
+        assert steps == [0, 1, 2, 3]
+    finally:
+        termination.clear_request()
+    assert list(track(range(3), desc="after")) == [0, 1, 2]  # a cleared request stops nothing
 
 
 def test_check_validates_params_yaml_in_one_line_and_writes_only_when_valid(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,10 @@ DVC does not pass the signal on to the stage it runs: the stage used to keep run
 write its artifacts behind DVC's back. So every ``sslkd`` process
 
 - turns SIGTERM and SIGHUP into :class:`Terminated` (a SystemExit: ``finally`` blocks run, the atomic
-  writes of sslkd/artifacts.py remove their temporary file, the tracking run ends KILLED), and
+  writes of sslkd/artifacts.py remove their temporary file, the tracking run ends KILLED), and keeps the
+  request: every step of a long loop (sslkd/progress.py) raises it again (:func:`raise_if_requested`),
+  so a Terminated lost where Python drops exceptions (a ``__del__``, a weakref callback) or a library's
+  broad ``except`` cannot leave the stage training on, and
 - asks the kernel to send it SIGTERM when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), whatever
   killed the parent (SIGTERM, SIGKILL, a crash), and
 - when that parent is a shell running one command line (DVC with no $SHELL runs ``/bin/sh -c CMD``, and
@@ -47,8 +50,26 @@ class Terminated(SystemExit):
         return signal.Signals(self.signum).name
 
 
+_requested: int | None = None  # the signal that asked this process to stop, once one has
+
+
 def raise_terminated(signum: int, frame) -> None:
+    global _requested
+    _requested = signum
     raise Terminated(signum)
+
+
+def raise_if_requested() -> None:
+    """Raise :class:`Terminated` again when a stop was asked for: the exception the signal raised can be
+    lost (Python drops one raised inside a ``__del__``), the request is not."""
+    if _requested is not None:
+        raise Terminated(_requested)
+
+
+def clear_request() -> None:
+    """Forget a stop request (an in-process caller of ``sslkd.cli.main`` that handled it)."""
+    global _requested
+    _requested = None
 
 
 def nohup() -> bool:
@@ -111,8 +132,11 @@ def die_with_parent(signum: int = signal.SIGTERM) -> bool:
 
 
 def stop_main_thread(reason: str, *args: object) -> None:
-    """End this process as if SIGTERM had reached it (:class:`Terminated` in the main thread)."""
+    """End this process as if SIGTERM had reached it (:class:`Terminated` in the main thread; the request
+    is kept first, so the next loop step raises it even where the signal's exception is lost)."""
+    global _requested
     log.warning(reason, *args)
+    _requested = signal.SIGTERM
     main_thread = threading.main_thread().ident
     if main_thread is not None:
         signal.pthread_kill(main_thread, signal.SIGTERM)

@@ -40,6 +40,17 @@ def test_every_setting_binds_every_stage_root(setting):
         config.build(root)
 
 
+CPU_SETTINGS = [setting for setting in SETTINGS if setting == "digits" or setting.endswith("_cpu")]
+
+
+@pytest.mark.parametrize("setting", CPU_SETTINGS)
+def test_a_cpu_setting_lowers_the_papers_krr_st_budget(setting):
+    """gin/stages/baselines.gin binds the paper's 160k KRR-ST steps (days on a CPU); every CPU setting must
+    lower them (tinyimagenet_cpu once inherited them and would not have finished)."""
+    config.parse(GIN, setting, [], config.read_params(REPO / "params.yaml").bindings())
+    assert config.build("krr_st").iterations <= 1000
+
+
 def test_a_misspelled_binding_is_an_error():
     with pytest.raises(SslkdError, match="config error"):
         config.parse(GIN, "digits", [], ["sslkd.distill.lr_imgs = 3.0"])

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEVICE_ENV = "SSLKD_DEVICE"
-SLURM_CPUS_ENV = "SLURM_CPUS_PER_TASK"
 _DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _selected: str | None = None  # the command line's choice (select), else the environment's
 _stage_device_name = "cpu"  # what this process's stage computes on, for the artifacts' sidecars
@@ -75,22 +74,8 @@ def stage_device() -> torch.device:
     if device.type == "cuda":
         log.info("computing on %s (%s)", device, torch.cuda.get_device_name(device))
     else:
-        log.info("computing on the CPU (%d threads)", fit_threads_to_cpus())
+        log.info("computing on the CPU (%d threads)", torch.get_num_threads())
     return device
-
-
-def fit_threads_to_cpus() -> int:
-    """Lower torch's CPU threads to the CPUs SLURM granted the job (``$SLURM_CPUS_PER_TASK``, what
-    ``sslkd.slurm.cpus`` asks for) and return them. torch follows the CPU affinity mask, but a cluster
-    without CPU binding leaves every core in it: a one-CPU job then ran two threads, which spin against
-    each other beside another job (100x slower). Never raises the count, so OMP_NUM_THREADS still
-    lowers it."""
-    import torch
-
-    granted = os.environ.get(SLURM_CPUS_ENV, "").strip()
-    if granted.isdigit() and 0 < int(granted) < torch.get_num_threads():
-        torch.set_num_threads(int(granted))
-    return torch.get_num_threads()
 
 
 def device_name(device: torch.device) -> str:

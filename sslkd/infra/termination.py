@@ -132,11 +132,9 @@ def die_with_parent(signum: int = signal.SIGTERM) -> bool:
 
 
 def stop_main_thread(reason: str, *args: object) -> None:
-    """End this process as if SIGTERM had reached it (:class:`Terminated` in the main thread; the request
-    is kept first, so the next loop step raises it even where the signal's exception is lost)."""
-    global _requested
+    """End this process as if SIGTERM had reached it (:class:`Terminated` in the main thread; its handler,
+    :func:`raise_terminated`, keeps the request)."""
     log.warning(reason, *args)
-    _requested = signal.SIGTERM
     main_thread = threading.main_thread().ident
     if main_thread is not None:
         signal.pthread_kill(main_thread, signal.SIGTERM)

@@ -8,7 +8,8 @@ device it was computed on; tensors are always saved on the CPU. A reader verifie
 its sidecar's sha256 before using it.
 
 Sidecars are DVC outputs, so everything in them is a function of the payload, the config and the code:
-the code version is a hash of the package's sources (:func:`source_version`), never the git work tree's
+the code version is a hash of the running stage's source files, exactly its DVC code deps
+(:func:`sidecar_code_version`, sslkd/provenance.py), never the git work tree's
 state (``git describe --dirty`` changes when DVC edits dvc.lock, when a commit only touches docs); the
 git state goes to the stage's MLflow run (:func:`code_version`, sslkd/cli.py).
 """
@@ -28,6 +29,7 @@ import torch
 from sslkd import __version__
 from sslkd.errors import SslkdError
 from sslkd.infra.devices import stage_device_name
+from sslkd.provenance import running_stage, stage_source_version
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _UMASK = os.umask(0)
@@ -92,6 +94,13 @@ def source_version() -> str:
     git work tree's state.
     """
     return f"{__version__}+src.{source_digest()[:12]}"
+
+
+def sidecar_code_version() -> str:
+    """What a sidecar records as its code version: the running stage's :func:`stage_source_version` (outside
+    a stage, as when a library function is called directly, :func:`source_version`)."""
+    stage = running_stage()
+    return source_version() if stage is None else stage_source_version(stage)
 
 
 def code_version() -> str:
@@ -193,7 +202,7 @@ def _sidecar(
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "kind": kind,
-        "code_version": source_version(),
+        "code_version": sidecar_code_version(),
         "shapes": shapes,
         "inputs": {name: {"path": str(p), "sha256": file_sha256(Path(p))} for name, p in (inputs or {}).items()},
         "operative_config": config,

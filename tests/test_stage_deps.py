@@ -2,24 +2,9 @@
 
 Every DVC stage depends on the source files of the modules its ``sslkd <stage>`` runs and on the gin files
 its setting reads, not on the whole ``sslkd`` and ``gin`` folders: editing a log line in the tracking code
-must not make ``dvc status`` call the teacher (a quarter of an hour on cifar10) changed.
-
-The rule for a stage's code (computed here from the source with :mod:`ast`, no import, no DVC run):
-
-* Roots: the stage module ``sslkd/stages/<stage>.py``, the module defining the stage's root config class
-  (``sslkd.config.configurables()[stage]``) and, for the stages whose students read it, the module of
-  ``student_input``'s config class.
-* Follow every import of an ``sslkd`` module, at the top of a module or inside a function, transitively,
-  with the packages' ``__init__.py`` files (importing ``sslkd.stages.data`` runs them).
-* Except the imports inside ``sslkd.config.configurables``: it imports every stage's config class to
-  register them with gin; a stage's results depend only on the configs it builds, which are its roots.
-* Stop at infrastructure (not a dependency, not followed): how a stage is launched, tracked, placed on a
-  device or allocated memory does not change what it writes. Infrastructure is the ``sslkd.infra``
-  package, ``sslkd.cli``, and ``sslkd.report``/``sslkd.plots`` for stages whose outputs hold no table or
-  plot (every stage but ``report`` and ``variance``; the others use them only for tracking pictures and
-  metrics). Any module may import infrastructure (stage modules log to tracking, sslkd.artifacts records
-  the stage's device in sidecars): the closure does not pass through it, so tracking code and what it
-  imports stay out of every stage's dependencies.
+must not make ``dvc status`` call the teacher (a quarter of an hour on cifar10) changed. The code rule is
+sslkd/provenance.py's (the files a stage's sidecars hash into their code version), so what DVC reruns and
+what changes a sidecar are the same files.
 
 Gin files: a stage depends on its setting's file, ``gin/settings/${setting}.gin`` (DVC templates
 ``${setting}`` from params.yaml), and on the folders a setting may include (``INCLUDE_FOLDERS``): which
@@ -30,91 +15,20 @@ setting file, which DVC would not see, fails here.
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sslkd import config
+from sslkd import config, provenance
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = REPO / "sslkd"
-INFRA = {"sslkd.cli", "sslkd.__main__", "sslkd.infra"}
-PRESENTATION = {"sslkd.report", "sslkd.plots"}
-PRESENTING_STAGES = {"report", "variance"}
-NOT_FOLLOWED = {("sslkd.config", "configurables")}
 INCLUDE_FOLDERS = ("gin/stages", "gin/launch", "gin/models", "gin/data", "gin/papers")
 
 
-def module_file(name: str) -> Path | None:
-    """The source file of module ``name`` (a package's ``__init__.py``), or None when it is not one."""
-    path = REPO.joinpath(*name.split("."))
-    if path.is_dir() and (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
-
-
-def is_infra(name: str, stage: str) -> bool:
-    if any(name == infra or name.startswith(infra + ".") for infra in INFRA):
-        return True
-    return name in PRESENTATION and stage not in PRESENTING_STAGES
-
-
-def imported_modules(name: str) -> set[str]:
-    """Every ``sslkd`` module that module ``name``'s source imports (the rule's exception left out)."""
-    tree = ast.parse(module_file(name).read_text())
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and (name, node.name) in NOT_FOLLOWED:
-            skipped |= {id(inner) for inner in ast.walk(node)}
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {
-                f"{node.module}.{alias.name}"
-                for alias in node.names
-                if module_file(f"{node.module}.{alias.name}") is not None
-            }
-    return {module for module in found if module.split(".")[0] == "sslkd" and module_file(module) is not None}
-
-
-def with_packages(name: str) -> set[str]:
-    """``name`` and the packages above it (importing a module runs their ``__init__``)."""
-    parts = name.split(".")
-    return {".".join(parts[:end]) for end in range(1, len(parts) + 1)}
-
-
-def stage_roots(stage: str) -> set[str]:
-    if stage == "check":  # validates params.yaml by building every config (dvc.yaml's first stage)
-        return {"sslkd.stages.check"} | {cls.__module__ for cls in config.configurables().values()}
-    roots = {f"sslkd.stages.{stage}", config.configurables()[stage].__module__}
-    if stage in config.STUDENT_STAGES:
-        roots.add(config.configurables()["student_input"].__module__)
-    return roots
-
-
-def closure(stage: str) -> set[str]:
-    """The modules a stage's results depend on, by the rule in this module's docstring."""
-    seen: set[str] = set()
-    todo = list(stage_roots(stage))
-    while todo:
-        for name in with_packages(todo.pop()):
-            if name in seen or is_infra(name, stage):
-                continue
-            seen.add(name)
-            todo.extend(imported_modules(name))
-    return seen
-
-
 def code_deps(stage: str) -> set[str]:
-    return {module_file(name).relative_to(REPO).as_posix() for name in closure(stage)}
+    return set(provenance.stage_source_files(stage))
 
 
 def gin_deps() -> set[str]:

@@ -11,6 +11,7 @@ import importlib
 from typing import Callable
 
 from sslkd.config import STAGES
+from sslkd.provenance import set_running_stage
 from sslkd.stages.options import StageOptions
 from sslkd.workspace import Workspace
 
@@ -24,4 +25,9 @@ def stage_main(stage: str) -> StageMain:
 
 
 def run_stage_main(stage: str, workspace: Workspace, options: StageOptions) -> None:
-    stage_main(stage)(workspace, options)
+    """Run stage ``stage``; its sidecars record its own code version (sslkd/provenance.py)."""
+    set_running_stage(stage)
+    try:
+        stage_main(stage)(workspace, options)
+    finally:
+        set_running_stage(None)

@@ -88,8 +88,10 @@ class StageJob(submitit.helpers.Checkpointable):
         workspace = Workspace(request.workdir)
         policy = CheckpointPolicy(workspace.job_state(request.stage), self.checkpoint_interval_s)
         if self.experts is not None:
+            from sslkd.provenance import set_running_stage
             from sslkd.stages.experts import train_parts
 
+            set_running_stage("experts")
             train_parts(workspace, self.experts, policy)
         else:
             checkpoints = policy if request.stage in RESUMABLE_STAGES else None

@@ -29,9 +29,8 @@ import torch
 from sslkd import __version__
 from sslkd.errors import SslkdError
 from sslkd.infra.devices import stage_device_name
-from sslkd.provenance import running_stage, stage_source_version
+from sslkd.provenance import PACKAGE_DIR, running_stage, sources_digest, stage_source_version
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -57,11 +56,7 @@ CODE_VERSION_STAMP = "CODE_VERSION"
 
 def source_digest() -> str:
     """sha256 of the package's Python sources (names and contents)."""
-    digest = hashlib.sha256()
-    for source in sorted(PACKAGE_DIR.rglob("*.py")):
-        digest.update(str(source.relative_to(PACKAGE_DIR)).encode())
-        digest.update(source.read_bytes())
-    return digest.hexdigest()
+    return sources_digest(PACKAGE_DIR, sorted(PACKAGE_DIR.rglob("*.py")))
 
 
 def _git(*arguments: str) -> str:

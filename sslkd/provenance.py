@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from sslkd import __version__
@@ -116,13 +117,19 @@ def stage_source_files(stage: str) -> list[str]:
     return sorted(path.relative_to(SOURCE_ROOT).as_posix() for path in paths if path is not None)
 
 
+def sources_digest(root: Path, sources: Iterable[Path]) -> str:
+    """sha256 (hex) of ``sources`` in the order given, each as its path relative to ``root`` and its bytes."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.relative_to(root).as_posix().encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def stage_source_version(stage: str) -> str:
     """``<package version>+src.<12 hex>``: a sha256 of the stage's source files (names and contents)."""
-    digest = hashlib.sha256()
-    for relative in stage_source_files(stage):
-        digest.update(relative.encode())
-        digest.update((SOURCE_ROOT / relative).read_bytes())
-    return f"{__version__}+src.{digest.hexdigest()[:12]}"
+    sources = (SOURCE_ROOT / relative for relative in stage_source_files(stage))
+    return f"{__version__}+src.{sources_digest(SOURCE_ROOT, sources)[:12]}"
 
 
 def set_running_stage(stage: str | None) -> None:

@@ -47,7 +47,7 @@ PARAMS_SECTIONS = STAGES + ("student_input",)
 
 def configurables() -> dict[str, type]:
     """Every registered name -> config class. Stage roots are named after their stage."""
-    from sslkd.augmentations import AugmentConfig
+    from sslkd.augmentations import AugmentConfig, DSAConfig
     from sslkd.datasets import DataConfig, StudentInputConfig
     from sslkd.distill import DistillConfig
     from sslkd.evaluation import FineTuneConfig, PretrainConfig, ProbeConfig
@@ -78,6 +78,7 @@ def configurables() -> dict[str, type]:
         "resnet": ResNetConfig,
         "bn_convnet": BNConvNetConfig,
         "augment": AugmentConfig,
+        "dsa": DSAConfig,
         "ssl": SSLConfig,
         "pretrain": PretrainConfig,
         "probe": ProbeConfig,

@@ -17,11 +17,13 @@ from typing import Any, Callable
 
 import torch
 
+from sslkd.augmentations import DSAConfig, draw_dsa
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
+from sslkd.losses import trajectory_matching_loss
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
-from sslkd.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory
+from sslkd.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory, sgd_steps
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,11 @@ class DistillConfig:
     backward sweep — bit-identical gradients, ≈ 2√N snapshots alive instead of N, for fewer than N extra
     inner SGD steps; a number K: at most K snapshots alive whatever N, for N − K recomputed steps; ignored
     by the full unroll); compile: torch.compile the adjoint's inner step and
-    gradient-of-gradient once per run (the full unroll is always eager); seeds: one synthetic set per seed.
+    gradient-of-gradient once per run (the full unroll is always eager); seeds: one synthetic set per seed;
+    augment: differentiable augmentation of every inner step's minibatch (DSA, MTT's; None: none);
+    held_out_experts: the last this many experts are never matched: distillation reports the set's matching
+    loss on their trajectories (:func:`validation_matching_loss`) beside the trained experts', a check of
+    whether the set learnt the trajectories' common direction or only the experts it saw.
     """
 
     iterations: int
@@ -63,6 +69,8 @@ class DistillConfig:
     adjoint_snapshots: Snapshots
     compile: bool
     seeds: tuple[int, ...]
+    augment: DSAConfig | None = None
+    held_out_experts: int = 0
 
     def __post_init__(self) -> None:
         if self.unroll not in UNROLLS:
@@ -85,6 +93,8 @@ class DistillConfig:
             )
         if not self.seeds:
             raise SslkdError("distill.seeds must name at least one seed")
+        if self.held_out_experts < 0:
+            raise SslkdError(f"distill.held_out_experts must be >= 0, got {self.held_out_experts}")
 
     @property
     def epochs_needed(self) -> int:
@@ -101,6 +111,9 @@ class DistillResult:
     lr: float
     matching_losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
+    # {"trained" | "held_out": [(iterations done, validation matching loss), ...]}: at the start, every
+    # tenth of the run (held-out experts only) and at the end
+    validation: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 class MinibatchSampler:
@@ -159,12 +172,19 @@ def _restore(
     generator.set_state(state["generator"])
     result.matching_losses = list(state["matching_losses"])
     result.learning_rates = list(state["learning_rates"])
+    result.validation = {name: [tuple(point) for point in points] for name, points in state["validation"].items()}
     log.info("distill: resuming after iteration %d", state["iteration"])
     return list(state["order"]), state["iteration"]
 
 
 def check_trajectories(trajectories: torch.Tensor, layout: ParameterLayout, config: DistillConfig) -> None:
-    """trajectories [K, S, P] must reach epoch ``config.epochs_needed`` and hold the student's P parameters."""
+    """trajectories [K, S, P] must reach epoch ``config.epochs_needed``, hold the student's P parameters and
+    leave at least one expert to match besides the held-out ones."""
+    if config.held_out_experts >= len(trajectories):
+        raise SslkdError(
+            f"distill.held_out_experts = {config.held_out_experts} leaves none of the {len(trajectories)} experts "
+            "to match: hold out fewer or train more experts"
+        )
     if trajectories.shape[1] <= config.epochs_needed:
         raise SslkdError(
             f"experts store {trajectories.shape[1] - 1} epochs; distillation reads up to epoch "
@@ -212,7 +232,38 @@ def checkpoint_state(
         "generator": generator.get_state(),
         "matching_losses": list(result.matching_losses),
         "learning_rates": list(result.learning_rates),
+        "validation": {name: list(points) for name, points in result.validation.items()},
     }
+
+
+VALIDATION_SEED = 0  # the minibatches of every validation unroll: the same at every check, whatever the run
+
+
+def validation_matching_loss(
+    steps: KDSteps,
+    trajectories: torch.Tensor,
+    images: torch.Tensor,
+    representations: torch.Tensor,
+    lr: torch.Tensor,
+    config: DistillConfig,
+) -> float:
+    """The set's matching loss on given experts, without gradients: the mean over experts (trajectories
+    [K, S, P]) and every start epoch t < max_start_epoch of ‖θ_N − θ*‖² / ‖θ₀ − θ*‖², each unrolled for
+    syn_steps plain SGD steps at α = ``lr`` on minibatches that depend only on VALIDATION_SEED (no augmentation),
+    so that two checks of one run, or of two runs, unroll the same steps. images [M, C, H, W],
+    representations [M, D]."""
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    sampler = MinibatchSampler(len(images), config.batch_syn, generator)
+    data, targets, alpha = images.detach(), representations.detach(), lr.detach()
+    losses = []
+    for trajectory in trajectories:
+        for start_epoch in range(config.max_start_epoch):
+            start = trajectory[start_epoch].float().to(images.device)
+            target = trajectory[start_epoch + config.expert_epochs].float().to(images.device)
+            batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]
+            end = sgd_steps(steps, start, data, targets, alpha, batches, [None] * len(batches))[-1]
+            losses.append(trajectory_matching_loss(end, start, target).item())
+    return sum(losses) / len(losses)
 
 
 def distill(
@@ -226,35 +277,62 @@ def distill(
     on_iteration: Callable[[int, float, float], None] | None = None,
     resume: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    target_loss: str = "mse",
 ) -> DistillResult:
     """Learn a synthetic set by matching expert trajectories.
 
     trajectories: [K, S, P] flat expert snapshots (S > config.epochs_needed); init_images [M, C, H, W];
     init_representations [M, D]. ``on_iteration(iteration, matching_loss, lr)`` is called after each step,
     ``on_checkpoint(state)`` with the whole state (synthetic set, α, optimiser momenta, generator, sampler,
-    expert order, history); passing such a state as ``resume`` continues bit-identically.
+    expert order, history); passing such a state as ``resume`` continues bit-identically. ``target_loss``:
+    the loss the inner steps train with, as the experts did (MSE on representations: MKDT; losses.TARGET_LOSSES).
     """
     check_trajectories(trajectories, layout, config)
+    trained = trajectories[: len(trajectories) - config.held_out_experts]
+    held_out = trajectories[len(trajectories) - config.held_out_experts :]
     images = init_images.detach().clone().requires_grad_(True)
     representations = init_representations.detach().clone().requires_grad_(config.learn_representations)
     lr = torch.tensor(config.lr_init, device=images.device).requires_grad_(True)
     optimisers = make_optimisers(images, representations, lr, config)
-    steps = KDSteps(student, layout, compile=config.compile)
+    steps = KDSteps(student, layout, compile=config.compile, target_loss=target_loss)
     sampler = MinibatchSampler(len(images), config.batch_syn, generator)
     result = DistillResult(images, representations, config.lr_init)
     first = 0
+
+    def validate(iteration: int, on_trained: bool) -> None:
+        parts = {"held_out": held_out} if len(held_out) else {}
+        if on_trained:
+            parts["trained"] = trained
+        for name, experts in parts.items():
+            loss = validation_matching_loss(steps, experts, images, representations, lr, config)
+            result.validation.setdefault(name, []).append((iteration, loss))
+            log.info("distill: matching loss on the %s experts after %d iterations: %.4f", name, iteration, loss)
+
     if resume is None:
-        order = expert_order(len(trajectories), config.iterations, generator)
+        order = expert_order(len(trained), config.iterations, generator)
+        validate(0, on_trained=len(held_out) > 0)
     else:
         order, first = _restore(resume, images, representations, lr, optimisers, sampler, generator, result)
     progress = track(order[first:], desc="distill")
     for iteration, expert in enumerate(progress, start=first):
-        start, target = (theta.to(images.device) for theta in sample_segment(trajectories[expert], config, generator))
+        start, target = (theta.to(images.device) for theta in sample_segment(trained[expert], config, generator))
         batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]
+        augmentations = None
+        if config.augment is not None:
+            augmentations = [draw_dsa((len(b), *images.shape[1:]), config.augment, generator) for b in batches]
         for optimiser in optimisers:
             optimiser.zero_grad(set_to_none=True)
         loss = match_trajectory(
-            config.unroll, steps, start, target, images, representations, lr, batches, config.adjoint_snapshots
+            config.unroll,
+            steps,
+            start,
+            target,
+            images,
+            representations,
+            lr,
+            batches,
+            config.adjoint_snapshots,
+            augmentations,
         )
         if not torch.isfinite(loss):
             raise SslkdError(
@@ -269,12 +347,17 @@ def distill(
         progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr.item():.4f}")
         if on_iteration is not None:
             on_iteration(iteration, loss.item(), lr.item())
+        done = iteration + 1
+        if len(held_out) and done % max(1, config.iterations // 10) == 0 and done < config.iterations:
+            validate(done, on_trained=False)  # the last check, at the end, covers the trained experts too
         if on_checkpoint is not None:
             on_checkpoint(
                 checkpoint_state(
                     iteration + 1, order, images, representations, lr, optimisers, sampler, generator, result
                 )
             )
+    if len(held_out):
+        validate(config.iterations, on_trained=True)
     result.images = images.detach()
     result.representations = representations.detach()
     result.lr = lr.item()

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sslkd.augmentations import DSAConfig
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ParameterLayout
@@ -39,7 +40,8 @@ class PretrainConfig:
     lr is used for every set except MKDT's, which pre-trains with its learned α; min_steps: 0 keeps
     the paper's protocol (docs/method.md: 20 epochs whatever the size, 20 steps for 200 images at batch 256);
     compile: torch.compile the training step once per stage; precision: 'float32', or 'bfloat16' for the forward
-    pass in bfloat16 autocast (kd_steps.PRECISIONS).
+    pass in bfloat16 autocast (kd_steps.PRECISIONS); augment: every minibatch differentiably augmented (DSA,
+    as MTT evaluates its sets; targets kept), None: none.
     """
 
     epochs: int
@@ -50,6 +52,7 @@ class PretrainConfig:
     compile: bool
     precision: str
     min_steps: int = 0
+    augment: DSAConfig | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -135,6 +138,7 @@ def pretrain_kd(
         batch_size=config.batch_size,
         epochs=num_epochs,
         generator=generator,
+        augment=config.augment,
     )
     for parameters, _, loss in track(epochs, total=num_epochs, desc="pre-train"):
         losses.append(loss)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from sslkd.augmentations import two_views
+from sslkd.augmentations import DSAConfig, two_views
 from sslkd.datasets import InputSpace
 from sslkd.errors import SslkdError
 from sslkd.evaluation import PretrainConfig
@@ -33,7 +33,8 @@ class ExpertsConfig:
     at most max_start_epoch + expert_epochs); compile: torch.compile the KD training step once per stage
     (SSL experts train eagerly); precision: 'float32', or 'bfloat16' for the KD step's forward pass in
     bfloat16 autocast (mixed precision; kd_steps.PRECISIONS); seed: expert k's init and data order derive
-    from (seed, k).
+    from (seed, k); augment: KD experts train on differentiably augmented minibatches (DSA, as MTT's
+    experts do; the targets stay the unaugmented images'), None: no augmentation.
     """
 
     student: ConvNetConfig
@@ -44,10 +45,11 @@ class ExpertsConfig:
     momentum: float
     weight_decay: float
     batch_size: int
-    ssl: SSLConfig
+    ssl: SSLConfig | None
     compile: bool
     precision: str
     seed: int
+    augment: DSAConfig | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -55,6 +57,8 @@ class ExpertsConfig:
             raise SslkdError(
                 f"unknown expert objective {self.objective!r}; choose one of {', '.join(EXPERT_OBJECTIVES)}"
             )
+        if self.objective != "kd" and self.ssl is None:
+            raise SslkdError(f"{self.objective} experts need sslkd.experts.ssl (the SSL objective's settings)")
         if self.num_experts < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise SslkdError("experts need num_experts, epochs, batch_size >= 1 and lr > 0")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
@@ -132,6 +136,7 @@ def _train_kd_expert(
         epochs=config.epochs - len(epoch_losses),
         generator=generator,
         velocity=velocity,
+        augment=config.augment,
     ):
         snapshots.append(parameters.cpu())
         epoch_losses.append(loss)
@@ -157,6 +162,9 @@ def _train_ssl_expert(
     resume: dict[str, Any] | None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[torch.Tensor, list[float]]:
+    if config.ssl is None:
+        raise SslkdError(f"{config.objective} experts need sslkd.experts.ssl (the SSL objective's settings)")
+    ssl = config.ssl
     layout = ParameterLayout.of(student)
     optimiser = torch.optim.SGD(
         student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -169,9 +177,7 @@ def _train_ssl_expert(
         generator.set_state(resume["generator"])
         snapshots, epoch_losses = list(resume["snapshots"]), list(resume["epoch_losses"])
     for _ in range(len(epoch_losses), config.epochs):
-        epoch_losses.append(
-            ssl_epoch(student, optimiser, images, config.ssl, config.batch_size, generator, input_space)
-        )
+        epoch_losses.append(ssl_epoch(student, optimiser, images, ssl, config.batch_size, generator, input_space))
         snapshots.append(layout.flatten(student).cpu())
         if on_checkpoint is not None:
             on_checkpoint(
@@ -217,7 +223,9 @@ def ssl_epoch(
 
 def with_objective(config: ExpertsConfig, objective: str) -> ExpertsConfig:
     """``config`` training ``objective`` (kd or an SSL objective, whose ``ssl`` settings it then uses)."""
-    ssl = replace(config.ssl, objective=objective) if objective != "kd" else config.ssl
+    if objective != "kd" and config.ssl is None:
+        raise SslkdError(f"{objective} experts need sslkd.experts.ssl (the SSL objective's settings)")
+    ssl = replace(config.ssl, objective=objective) if objective != "kd" and config.ssl else config.ssl
     return replace(config, objective=objective, ssl=ssl)
 
 

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp
 
+from sslkd.augmentations import DSAConfig, dsa
 from sslkd.errors import SslkdError
-from sslkd.losses import kd_mse_loss
+from sslkd.losses import TARGET_LOSSES
 from sslkd.models import ConvNet, ParameterLayout, write_out_instance_norms
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,11 +39,19 @@ def check_precision(precision: str) -> None:
         raise SslkdError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
-def kd_loss_of_parameters(student: nn.Module, layout: ParameterLayout) -> Loss:
-    """ℓ(θ, X, Y) = MSE(f(X; θ), Y) for flat θ [P], images X [B, C, H, W], targets Y [B, D] -> scalar."""
+def check_target_loss(target_loss: str) -> None:
+    if target_loss not in TARGET_LOSSES:
+        raise SslkdError(f"unknown target loss {target_loss!r}; choose one of {', '.join(TARGET_LOSSES)}")
+
+
+def kd_loss_of_parameters(student: nn.Module, layout: ParameterLayout, target_loss: str = "mse") -> Loss:
+    """ℓ(θ, X, Y) = MSE(f(X; θ), Y) (or another of losses.TARGET_LOSSES) for flat θ [P], images X
+    [B, C, H, W], targets Y [B, D] -> scalar."""
+    check_target_loss(target_loss)
+    criterion = TARGET_LOSSES[target_loss]
 
     def loss(parameters: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return kd_mse_loss(functional_call(student, layout.unflatten(parameters), (images,)), targets)
+        return criterion(functional_call(student, layout.unflatten(parameters), (images,)), targets)
 
     return loss
 
@@ -84,13 +93,21 @@ class KDSteps:
     ``jvp``, and one graph for the whole SGD step were slower).
     Compiled steps are specialised to the shapes of their first call (one compile each); a minibatch of
     another size — the short last batch of an epoch — runs eagerly. ``precision`` (a :data:`PRECISIONS`
-    name) applies to :meth:`train_step` only.
+    name) applies to :meth:`train_step` only. ``target_loss``: MSE on the targets (KD, the default) or
+    cross-entropy against target distributions (losses.TARGET_LOSSES).
     """
 
-    def __init__(self, student: ConvNet, layout: ParameterLayout, compile: bool, precision: str = "float32") -> None:
+    def __init__(
+        self,
+        student: ConvNet,
+        layout: ParameterLayout,
+        compile: bool,
+        precision: str = "float32",
+        target_loss: str = "mse",
+    ) -> None:
         check_precision(precision)
         self.student, self.layout, self.compiled = student, layout, compile
-        self.loss = kd_loss_of_parameters(student, layout)
+        self.loss = kd_loss_of_parameters(student, layout, target_loss)
         autocast_dtype = PRECISIONS[precision]
         # the losses by kind; in float32 the training step shares the plain loss (and its compiled graph)
         self._eager: dict[str, Loss] = {"loss": self.loss}
@@ -106,7 +123,7 @@ class KDSteps:
             # the gradient-of-gradient differentiates the student twice: with its instance norms written out,
             # inductor fuses that into fewer passes over the activations (an adjoint iteration ~1.2× faster on
             # the CPU benchmark; README "Performance")
-            gradient = grad(kd_loss_of_parameters(write_out_instance_norms(student), layout))
+            gradient = grad(kd_loss_of_parameters(write_out_instance_norms(student), layout, target_loss))
 
             def gradient_of_gradient(parameters, images, targets, cotangent):
                 g, pullback = vjp(gradient, parameters, images, targets)
@@ -190,11 +207,13 @@ def train_kd(
     epochs: int,
     generator: torch.Generator,
     velocity: torch.Tensor | None = None,
+    augment: DSAConfig | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
     """KD training with SGD (momentum, weight decay, constant lr) from θ [P] on images [N, C, H, W] and
     targets [N, D], one seeded permutation per epoch. Yields (θ after the epoch [P], the momentum
     buffer [P], the epoch's mean per-example loss) for each epoch; a non-finite loss stops with an
-    error. ``velocity`` resumes from a saved momentum buffer (default: zeros)."""
+    error. ``velocity`` resumes from a saved momentum buffer (default: zeros); ``augment``: each minibatch
+    differentiably augmented (DSA, drawn from ``generator``; the targets are kept)."""
     velocity = torch.zeros_like(parameters) if velocity is None else velocity
     lr_tensor = torch.tensor(lr, dtype=parameters.dtype, device=parameters.device)
     for epoch in range(epochs):
@@ -202,8 +221,9 @@ def train_kd(
         total = parameters.new_zeros(())
         for start in range(0, len(images), batch_size):
             batch = order[start : start + batch_size]
+            inputs = images[batch] if augment is None else dsa(images[batch], augment, generator)
             parameters, velocity, loss = steps.train_step(
-                parameters, velocity, images[batch], targets[batch], lr_tensor, momentum, weight_decay
+                parameters, velocity, inputs, targets[batch], lr_tensor, momentum, weight_decay
             )
             total += loss * len(batch)
         mean_loss = total.item() / len(images)

@@ -1,6 +1,7 @@
 """The losses of MKDT as small pure functions with documented shapes.
 
 - :func:`kd_mse_loss`: knowledge distillation, student output regresses teacher representations;
+- :func:`soft_cross_entropy`: supervised targets (the known answer of trajectory matching);
 - :func:`barlow_twins_loss` and :func:`simclr_loss`: the SSL objectives (teacher training, SSL experts);
 - :func:`trajectory_matching_loss`: the normalised parameter-matching loss of trajectory matching.
 """
@@ -19,6 +20,22 @@ def kd_mse_loss(student_out: torch.Tensor, teacher_rep: torch.Tensor) -> torch.T
     if student_out.shape != teacher_rep.shape:
         raise ValueError(f"shape mismatch: student {tuple(student_out.shape)} vs teacher {tuple(teacher_rep.shape)}")
     return F.mse_loss(student_out, teacher_rep)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probabilities: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits against target distributions (one-hot rows: the usual cross-entropy).
+
+    logits, target_probabilities: [B, C]. Returns a scalar: mean over B of −Σ_c p_c log softmax(z)_c. Linear in
+    the targets, so learned targets need not stay on the simplex.
+    """
+    if logits.shape != target_probabilities.shape:
+        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)} vs targets {tuple(target_probabilities.shape)}")
+    return -(target_probabilities * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+# The regression losses a student can be trained with: the teacher's representations (or one-hot labels)
+# under MSE (MKDT's KD loss), or target distributions under cross-entropy (supervised trajectory matching).
+TARGET_LOSSES = {"mse": kd_mse_loss, "cross_entropy": soft_cross_entropy}
 
 
 def per_example_kd_loss(student_out: torch.Tensor, teacher_rep: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,10 @@
-"""Aggregation of evaluation runs: per-method mean ± std, paired differences, the Markdown table."""
+"""Aggregation of evaluation runs: per-method mean ± std, paired differences with their standard error,
+the Markdown table."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any
 
 from sslkd.evaluation import summary_stats
@@ -30,7 +33,12 @@ def summarise(runs_by_method: dict[str, Runs]) -> dict[str, dict[str, dict[str, 
 def paired_differences(runs_by_method: dict[str, Runs], method: str, baseline: str) -> dict[str, dict]:
     """method − baseline accuracy per label fraction, each ``method`` run paired with the ``baseline`` run
     of the same evaluation seed (same encoder init, same labels) and, when the baseline is a distilled set
-    too (krr_st, mtt_ssl), of the same distillation seed; mean, std and n of the differences."""
+    too (krr_st, mtt_ssl), of the same distillation seed; mean, std and n of the differences, and "sem", their standard error.
+
+    The standard error is that of the mean over evaluation seeds: the differences of one evaluation seed
+    (one per distillation seed) share its encoder init, labels and, for a real baseline, its run, so they
+    are averaged first and the s.e.m. is the std of those means / √(evaluation seeds); with one
+    distillation seed it is std / √n. 0 for a single evaluation seed."""
     by_distill_seed = any(run.get("distill_seed") is not None for run in runs_by_method[baseline])
 
     def pair_key(run: dict[str, Any]) -> tuple[int, int | None]:
@@ -38,6 +46,7 @@ def paired_differences(runs_by_method: dict[str, Runs], method: str, baseline: s
 
     baseline_by_seed = {pair_key(run): run["accuracy"] for run in runs_by_method[baseline]}
     differences: dict[str, list[float]] = {}
+    by_eval_seed: dict[str, dict[int, list[float]]] = {}
     for run in runs_by_method[method]:
         paired = baseline_by_seed.get(pair_key(run))
         if paired is None:
@@ -45,7 +54,25 @@ def paired_differences(runs_by_method: dict[str, Runs], method: str, baseline: s
         for key, value in run["accuracy"].items():
             if key in paired:
                 differences.setdefault(key, []).append(value - paired[key])
-    return {key: summary_stats(values) for key, values in sorted(differences.items(), key=lambda item: float(item[0]))}
+                by_eval_seed.setdefault(key, {}).setdefault(run["eval_seed"], []).append(value - paired[key])
+    return {
+        key: {**summary_stats(values), "sem": standard_error(by_eval_seed[key])}
+        for key, values in sorted(differences.items(), key=lambda item: float(item[0]))
+    }
+
+
+def standard_error(differences_by_eval_seed: dict[int, list[float]]) -> float:
+    """s.e.m. over evaluation seeds of the per-seed mean difference (0 for one seed)."""
+    means = [statistics.fmean(values) for values in differences_by_eval_seed.values()]
+    return statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0
+
+
+def paired_cell(cell: dict[str, Any]) -> str:
+    """A paired difference as ``+1.2 ± 0.8 s.e. (sd 1.4, n 3)``; a cell without "sem" (an older file)
+    as mean ± std (n)."""
+    if "sem" not in cell:
+        return f"{cell['mean']:+.1f} ± {cell['std']:.1f} ({cell['n']})"
+    return f"{cell['mean']:+.1f} ± {cell['sem']:.1f} s.e. (sd {cell['std']:.1f}, n {cell['n']})"
 
 
 def markdown_table(summary: dict, paired: dict[str, dict]) -> str:
@@ -61,15 +88,13 @@ def markdown_table(summary: dict, paired: dict[str, dict]) -> str:
     if paired:
         lines += [
             "",
-            "Paired differences (same evaluation seed: same encoder init, same labels), points:",
+            "Paired differences (same evaluation seed: same encoder init, same labels), points: mean ± its "
+            "standard error over evaluation seeds (s.e.), then the std of the differences and their number:",
             "",
             header.replace("pre-training set", "difference"),
             "|---|" + "---|" * len(fractions),
         ]
         for name, rows in paired.items():
-            cells = [
-                f"{rows[f]['mean']:+.1f} ± {rows[f]['std']:.1f} ({rows[f]['n']})" if f in rows else "–"
-                for f in fractions
-            ]
+            cells = [paired_cell(rows[f]) if f in rows else "–" for f in fractions]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Callable, Sequence
 
 import torch
 
@@ -38,6 +39,24 @@ UNROLLS = ("full", "adjoint")
 SNAPSHOTS = ("all", "sqrt")  # which θ_k the adjoint's forward sweep keeps (module doc)
 
 
+Augmentation = Callable[[torch.Tensor], torch.Tensor]  # one inner step's drawn augmentation of its minibatch
+
+
+def step_images(images: torch.Tensor, batch: torch.Tensor, augmentation: Augmentation | None) -> torch.Tensor:
+    """The minibatch X_b [B, C, H, W] an inner step trains on: images[batch], augmented if the step has one."""
+    return images[batch] if augmentation is None else augmentation(images[batch])
+
+
+def _augmentations(
+    batches: list[torch.Tensor], augmentations: Sequence[Augmentation] | None
+) -> list[Augmentation | None]:
+    if augmentations is None:
+        return [None] * len(batches)
+    if len(augmentations) != len(batches):
+        raise ValueError(f"{len(augmentations)} augmentations for {len(batches)} inner steps")
+    return list(augmentations)
+
+
 def unroll_sgd(
     steps: KDSteps,
     start: torch.Tensor,
@@ -46,16 +65,17 @@ def unroll_sgd(
     lr: torch.Tensor,
     batches: list[torch.Tensor],
     create_graph: bool = True,
+    augmentations: Sequence[Augmentation] | None = None,
 ) -> torch.Tensor:
-    """Plain SGD θ_{k+1} = θ_k − α ∇ MSE(f(X_b; θ_k), Y_b) over the given minibatches, functionally.
+    """Plain SGD θ_{k+1} = θ_k − α ∇ MSE(f(a_k(X_b); θ_k), Y_b) over the given minibatches, functionally.
 
     start: θ₀ [P]; images X [M, C, H, W]; representations Y [M, D]; lr α: scalar tensor;
-    batches: one index tensor per step. With create_graph the result is differentiable w.r.t.
-    X, Y, α (the full unroll); returns θ_N [P].
+    batches: one index tensor per step; augmentations: one differentiable a_k per step (None: identity).
+    With create_graph the result is differentiable w.r.t. X, Y, α (the full unroll); returns θ_N [P].
     """
     parameters = start if start.requires_grad else start.detach().requires_grad_(True)
-    for batch in batches:
-        loss = steps.loss(parameters, images[batch], representations[batch])
+    for batch, augmentation in zip(batches, _augmentations(batches, augmentations), strict=True):
+        loss = steps.loss(parameters, step_images(images, batch, augmentation), representations[batch])
         (gradient,) = torch.autograd.grad(loss, parameters, create_graph=create_graph)
         parameters = parameters - lr * gradient
         if not create_graph:
@@ -76,9 +96,11 @@ def full_matching(
     representations: torch.Tensor,
     lr: torch.Tensor,
     batches: list[torch.Tensor],
+    augmentations: Sequence[Augmentation] | None = None,
 ) -> torch.Tensor:
     """The matching loss through the full unroll; backpropagates into X, Y, α. Shapes: see module doc."""
-    loss = trajectory_matching_loss(unroll_sgd(steps, start, images, representations, lr, batches), start, target)
+    end = unroll_sgd(steps, start, images, representations, lr, batches, augmentations=augmentations)
+    loss = trajectory_matching_loss(end, start, target)
     loss.backward()
     return loss.detach()
 
@@ -131,13 +153,17 @@ def sgd_steps(
     representations: torch.Tensor,
     lr: torch.Tensor,
     batches: list[torch.Tensor],
+    augmentations: list[Augmentation | None],
 ) -> list[torch.Tensor]:
-    """θ_0..θ_n for the n = len(batches) given minibatches, without a graph: start θ_0 [P]; images
-    [M, C, H, W], representations [M, D] and lr α (scalar) detached. Returns n + 1 tensors [P]; the same
-    inputs give bit-identical snapshots (the checkpointed adjoint's recomputation relies on it)."""
+    """θ_0..θ_n for the n = len(batches) given minibatches (each with its step's augmentation or None),
+    without a graph: start θ_0 [P]; images [M, C, H, W], representations [M, D] and lr α (scalar) detached.
+    Returns n + 1 tensors [P]; the same inputs give bit-identical snapshots (the checkpointed adjoint's
+    recomputation relies on it)."""
     snapshots = [start]
-    for batch in batches:
-        snapshots.append(steps.sgd_step(snapshots[-1], images[batch], representations[batch], lr))
+    for batch, augmentation in zip(batches, augmentations, strict=True):
+        with torch.no_grad():
+            inputs = step_images(images, batch, augmentation)
+        snapshots.append(steps.sgd_step(snapshots[-1], inputs, representations[batch], lr))
     return snapshots
 
 
@@ -150,21 +176,28 @@ def adjoint_matching(
     lr: torch.Tensor,
     batches: list[torch.Tensor],
     snapshots: Snapshots = "all",
+    augmentations: Sequence[Augmentation] | None = None,
 ) -> torch.Tensor:
     """The matching loss and its exact gradients by the adjoint recursion (module doc), accumulated into
     ``.grad`` of images X [M, C, H, W], representations Y [M, D] and lr α (scalar) where they require it.
 
     start θ₀, target θ* [P] (constants); batches: one index tensor per inner step; snapshots: ``all``,
     ``sqrt`` (checkpointed: ≈ 2√N snapshots alive instead of N, for fewer than N extra inner steps) or a
-    budget K (at most K alive, N − K extra inner steps).
+    budget K (at most K alive, N − K extra inner steps); augmentations: one differentiable a_k per step
+    (None: identity), whose vector-Jacobian product carries ∂/∂a_k(X_b) back to X_b.
     """
     alpha, data, targets = lr.detach(), images.detach(), representations.detach()
+    inputs = list(zip(batches, _augmentations(batches, augmentations), strict=True))
     bounds = list(itertools.accumulate(segment_lengths(len(batches), snapshots), initial=0))
-    segments = [batches[first:end] for first, end in itertools.pairwise(bounds)]
+    segments = [inputs[first:end] for first, end in itertools.pairwise(bounds)]
+
+    def sweep(theta: torch.Tensor, segment: list) -> list[torch.Tensor]:
+        return sgd_steps(steps, theta, data, targets, alpha, [b for b, _ in segment], [a for _, a in segment])
+
     checkpoints = [start.detach()]  # each segment's first θ: what the forward sweep keeps of all but the last
     for segment in segments[:-1]:
-        checkpoints.append(sgd_steps(steps, checkpoints[-1], data, targets, alpha, segment)[-1])
-    segment_snapshots = sgd_steps(steps, checkpoints.pop(), data, targets, alpha, segments[-1])  # kept
+        checkpoints.append(sweep(checkpoints[-1], segment)[-1])
+    segment_snapshots = sweep(checkpoints.pop(), segments[-1])  # kept
     end = segment_snapshots.pop().requires_grad_(True)
     loss = trajectory_matching_loss(end, start.detach(), target.detach())
     (adjoint,) = torch.autograd.grad(loss, end)
@@ -172,11 +205,18 @@ def adjoint_matching(
     grad_lr = torch.zeros_like(alpha)
     for segment in reversed(segments):
         if not segment_snapshots:  # θ_js..θ_js+s−1, recomputed from the segment's checkpoint
-            segment_snapshots = sgd_steps(steps, checkpoints.pop(), data, targets, alpha, segment[:-1])
-        for batch in reversed(segment):
-            gradient, hvp, d_images, d_targets = steps.gradient_of_gradient(
-                segment_snapshots.pop(), data[batch], targets[batch], adjoint
-            )
+            segment_snapshots = sweep(checkpoints.pop(), segment[:-1])
+        for batch, augmentation in reversed(segment):
+            if augmentation is None:
+                gradient, hvp, d_images, d_targets = steps.gradient_of_gradient(
+                    segment_snapshots.pop(), data[batch], targets[batch], adjoint
+                )
+            else:
+                augmented, pullback = torch.func.vjp(augmentation, data[batch])[:2]  # linear: exact at any point
+                gradient, hvp, d_augmented, d_targets = steps.gradient_of_gradient(
+                    segment_snapshots.pop(), augmented, targets[batch], adjoint
+                )
+                (d_images,) = pullback(d_augmented)
             grad_lr -= torch.dot(adjoint, gradient)
             grad_images.index_add_(0, batch, d_images)  # × −α at the end: α is the same in every step
             grad_targets.index_add_(0, batch, d_targets)
@@ -197,12 +237,13 @@ def match_trajectory(
     lr: torch.Tensor,
     batches: list[torch.Tensor],
     snapshots: Snapshots = "all",
+    augmentations: Sequence[Augmentation] | None = None,
 ) -> torch.Tensor:
     """The matching loss of one segment with gradients accumulated into X, Y, α by the chosen unroll;
     ``snapshots`` (``all`` | ``sqrt`` | a budget K) is the adjoint's (the full unroll keeps its whole
-    graph anyway)."""
+    graph anyway); ``augmentations``: one differentiable augmentation per inner step, or None."""
     if unroll == "adjoint":
-        return adjoint_matching(steps, start, target, images, representations, lr, batches, snapshots)
+        return adjoint_matching(steps, start, target, images, representations, lr, batches, snapshots, augmentations)
     if unroll == "full":
-        return full_matching(steps, start, target, images, representations, lr, batches)
+        return full_matching(steps, start, target, images, representations, lr, batches, augmentations)
     raise SslkdError(f"unknown unroll {unroll!r}; choose one of {', '.join(UNROLLS)}")

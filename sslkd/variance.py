@@ -204,6 +204,8 @@ def measure_gradient_variance(
     result = GradientVariance(config.measured_batch_sizes, ssl={o: [] for o in config.ssl_objectives})
     pixels = input_space.invert(images)
     full = full_kd_gradient(model, images, targets)
+    if config.experts.ssl is None:
+        raise SslkdError("the variance study compares SSL objectives: bind sslkd.experts.ssl")
     ssl_configs = {o: replace(config.experts.ssl, objective=o) for o in config.ssl_objectives}
     for batch in track(result.batch_sizes, desc="gradient variance"):
         minibatches = sample_minibatches(len(images), batch, config.minibatches, generator)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_distill import config as distill_config
 
-from sslkd.augmentations import AugmentConfig
+from sslkd.augmentations import AugmentConfig, DSAConfig
 from sslkd.checkpoints import NO_CHECKPOINTS, CheckpointPolicy, RunCheckpoints, run_key
 from sslkd.distill import distill
 from sslkd.errors import SslkdError
@@ -53,7 +53,9 @@ def test_distill_resumes_bit_identically(tmp_path, stop_at):
     trajectories = torch.stack(
         [torch.stack([layout.flatten(student) * (1 + 0.1 * k + 0.01 * s) for s in range(4)]) for k in range(3)]
     )
-    cfg = distill_config(iterations=5)
+    # with a held-out expert (its validation history is part of the state) and augmented inner steps (their
+    # draws come from the run's generator)
+    cfg = distill_config(iterations=5, held_out_experts=1, augment=DSAConfig())
     run = lambda **hooks: distill(
         student, layout, trajectories, images, targets, cfg, torch.Generator().manual_seed(7), **hooks
     )
@@ -67,6 +69,7 @@ def test_distill_resumes_bit_identically(tmp_path, stop_at):
     assert reference.lr == resumed.lr
     assert_identical(reference.matching_losses, resumed.matching_losses)
     assert_identical(reference.learning_rates, resumed.learning_rates)
+    assert reference.validation == resumed.validation and len(reference.validation["held_out"]) == 6
 
 
 def test_expert_training_resumes_bit_identically(tmp_path):

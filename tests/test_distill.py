@@ -7,7 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from sslkd.distill import DistillConfig, MinibatchSampler, distill, expert_order
+from sslkd.augmentations import DSAConfig
+from sslkd.distill import DistillConfig, MinibatchSampler, distill, expert_order, validation_matching_loss
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
 from sslkd.losses import kd_mse_loss
@@ -200,9 +201,60 @@ def test_checkpointed_snapshots_give_the_same_distillation(tiny_problem):
         assert runs[0].lr == run.lr and runs[0].matching_losses == run.matching_losses
 
 
+def test_held_out_experts_are_never_matched_and_report_the_set_s_matching_loss(tiny_problem):
+    """Holding the last expert out gives the set that matching only the others gives (the held-out
+    trajectory is never read by the updates), and records the validation loss on both groups of experts."""
+    student, layout, images, targets = tiny_problem
+    trajectories = fake_trajectories(student, layout, images, targets)
+    held_out = distill(
+        student,
+        layout,
+        trajectories,
+        images[:6],
+        targets[:6],
+        config(held_out_experts=1),
+        torch.Generator().manual_seed(3),
+    )
+    others = distill(
+        student, layout, trajectories[:2], images[:6], targets[:6], config(), torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(held_out.images, others.images) and held_out.lr == others.lr
+    assert others.validation == {}
+    assert [i for i, _ in held_out.validation["trained"]] == [0, 4]
+    assert [i for i, _ in held_out.validation["held_out"]] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]  # every tenth (here every one) and the end
+    steps = KDSteps(student, layout, compile=False)
+    lr = torch.tensor(held_out.lr)
+    final = validation_matching_loss(steps, trajectories[2:], held_out.images, held_out.representations, lr, config())
+    assert held_out.validation["held_out"][-1][1] == pytest.approx(final, rel=1e-6)
+    start = held_out.validation["held_out"][0][1]
+    assert start == pytest.approx(
+        validation_matching_loss(steps, trajectories[2:], images[:6], targets[:6], torch.tensor(0.05), config())
+    )
+    with pytest.raises(SslkdError, match="held_out_experts = 3 leaves none of the 3 experts"):
+        distill(student, layout, trajectories, images[:6], targets[:6], config(held_out_experts=3), torch.Generator())
+
+
+def test_augmented_distillation_is_reproducible_and_differs_from_plain(tiny_problem):
+    student, layout, images, targets = tiny_problem
+    trajectories = fake_trajectories(student, layout, images, targets)
+    runs = [
+        distill(student, layout, trajectories, images[:6], targets[:6], cfg, torch.Generator().manual_seed(5))
+        for cfg in (config(augment=DSAConfig()), config(augment=DSAConfig()), config())
+    ]
+    assert torch.equal(runs[0].images, runs[1].images) and runs[0].matching_losses == runs[1].matching_losses
+    assert not torch.equal(runs[0].images, runs[2].images)
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
+        ("held_out_experts", -1),
         ("unroll", "tesla"),
         ("lr_min", 0.0),
         ("iterations", 0),

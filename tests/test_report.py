@@ -54,6 +54,9 @@ def test_paired_differences_pair_every_distilled_set_with_the_baseline_run_of_it
     assert paired["0.1"]["mean"] == pytest.approx(7.0)
     assert paired["0.1"]["std"] == pytest.approx(math.sqrt(20 / 3))
     assert paired["0.1"]["n"] == 4
+    # standard error over evaluation seeds: seed 0's mean (10 + 6) / 2 = 8, seed 1's (4 + 8) / 2 = 6; their
+    # sample std √2, over √2 seeds: 1
+    assert paired["0.1"]["sem"] == pytest.approx(1.0)
 
 
 def test_paired_differences_are_antisymmetric_where_every_run_has_a_partner():
@@ -65,19 +68,25 @@ def test_paired_differences_are_antisymmetric_where_every_run_has_a_partner():
         ],
     }
     # b - a at eval seeds 0, 1, 2: 0, 3, 6 -> mean 3, sample variance (9 + 0 + 9) / 2 = 9
+    # (one pair per evaluation seed: the standard error is std / √n = 3 / √3)
     assert paired_differences(runs, "b", "a") == {
-        "0.1": {"mean": 3.0, "std": 3.0, "n": 3},
-        "1.0": {"mean": 3.0, "std": 3.0, "n": 3},
+        "0.1": {"mean": 3.0, "std": 3.0, "n": 3, "sem": pytest.approx(math.sqrt(3))},
+        "1.0": {"mean": 3.0, "std": 3.0, "n": 3, "sem": pytest.approx(math.sqrt(3))},
     }
-    assert paired_differences(runs, "a", "b")["0.1"] == {"mean": -3.0, "std": 3.0, "n": 3}
+    assert paired_differences(runs, "a", "b")["0.1"] == {
+        "mean": -3.0,
+        "std": 3.0,
+        "n": 3,
+        "sem": pytest.approx(math.sqrt(3)),
+    }
 
 
-def test_markdown_table_shows_mean_std_and_count_and_a_dash_for_a_missing_fraction():
+def test_markdown_table_shows_mean_std_count_the_standard_error_of_differences_and_a_dash_for_a_missing_fraction():
     table = markdown_table(summarise(RUNS), {"mkdt - random": paired_differences(RUNS, "mkdt", "random")})
     assert "| pre-training set | 10% labels | 100% labels |" in table
     assert "| random | 52.0 ± 2.0 (3) | 82.0 ± 2.0 (3) |" in table
     assert "| mkdt | 61.2 ± 5.4 (5) | – |" in table
-    assert "| mkdt - random | +7.0 ± 2.6 (4) | – |" in table
+    assert "| mkdt - random | +7.0 ± 1.0 s.e. (sd 2.6, n 4) | – |" in table
 
 
 def test_two_distilled_methods_pair_by_evaluation_and_distillation_seed():

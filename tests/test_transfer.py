@@ -67,8 +67,9 @@ def test_transfer_json_has_each_downstream_s_methods_and_paired_differences():
     assert set(table["a"]) == {"random", "mkdt", "no_pretrain", "mkdt - random", "mkdt - no_pretrain"}
     assert set(table["b"]) == {"random", "mkdt", "mkdt - random"}
     for rows in table.values():
-        for cells in rows.values():
-            assert set(cells) == {"0.1"} and set(cells["0.1"]) == {"mean", "std", "n"}
+        for name, cells in rows.items():
+            paired = {"sem"} if " - " in name else set()
+            assert set(cells) == {"0.1"} and set(cells["0.1"]) == {"mean", "std", "n"} | paired
 
 
 def test_transfer_paired_differences_pair_by_evaluation_seed_for_every_distilled_set():
@@ -79,9 +80,14 @@ def test_transfer_paired_differences_pair_by_evaluation_seed_for_every_distilled
     assert a["mkdt - random"]["0.1"]["std"] == pytest.approx(math.sqrt(20 / 3))
     assert a["mkdt - random"]["0.1"]["n"] == 4
     # mkdt - no_pretrain: only seed 0 has a no_pretrain run: 25 - 10 = 15, 21 - 10 = 11
-    assert a["mkdt - no_pretrain"]["0.1"] == {"mean": 13.0, "std": pytest.approx(math.sqrt(8)), "n": 2}
+    assert a["mkdt - no_pretrain"]["0.1"] == {"mean": 13.0, "std": pytest.approx(math.sqrt(8)), "n": 2, "sem": 0.0}
     assert a["mkdt"]["0.1"]["mean"] == pytest.approx(24.0) and a["mkdt"]["0.1"]["n"] == 4
-    assert transfer_tables(TRANSFERS, "linear_probe")["b"]["mkdt - random"]["0.1"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    assert transfer_tables(TRANSFERS, "linear_probe")["b"]["mkdt - random"]["0.1"] == {
+        "mean": 1.0,
+        "std": 0.0,
+        "n": 1,
+        "sem": 0.0,
+    }
 
 
 def test_fine_tuning_tables_hold_only_the_fine_tuned_runs():

@@ -10,10 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from sslkd.augmentations import DSA_FAMILIES, DSAConfig, draw_dsa
 from sslkd.errors import SslkdError
 from sslkd.experts import build_student
 from sslkd.kd_steps import KDSteps, train_kd
-from sslkd.losses import kd_mse_loss
+from sslkd.losses import TARGET_LOSSES, kd_mse_loss
 from sslkd.models import ConvNetConfig, ParameterLayout, instance_norm, write_out_instance_norms
 from sslkd.unroll import SNAPSHOTS, match_trajectory, segment_lengths
 
@@ -30,11 +31,13 @@ def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):
     return student, layout, start, target, images, targets, generator
 
 
-def matching_gradients(unroll, steps, start, target, images, targets, lr, batches, learn_targets=True, snapshots="all"):
+def matching_gradients(
+    unroll, steps, start, target, images, targets, lr, batches, learn_targets=True, snapshots="all", augmentations=None
+):
     images = images.clone().requires_grad_(True)
     targets = targets.clone().requires_grad_(learn_targets)
     lr = lr.clone().requires_grad_(True)
-    loss = match_trajectory(unroll, steps, start, target, images, targets, lr, batches, snapshots)
+    loss = match_trajectory(unroll, steps, start, target, images, targets, lr, batches, snapshots, augmentations)
     return loss, images.grad, targets.grad, lr.grad
 
 
@@ -65,6 +68,34 @@ def test_adjoint_gradients_equal_the_full_unroll(seed, size, batch, syn_steps, l
             continue
         assert want.abs().max() > 0, f"{name}: the full unroll gave a zero gradient"
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item(), msg=name)
+
+
+@settings(deadline=None, max_examples=15)
+@given(
+    seed=st.integers(0, 10_000),
+    family=st.sampled_from(DSA_FAMILIES),
+    target_loss=st.sampled_from(sorted(TARGET_LOSSES)),
+    snapshots=st.sampled_from(("all", "sqrt", 2)),
+)
+def test_adjoint_gradients_equal_the_full_unroll_through_augmentation(seed, family, target_loss, snapshots):
+    """Every inner step's minibatch differentiably augmented (DSA), under either target loss: the adjoint
+    carries the gradient back through each step's augmentation as the full unroll's autograd does."""
+    student, layout, start, target, images, targets, generator = random_problem(seed, 6, 5, torch.float64)
+    steps = KDSteps(student, layout, compile=False, target_loss=target_loss)
+    batches = [torch.randint(6, (4,), generator=generator) for _ in range(3)]
+    config = DSAConfig(families=(family,))
+    augmentations = [draw_dsa((4, 2, 8, 8), config, generator) for _ in batches]
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    full = matching_gradients("full", steps, start, target, images, targets, lr, batches, augmentations=augmentations)
+    adjoint = matching_gradients(
+        "adjoint", steps, start, target, images, targets, lr, batches, snapshots=snapshots, augmentations=augmentations
+    )
+    plain = matching_gradients("full", steps, start, target, images, targets, lr, batches)
+    torch.testing.assert_close(adjoint[0], full[0], rtol=1e-12, atol=0)
+    for name, got, want in zip(("images", "representations", "lr"), adjoint[1:], full[1:]):
+        assert want.abs().max() > 0, f"{name}: the full unroll gave a zero gradient"
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item(), msg=name)
+    assert not torch.equal(full[1], plain[1]), "the augmentation did not change the images' gradient"
 
 
 class RecordingSteps(KDSteps):

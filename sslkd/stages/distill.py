@@ -84,6 +84,7 @@ def record_synthetic_set(
             "init_indices": indices,
             "matching_losses": torch.tensor(result.matching_losses),
             "learning_rates": torch.tensor(result.learning_rates),
+            "validation": result.validation,
             "input_space": data.space.name,
         },
         config=config.operative_config(),
@@ -99,8 +100,14 @@ def record_synthetic_set(
             "input_space": data.space.name,
             "matching_loss_first": result.matching_losses[0],
             "matching_loss_last": result.matching_losses[-1],
+            # the set's matching loss on the held-out experts and, unrolled the same way, on the trained ones:
+            # {"held_out" | "trained": [[iterations done, loss], ...]} ({} without held-out experts)
+            "validation_matching_loss": result.validation,
         },
     )
+    for name, points in result.validation.items():
+        for iteration, loss in points:
+            tracking.log_metric(f"validation_matching_loss/{name}/seed_{seed}", loss, iteration)
     pixels = data.space.invert
     tracking.log_image(
         f"synthetic_seed{seed}.png",

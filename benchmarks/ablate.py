@@ -6,7 +6,10 @@ thing changed, without rerunning the stages upstream of it. Not part of the pipe
     python benchmarks/ablate.py evaluate --workdir W --sets random,high_loss_per_class,SET.pt \\
         [--bind 'sslkd.pretrain.min_steps = 0']
     python benchmarks/ablate.py evaluate --workdir W --sets teacher   # the teacher's own features, probed
+    python benchmarks/ablate.py evaluate --workdir W --sets expert:0:4   # expert 0 after epoch 4, probed as it is
     python benchmarks/ablate.py evaluate --workdir W --sets SET.pt --distilled-lr 0.1   # not its learned lr
+    python benchmarks/ablate.py evaluate --workdir W --sets random,SET.pt --json OUT.json
+    python benchmarks/ablate.py pairs --json OUT.json --pair SET.pt:random   # mean ± s.e. over seeds
 
 Hyperparameters come from the setting (``--setting``, default cifar10_cpu), params.yaml and ``--bind``,
 exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.distill.distill` on the workspace's
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -50,7 +54,7 @@ from sslkd.teacher import representations as teacher_representations
 from sslkd.workspace import Workspace
 
 BASELINES = tuple(method for method in METHODS if method != "mkdt")
-EXTRA_SETS = ("high_loss_per_class", "init_random", "random:N")
+EXTRA_SETS = ("high_loss_per_class", "init_random", "random:N", "expert:K:E")
 TEACHER = "teacher"  # not a set: the probe on the teacher's own representations (its strength)
 
 
@@ -67,7 +71,7 @@ def start_indices(name: str, init: dict, labels: torch.Tensor, count: int) -> to
 
 def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
     distill_config = config.build("distill")
-    seed = distill_config.seeds[0]
+    seed = distill_config.seeds[0] if args.seed is None else args.seed
     distill_config = dataclasses.replace(distill_config, seeds=(seed,))
     data = student_data(workspace)
     targets = representations(workspace, data)
@@ -93,6 +97,8 @@ def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
         f"{float((result.representations - targets[indices]).pow(2).mean().sqrt()):.4f} "
         f"(their rms {float(targets[indices].pow(2).mean().sqrt()):.3f})"
     )
+    for name, points in result.validation.items():
+        print(f"matching loss on the {name} experts (iterations, loss): {[(i, round(v, 4)) for i, v in points]}")
     torch.save(
         {
             "images": result.images,
@@ -100,6 +106,10 @@ def run_distill(args: argparse.Namespace, workspace: Workspace) -> None:
             "lr": result.lr,
             "init": args.init,
             "matching_losses": result.matching_losses,
+            "learning_rates": result.learning_rates,
+            "validation": result.validation,
+            "seed": seed,
+            "seconds": time.perf_counter() - started,
             "input_space": data.space.name,
         },
         args.out,
@@ -142,6 +152,7 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
     targets = representations(workspace, data)
     init = load_artifact(workspace.init_indices, "init", produced_by="init")
     pool = data.pool_images()  # the probe's labels come from every non-held-out image, as in sslkd evaluate
+    results: dict[str, dict] = {}
     for name in args.sets.split(","):
         started, rows = time.perf_counter(), []
         if name == TEACHER:  # the teacher's features of the probe's pool and of the test images
@@ -167,9 +178,15 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
                 targets.shape[1],
                 derive_seed(seed, EvaluateStream.ENCODER_INIT),
             )
-            chosen = pretraining_set(
-                name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr, args.distilled_lr
-            )
+            if name.startswith("expert:"):  # an expert's snapshot as the encoder, no pre-training
+                chosen = None
+                expert, epoch = (int(part) for part in name.split(":")[1:])
+                experts = expert_trajectories(workspace, data, targets.shape[1], epochs=epoch)
+                experts.layout.load_into(student, experts.snapshots[expert, epoch].float())
+            else:
+                chosen = pretraining_set(
+                    name, workspace, data, targets, init, seed, evaluate_config.pretrain.lr, args.distilled_lr
+                )
             if chosen is not None:
                 pretrain_kd(
                     student,
@@ -197,6 +214,31 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
         print(
             f"{name}: {cells}; per seed {table.round(1).tolist()} ({time.perf_counter() - started:.0f} s)", flush=True
         )
+        results[name] = {"seeds": list(evaluate_config.seeds), "fractions": list(accuracy), "accuracy": rows}
+        if args.json:  # rewritten after every set: a long call keeps what it has measured
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def run_pairs(args: argparse.Namespace) -> None:
+    """Paired differences A − B per label fraction from ``evaluate --json`` files (same evaluation seeds):
+    mean ± standard error over the seeds, and the std."""
+    results: dict[str, dict] = {}
+    for path in args.json:
+        results.update(json.loads(path.read_text()))
+    for pair in args.pair:
+        first, _, second = pair.partition(":")
+        if first not in results or second not in results:
+            sys.exit(f"ablate: no set {first if first not in results else second!r} in {[str(p) for p in args.json]}")
+        a, b = results[first], results[second]
+        if a["seeds"] != b["seeds"] or a["fractions"] != b["fractions"]:
+            sys.exit(f"ablate: {first} and {second} were evaluated at different seeds or label fractions")
+        differences = np.asarray(a["accuracy"]) - np.asarray(b["accuracy"])  # [seeds, fractions]
+        sem = differences.std(axis=0, ddof=1) / np.sqrt(len(differences))
+        cells = ", ".join(
+            f"{float(key) * 100:g}% {differences[:, i].mean():+.1f} ± {sem[i]:.1f} s.e. (sd {differences[:, i].std(ddof=1):.1f})"
+            for i, key in enumerate(a["fractions"])
+        )
+        print(f"{first} - {second}: {cells} (n {len(differences)})")
 
 
 def main() -> None:
@@ -212,6 +254,7 @@ def main() -> None:
         if name == "distill":
             command.add_argument("--init", choices=("random", "high_loss", "high_loss_per_class"), default="random")
             command.add_argument("--out", required=True, help="where to save the synthetic set (torch.save)")
+            command.add_argument("--seed", type=int, default=None, help="distillation seed (default: distill.seeds[0])")
         else:
             command.add_argument(
                 "--sets",
@@ -225,7 +268,13 @@ def main() -> None:
                 help="pre-train saved distilled sets at this lr instead of their learned one "
                 "(real sets use sslkd.pretrain.lr)",
             )
+            command.add_argument("--json", type=Path, default=None, help="also write every set's accuracies per seed")
+    pairs = commands.add_parser("pairs", help="paired differences of sets from evaluate --json files")
+    pairs.add_argument("--json", type=Path, action="append", required=True)
+    pairs.add_argument("--pair", action="append", required=True, metavar="A:B", help="A − B (repeatable)")
     args = parser.parse_args()
+    if args.command == "pairs":
+        return run_pairs(args)
     logging.basicConfig(level=logging.WARNING)
     try:
         config.parse(args.config_dir, args.setting, [], config.read_params(args.params).bindings() + args.bind)

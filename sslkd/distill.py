@@ -34,7 +34,7 @@ class DistillConfig:
 
     iterations: outer steps; syn_steps [syn_steps]: unrolled inner SGD steps N; expert_epochs: the
     target is the snapshot this many epochs after the start; max_start_epoch: start epochs are drawn from
-    {0, …, max_start_epoch − 1}; batch_syn: synthetic minibatch per inner step; lr_images / momentum_images,
+    {min_start_epoch, …, max_start_epoch − 1}; batch_syn: synthetic minibatch per inner step; lr_images / momentum_images,
     lr_representations / momentum_representations, lr_lr / momentum_lr: the three SGD optimisers;
     lr_init: initial inner lr α; lr_min: floor that keeps α positive; learn_representations: False freezes
     the targets at their initial (teacher) values; unroll: how gradients reach X, Y, α through the inner
@@ -48,7 +48,9 @@ class DistillConfig:
     augment: differentiable augmentation of every inner step's minibatch (DSA, MTT's; None: none);
     held_out_experts: the last this many experts are never matched: distillation reports the set's matching
     loss on their trajectories (:func:`validation_matching_loss`) beside the trained experts', a check of
-    whether the set learnt the trajectories' common direction or only the experts it saw.
+    whether the set learnt the trajectories' common direction or only the experts it saw; min_start_epoch:
+    the earliest start epoch (0: MTT's and the paper's); a later one matches only the stretch of the
+    trajectories that leads past what a random real set teaches (docs/distillation.md).
     """
 
     iterations: int
@@ -71,6 +73,7 @@ class DistillConfig:
     seeds: tuple[int, ...]
     augment: DSAConfig | None = None
     held_out_experts: int = 0
+    min_start_epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.unroll not in UNROLLS:
@@ -93,6 +96,11 @@ class DistillConfig:
             )
         if not self.seeds:
             raise SslkdError("distill.seeds must name at least one seed")
+        if not 0 <= self.min_start_epoch < self.max_start_epoch:
+            raise SslkdError(
+                f"distill needs 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch} and "
+                f"{self.max_start_epoch}"
+            )
         if self.held_out_experts < 0:
             raise SslkdError(f"distill.held_out_experts must be >= 0, got {self.held_out_experts}")
 
@@ -134,11 +142,11 @@ class MinibatchSampler:
 def sample_segment(
     trajectory: torch.Tensor, config: DistillConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(θ₀, θ*) = (snapshot t, snapshot t + expert_epochs), t uniform in {0, …, max_start_epoch − 1}.
+    """(θ₀, θ*) = (snapshot t, snapshot t + expert_epochs), t uniform in {min_start_epoch, …, max_start_epoch − 1}.
 
     trajectory: [S, P] with S > epochs_needed (may be memory-mapped: only these two rows are read).
     """
-    start_epoch = int(torch.randint(config.max_start_epoch, (1,), generator=generator))
+    start_epoch = int(torch.randint(config.min_start_epoch, config.max_start_epoch, (1,), generator=generator))
     return trajectory[start_epoch].float(), trajectory[start_epoch + config.expert_epochs].float()
 
 
@@ -237,6 +245,15 @@ def checkpoint_state(
 
 
 VALIDATION_SEED = 0  # the minibatches of every validation unroll: the same at every check, whatever the run
+VALIDATION_STARTS = 5  # at most this many start epochs per expert in a validation check
+
+
+def validation_start_epochs(config: DistillConfig) -> list[int]:
+    """The start epochs a validation check unrolls from: at most VALIDATION_STARTS, evenly spread over
+    the ones distillation draws from, both ends included."""
+    low, high = config.min_start_epoch, config.max_start_epoch - 1
+    count = min(VALIDATION_STARTS, high - low + 1)
+    return sorted({round(low + (high - low) * i / max(count - 1, 1)) for i in range(count)})
 
 
 def validation_matching_loss(
@@ -248,7 +265,8 @@ def validation_matching_loss(
     config: DistillConfig,
 ) -> float:
     """The set's matching loss on given experts, without gradients: the mean over experts (trajectories
-    [K, S, P]) and every start epoch t < max_start_epoch of ‖θ_N − θ*‖² / ‖θ₀ − θ*‖², each unrolled for
+    [K, S, P]) and VALIDATION_STARTS start epochs t spread evenly over {min_start_epoch, …, max_start_epoch − 1}
+    of ‖θ_N − θ*‖² / ‖θ₀ − θ*‖², each unrolled for
     syn_steps plain SGD steps at α = ``lr`` on minibatches that depend only on VALIDATION_SEED (no augmentation),
     so that two checks of one run, or of two runs, unroll the same steps. images [M, C, H, W],
     representations [M, D]."""
@@ -257,7 +275,7 @@ def validation_matching_loss(
     data, targets, alpha = images.detach(), representations.detach(), lr.detach()
     losses = []
     for trajectory in trajectories:
-        for start_epoch in range(config.max_start_epoch):
+        for start_epoch in validation_start_epochs(config):
             start = trajectory[start_epoch].float().to(images.device)
             target = trajectory[start_epoch + config.expert_epochs].float().to(images.device)
             batches = [sampler.next().to(images.device) for _ in range(config.syn_steps)]

@@ -8,7 +8,15 @@ import torch
 from hypothesis import given, settings
 
 from sslkd.augmentations import DSAConfig
-from sslkd.distill import DistillConfig, MinibatchSampler, distill, expert_order, validation_matching_loss
+from sslkd.distill import (
+    DistillConfig,
+    MinibatchSampler,
+    distill,
+    expert_order,
+    sample_segment,
+    validation_matching_loss,
+    validation_start_epochs,
+)
 from sslkd.errors import SslkdError
 from sslkd.kd_steps import KDSteps
 from sslkd.losses import kd_mse_loss
@@ -240,6 +248,20 @@ def test_held_out_experts_are_never_matched_and_report_the_set_s_matching_loss(t
         distill(student, layout, trajectories, images[:6], targets[:6], config(held_out_experts=3), torch.Generator())
 
 
+def test_start_epochs_are_drawn_between_min_and_max_start_epoch():
+    trajectory = torch.arange(10.0).view(10, 1).expand(10, 3)  # snapshot e holds the value e
+    generator = torch.Generator().manual_seed(0)
+    starts = {
+        int(sample_segment(trajectory, config(min_start_epoch=3, max_start_epoch=6), generator)[0][0])
+        for _ in range(200)
+    }
+    assert starts == {3, 4, 5}
+    start, target = sample_segment(trajectory, config(min_start_epoch=3, max_start_epoch=6, expert_epochs=2), generator)
+    assert target[0] == start[0] + 2
+    assert validation_start_epochs(config(min_start_epoch=10, max_start_epoch=50)) == [10, 20, 30, 39, 49]
+    assert validation_start_epochs(config(max_start_epoch=2)) == [0, 1]
+
+
 def test_augmented_distillation_is_reproducible_and_differs_from_plain(tiny_problem):
     student, layout, images, targets = tiny_problem
     trajectories = fake_trajectories(student, layout, images, targets)
@@ -255,6 +277,8 @@ def test_augmented_distillation_is_reproducible_and_differs_from_plain(tiny_prob
     "field, value",
     [
         ("held_out_experts", -1),
+        ("min_start_epoch", 2),  # = max_start_epoch: no start epoch left
+        ("min_start_epoch", -1),
         ("unroll", "tesla"),
         ("lr_min", 0.0),
         ("iterations", 0),

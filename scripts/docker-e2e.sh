@@ -14,8 +14,9 @@
 #     --keep     keep DIR (images, build cache, workspace, logs); the engine is stopped either way
 #     --dir DIR  work in DIR (default: a new folder under /var/tmp); a later run with the same DIR
 #                reuses the kept base image and build cache
-#     --clean    remove what a run in DIR that was SIGKILLed left: the processes in its pid files
-#                (engine, containerd, shims, containers, index server), its mounts, DIR itself
+#     --clean    remove what a run in DIR that was SIGKILLed left: the processes it started that are
+#                named in its pid files or name DIR on their command line (engine, containerd, shims,
+#                containers, index server), its mounts, DIR itself
 #
 # Needs root, apt (docker.io and debootstrap are installed when missing) and ~15 GB of free disk (the
 # image is 6.9 GB). Measured on an idle 2-core machine: base image 49 s, build 208 s, study 181 s.
@@ -67,18 +68,22 @@ DOCKERD_PID=""
 SERVER_PID=""
 
 # shellcheck disable=SC2329  # called from cleanup, the EXIT trap
-stop_leftovers() {  # SIGKILL the live processes named in pid files under $DIR that this run started
-    local started now file pid age
+stop_leftovers() {  # SIGKILL what this run started and left: see --clean
+    local started now pid age
     started=$(stat -c %Y "$DIR/started" 2> /dev/null) || return 0
     now=$(date +%s)
-    # -xdev: not into the containers' root file systems, whose pid files name their own namespace's pids
-    find "$DIR" -xdev -name '*.pid' -type f 2> /dev/null | while IFS= read -r file; do
-        pid=$(tr -dc '0-9' < "$file" 2> /dev/null)
-        [ -n "$pid" ] && [ "$pid" -gt 1 ] || continue
+    {
+        # the processes in pid files (engine, containerd, the containers' first processes, index server);
+        # -xdev: not into the containers' root file systems, whose pid files hold their own namespace's pids
+        find "$DIR" -xdev -name '*.pid' -type f -exec awk 1 {} + 2> /dev/null  # awk 1: a newline after each
+        # those whose command line names this folder (containerd's shims keep running without it)
+        grep -lsF -- "$DIR/" /proc/[0-9]*/cmdline | cut -d / -f 3
+    } | tr -cs '0-9' '\n' | sort -nu | while IFS= read -r pid; do
+        [ -n "$pid" ] && [ "$pid" -gt 1 ] && [ "$pid" != "$$" ] || continue
         age=$(ps -o etimes= -p "$pid" 2> /dev/null | tr -d ' ')
         # gone, or a newer process that reuses the pid of one that is gone: not ours
         [ -n "$age" ] && [ $((now - age)) -ge $((started - 2)) ] || continue
-        log "stopping pid $pid ($file): $(tr '\0' ' ' < "/proc/$pid/cmdline" 2> /dev/null | cut -c 1-100)"
+        log "stopping pid $pid: $(tr '\0' ' ' < "/proc/$pid/cmdline" 2> /dev/null | cut -c 1-100)"
         kill -KILL "$pid" 2> /dev/null
     done
 }

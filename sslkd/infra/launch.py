@@ -295,8 +295,8 @@ class JobWatch:
                 self.failures.append(f"job {job_id} {how} without a result (log: {job.paths.stderr})")
 
     def check_fit(self) -> None:
-        """Raise SslkdError when no node of the jobs' partition can hold their request (asked once it
-        can: the nodes' sizes do not change while a stage waits; not at all while sinfo cannot answer)."""
+        """Raise SslkdError when no node of the jobs' partition can hold their request. Decided once, at
+        the first answer of sinfo (none while it cannot answer): node sizes do not change while jobs wait."""
         if self.fits_a_node or self.launcher != "slurm" or (nodes := slurm_nodes.cluster_nodes()) is None:
             return
         partitions = slurm_nodes.requested_partitions(self.resources)

@@ -6,12 +6,17 @@
 #  3. builds the sslkd image, torch coming from this machine's local package indexes served on loopback,
 #  4. runs the study on the embedded default (digits) with --network none and a mounted workspace,
 #     checks results/summary.json on the host, that a second run reruns nothing, and torch's CUDA build,
-#  5. stops the engine and the index server and removes what it made, also when a step fails.
+#  5. stops the engine and the index server and removes what it made, also when a step fails or the
+#     run is stopped (SIGTERM, SIGINT).
 #
 #   scripts/docker-e2e.sh [--keep] [--dir DIR]
+#   scripts/docker-e2e.sh --clean --dir DIR
 #     --keep     keep DIR (images, build cache, workspace, logs); the engine is stopped either way
 #     --dir DIR  work in DIR (default: a new folder under /var/tmp); a later run with the same DIR
 #                reuses the kept base image and build cache
+#     --clean    remove what a run in DIR that was SIGKILLed left: the processes it started that are
+#                named in its pid files or name DIR on their command line (engine, containerd, shims,
+#                containers, index server), its mounts, DIR itself
 #
 # Needs root, apt (docker.io and debootstrap are installed when missing) and ~15 GB of free disk (the
 # image is 6.9 GB). Measured on an idle 2-core machine: base image 49 s, build 208 s, study 181 s.
@@ -21,10 +26,12 @@ set -euo pipefail
 # a run (which takes long) cannot change what that run does.
 {
 KEEP=0
+CLEAN=0
 DIR=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --keep) KEEP=1 ;;
+        --clean) CLEAN=1 ;;
         --dir) DIR=${2:?--dir needs a folder}; shift ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "docker-e2e: unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -43,6 +50,10 @@ die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "needs root (dockerd, debootstrap, apt-get)"
 [ -n "$BASE_IMAGE" ] || die "no 'ARG BASE_IMAGE=' default in $REPO/Dockerfile"
+if [ "$CLEAN" = 1 ]; then
+    [ -n "$DIR" ] && [ "$KEEP" = 0 ] || die "--clean needs --dir DIR and no --keep"
+    [ -d "$DIR" ] || exit 0
+fi
 if [ -z "$DIR" ]; then
     DIR=$(mktemp -d /var/tmp/sslkd-docker-e2e.XXXXXX)
 fi
@@ -55,6 +66,27 @@ ROOTFS=$DIR/rootfs
 INDEXES=$DIR/indexes
 DOCKERD_PID=""
 SERVER_PID=""
+
+# shellcheck disable=SC2329  # called from cleanup, the EXIT trap
+stop_leftovers() {  # SIGKILL what this run started and left: see --clean
+    local started now pid age
+    started=$(stat -c %Y "$DIR/started" 2> /dev/null) || return 0
+    now=$(date +%s)
+    {
+        # the processes in pid files (engine, containerd, the containers' first processes, index server);
+        # -xdev: not into the containers' root file systems, whose pid files hold their own namespace's pids
+        find "$DIR" -xdev -name '*.pid' -type f -exec awk 1 {} + 2> /dev/null  # awk 1: a newline after each
+        # those whose command line names this folder (containerd's shims keep running without it)
+        grep -lsF -- "$DIR/" /proc/[0-9]*/cmdline | cut -d / -f 3
+    } | tr -cs '0-9' '\n' | sort -nu | while IFS= read -r pid; do
+        [ -n "$pid" ] && [ "$pid" -gt 1 ] && [ "$pid" != "$$" ] || continue
+        age=$(ps -o etimes= -p "$pid" 2> /dev/null | tr -d ' ')
+        # gone, or a newer process that reuses the pid of one that is gone: not ours
+        [ -n "$age" ] && [ $((now - age)) -ge $((started - 2)) ] || continue
+        log "stopping pid $pid: $(tr '\0' ' ' < "/proc/$pid/cmdline" 2> /dev/null | cut -c 1-100)"
+        kill -KILL "$pid" 2> /dev/null
+    done
+}
 
 # shellcheck disable=SC2329  # called from cleanup, the EXIT trap
 unmount_below() {  # everything mounted under $1, deepest first
@@ -83,6 +115,7 @@ cleanup() {
         kill -TERM "$SERVER_PID" 2> /dev/null
         wait "$SERVER_PID" 2> /dev/null
     fi
+    stop_leftovers  # what outlived the engine (its shims and containers), or a killed run's everything
     unmount_below "$DIR"  # the engine's netns/default, and debootstrap's /proc after a failure
     if [ "$rc" != 0 ]; then
         for name in dockerd build run; do
@@ -92,14 +125,19 @@ cleanup() {
     if [ "$KEEP" = 1 ]; then
         log "kept $DIR (restart the engine the same way and use DOCKER_HOST=unix://$ENGINE/docker.sock)"
     else
-        rm -rf --one-file-system "$ENGINE" "$WORKSPACE" "$ROOTFS" "$INDEXES" "$DIR"/*.log
+        rm -rf --one-file-system "$ENGINE" "$WORKSPACE" "$ROOTFS" "$INDEXES" "$DIR"/*.log "$DIR"/*.pid "$DIR/started"
         rmdir "$DIR" 2> /dev/null
+        [ ! -e "$DIR" ] || { log "could not remove all of $DIR"; [ "$rc" != 0 ] || rc=1; }
     fi
-    if [ "$rc" = 0 ]; then log "passed"; else log "FAILED (exit $rc)"; fi
+    if [ "$CLEAN" = 1 ]; then
+        [ "$rc" = 0 ] && log "cleaned $DIR"
+    elif [ "$rc" = 0 ]; then log "passed"; else log "FAILED (exit $rc)"; fi
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+[ "$CLEAN" = 0 ] || exit 0  # cleanup (the EXIT trap) does the rest
+touch "$DIR/started"  # stop_leftovers: the processes that started since
 
 free_gb=$(df -Pk "$DIR" | awk 'NR == 2 { print int($4 / 1048576) }')
 [ "$free_gb" -ge "$REQUIRED_FREE_GB" ] || die "only $free_gb GB free under $DIR; needs $REQUIRED_FREE_GB GB"
@@ -143,6 +181,7 @@ if [ -n "$local_indexes" ]; then
     done
     python3 -m http.server "$port" --bind 127.0.0.1 --directory "$INDEXES" > "$DIR/indexes.log" 2>&1 &
     SERVER_PID=$!
+    echo "$SERVER_PID" > "$DIR/indexes.pid"
     wait_for 20 "the index server" python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')"
     log "serving ${#index_urls[@]} local package indexes on 127.0.0.1:$port"
 else

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,6 +243,63 @@ def test_a_local_launcher_job_ends_with_the_command_that_launched_it(tmp_path, s
         assert not (root / "artifacts" / "teacher").exists()
     finally:
         stop(command, *jobs)
+
+
+def test_a_stage_whose_parent_dies_before_it_asks_for_the_signal_stops(tmp_path):
+    """The parent dies after the stage started but before it asked for the parent-death signal, which then
+    never comes: the change of parent since start-up (sslkd/infra/termination.py) stops it."""
+    started, go, survived = tmp_path / "started", tmp_path / "go", tmp_path / "survived"
+    stage = (
+        "import pathlib, time; from sslkd.infra import termination; "
+        f"pathlib.Path({str(started)!r}).touch(); "
+        f"[time.sleep(0.1) for _ in range(600) if not pathlib.Path({str(go)!r}).exists()]; "
+        f"termination.die_with_parent(); time.sleep(2); pathlib.Path({str(survived)!r}).touch()"
+    )
+    shell = subprocess.Popen(  # `; true`: the shell keeps the stage as its child
+        ["bash", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(stage)}; true"],
+        env=environment(tmp_path),
+        start_new_session=True,
+    )
+    try:
+        wait_for(started.exists, 60, "the stage's start")
+        shell.kill()  # the stage is reparented
+        shell.wait(timeout=10)
+        go.touch()
+        time.sleep(6)
+        assert not survived.exists(), "a stage whose parent died during its start-up kept running"
+    finally:
+        stop(shell)
+
+
+def pid_namespaces_work() -> bool:
+    """Whether this user may make a PID namespace (root may; CI runs as root)."""
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not pid_namespaces_work(), reason="cannot make a PID namespace (unshare needs root)")
+@pytest.mark.parametrize("command", ["sslkd --help > /dev/null", "sslkd data"])
+def test_a_stage_whose_parent_is_pid_1_from_the_start_runs(tmp_path, command):
+    """In a container pid 1 is the real parent: docker build's RUN shell, the image's entry point, tini.
+    A PID namespace makes the shell pid 1 without Docker; the ``; exit`` keeps sslkd its child (no exec).
+    `sslkd data` on the shipped params.yaml (the embedded digits setting) is a short real stage."""
+    shutil.copytree(REPO / "gin", tmp_path / "gin")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    script = f'echo "shell pid $$"; {command}; exit $?'
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
+        cwd=tmp_path,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.stdout.startswith("shell pid 1\n"), result.stdout  # the shell, sslkd's parent, is pid 1
+    assert result.returncode == 0, result.stderr[-3000:]
+    if command == "sslkd data":
+        assert list((tmp_path / "artifacts" / "data").glob("*.pt")), sorted(tmp_path.rglob("*"))
 
 
 # The pipeline under DVC: a bad sweep value, and the status of a finished run.

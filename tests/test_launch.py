@@ -14,8 +14,9 @@ from sslkd import config
 from sslkd.artifacts import code_version
 from sslkd.cli import main
 from sslkd.errors import SslkdError
+from sslkd.infra import slurm_nodes
 from sslkd.infra.launch import snapshot_code, stage_resources
-from sslkd.infra.launchers import chosen_launcher
+from sslkd.infra.launchers import SlurmConfig, chosen_launcher
 
 from conftest import REPO, clone_study
 
@@ -62,6 +63,74 @@ def test_a_bad_resource_binding_is_one_clear_error():
     config.parse(GIN, "digits", [], ["sslkd.slurm.cpus = 0"])
     with pytest.raises(SslkdError, match="cpus.* must be >= 1"):
         stage_resources("teacher")
+
+
+def slurm_request(**bindings) -> SlurmConfig:
+    """gin/launch/slurm.gin's defaults (4 CPUs, 16 GB, no GPU), with ``bindings`` over them."""
+    config.parse(GIN, "digits", [], [f"sslkd.slurm.{key} = {value!r}" for key, value in bindings.items()])
+    return stage_resources("experts")
+
+
+SINFO_OUTPUT = """\
+small|2|7987|(null)|debug*
+gpu1|8|64000|gpu:a100:2(S:0-1),shard:8|gpu
+wide|64|32000|(null)|big
+tall|4|512000+|(null)|big
+garbage line
+"""
+
+
+def test_sinfo_rows_become_nodes_with_their_gpus():
+    nodes = slurm_nodes.parse_sinfo(SINFO_OUTPUT)
+    assert [(n.name, n.partition, n.default_partition, n.cpus, n.memory_mb, n.gpus) for n in nodes] == [
+        ("small", "debug", True, 2, 7987, 0),
+        ("gpu1", "gpu", False, 8, 64000, 2),
+        ("wide", "big", False, 64, 32000, 0),
+        ("tall", "big", False, 4, 512000, 0),
+    ]
+    assert slurm_nodes.gpu_count("gpu:a100:2,gpu:v100:1(S:0),mps:100") == 3
+    assert slurm_nodes.gpu_count("(null)") == slurm_nodes.gpu_count("mps:100") == 0
+
+
+def test_a_request_no_node_can_hold_is_named_with_the_largest_node():
+    nodes = slurm_nodes.parse_sinfo(SINFO_OUTPUT)
+    assert slurm_nodes.unsatisfiable("experts", slurm_request(partition="debug"), "debug", nodes) == (
+        "experts: asked 4 CPUs and 16 GB per job; the largest node of partition debug has 2 CPUs and 7.8 GB: "
+        "lower sslkd.slurm.cpus / mem_gb in gin/launch/slurm.gin"
+    )
+    # '' is the default partition; only what exceeds the largest node is named
+    assert slurm_nodes.unsatisfiable("data", slurm_request(cpus=3, mem_gb=2), "", nodes) == (
+        "data: asked 3 CPUs and 2 GB per job; the largest node of partition debug (the default) has 2 CPUs "
+        "and 7.8 GB: lower sslkd.slurm.cpus in gin/launch/slurm.gin"
+    )
+    # mem_gb = 0: the cluster's default memory, not compared
+    assert "asked 3 CPUs per job" in slurm_nodes.unsatisfiable("data", slurm_request(cpus=3, mem_gb=0), "", nodes)
+    assert slurm_nodes.unsatisfiable("teacher", slurm_request(gpus=4, mem_gb=0), "gpu", nodes) == (
+        "teacher: asked 4 CPUs and 4 GPUs per job; the largest node of partition gpu has 8 CPUs and 2 GPUs: "
+        "lower sslkd.slurm.gpus in gin/launch/slurm.gin"
+    )
+    # one node with the CPUs, another with the memory, none with both: the nearer one is named
+    assert "has 64 CPUs and 31.2 GB: lower sslkd.slurm.mem_gb" in slurm_nodes.unsatisfiable(
+        "distill", slurm_request(cpus=16, mem_gb=100), "big", nodes
+    )
+
+
+def test_a_request_some_node_can_hold_or_an_unknown_partition_is_not_called_impossible():
+    nodes = slurm_nodes.parse_sinfo(SINFO_OUTPUT)
+    assert slurm_nodes.unsatisfiable("experts", slurm_request(), "big", nodes) is None  # wide holds it
+    assert slurm_nodes.unsatisfiable("experts", slurm_request(), "debug,big", nodes) is None
+    assert slurm_nodes.unsatisfiable("teacher", slurm_request(gpus=2), "gpu", nodes) is None
+    assert slurm_nodes.unsatisfiable("experts", slurm_request(), "nope", nodes) is None  # sbatch refuses it
+    assert slurm_nodes.unsatisfiable("experts", slurm_request(), "", []) is None  # sinfo said nothing
+
+
+def test_the_partition_is_the_bindings_then_sbatch_s_environment(monkeypatch):
+    monkeypatch.setenv("SBATCH_PARTITION", "fromenv")
+    assert slurm_nodes.requested_partitions(slurm_request()) == "fromenv"
+    assert slurm_nodes.requested_partitions(slurm_request(partition="cpu")) == "cpu"
+    assert slurm_nodes.requested_partitions(slurm_request(sbatch_options={"partition": "a,b"})) == "a,b"
+    monkeypatch.delenv("SBATCH_PARTITION")
+    assert slurm_nodes.requested_partitions(slurm_request()) == ""
 
 
 def test_the_code_snapshot_carries_the_code_version(tmp_path):

@@ -21,7 +21,7 @@ import torch
 from sslkd.cli import main
 from sslkd.infra.launch import snapshot_code
 
-from conftest import clone_study, copy_study
+from conftest import clone_study, copy_study, make_workspace
 
 # Small jobs for a one-node test cluster; checkpoint at every epoch/iteration so a requeue can land anywhere
 SLURM = [
@@ -65,9 +65,9 @@ def wait_for(condition, what: str, timeout: float = 300):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_cli(workspace: Path, code: Path, *argv: str) -> subprocess.Popen:
-    """``python -m sslkd ARGV`` in ``workspace``, importing sslkd from ``code``."""
-    env = {**os.environ, "PYTHONPATH": str(code)}
+def start_cli(workspace: Path, code: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m sslkd ARGV`` in ``workspace``, importing sslkd from ``code`` (``env``: more variables)."""
+    env = {**os.environ, "PYTHONPATH": str(code), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "sslkd", *argv],
         cwd=workspace,
@@ -229,3 +229,83 @@ def test_dvc_repro_on_slurm_and_switching_the_launcher_invalidates_nothing(tmp_p
     setting = root / "gin" / "settings" / "tiny.gin"
     setting.write_text(setting.read_text() + "# any other gin file stays a dependency\n")
     assert "modified:" in sh("dvc", "status", "data")
+
+
+def node_size() -> tuple[int, int]:
+    """CPUs and memory (MB) of the test cluster's one node."""
+    out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%c %m"], capture_output=True, text=True)
+    cpus, memory_mb = out.stdout.split()[:2]
+    return int(cpus), int(memory_mb)
+
+
+def live_jobs(*job_ids: str) -> str:
+    """'<job id> <state>' lines of those of ``job_ids`` still pending or running."""
+    query = ["squeue", "--noheader", "--format=%i %T", "--states=PENDING,RUNNING,CONFIGURING", "--jobs"]
+    query.append(",".join(job_ids))
+    return subprocess.run(query, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_request_no_node_can_hold_ends_the_stage_at_once_and_cancels_its_job(tmp_path, code, monkeypatch, capsys):
+    """More CPUs than the node has: SLURM queues the job and it would pend forever (PartitionConfig)."""
+    cpus, memory_mb = node_size()
+    workspace = make_workspace(tmp_path / "workspace")
+    started = time.monotonic()
+    process = start_cli(
+        workspace,
+        code,
+        "data",
+        *["--bind", f"sslkd.slurm.cpus = {cpus + 2}", "--bind", "sslkd.slurm.mem_gb = 1"],
+        env={"SSLKD_LAUNCHER": "slurm"},
+    )
+    returncode, output = finish(process)
+    elapsed = time.monotonic() - started
+    assert returncode == 2, output
+    assert output.strip().splitlines()[-1] == (
+        f"sslkd data: error: data: asked {cpus + 2} CPUs and 1 GB per job; the largest node of partition debug "
+        f"(the default) has {cpus} CPUs and {round(memory_mb / 1024, 1):g} GB: lower sslkd.slurm.cpus in "
+        "gin/launch/slurm.gin"
+    ), output
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    assert "Traceback" not in output
+    [job] = submitted_jobs(workspace, "data")
+    assert not live_jobs(job), "the job was left in the queue"
+    assert not (workspace / "artifacts").exists()
+
+    # More memory than the node has: sbatch refuses the job; the same line, naming mem_gb
+    monkeypatch.chdir(workspace)
+    too_much = f"sslkd.slurm.mem_gb = {memory_mb // 1024 + 8}"
+    assert main(["data", *SLURM, "--bind", too_much]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and "data: asked 1 CPU and" in err[0]
+        and err[0].endswith("lower sslkd.slurm.mem_gb in gin/launch/slurm.gin")
+    ), err
+    assert not (workspace / "artifacts").exists()
+
+
+@pytest.mark.slow
+def test_a_job_waiting_for_busy_nodes_keeps_waiting(tmp_path, code):
+    cpus, _ = node_size()
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", f"--cpus-per-task={cpus}", "--mem=512M", "--wrap", "sleep 600"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        wait_for(lambda: "RUNNING" in live_jobs(blocker), "the job that takes every CPU")
+        workspace = make_workspace(tmp_path / "workspace")
+        process = start_cli(workspace, code, "data", *SLURM)
+        job = wait_for(lambda: submitted_jobs(workspace, "data"), "the data job")[0]
+        wait_for(lambda: "PENDING" in live_jobs(job), "the data job to pend")
+        time.sleep(15)  # three of the launcher's queue checks
+        assert process.poll() is None, "the stage gave up on a job that merely waits"
+        subprocess.run(["scancel", blocker], check=True)
+        returncode, output = finish(process)
+        assert returncode == 0, output
+        assert f"job {job} pending (" in output, output
+        assert (workspace / "artifacts" / "data").is_dir()
+    finally:
+        subprocess.run(["scancel", blocker])

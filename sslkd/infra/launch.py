@@ -31,6 +31,7 @@ from sslkd import config
 from sslkd.artifacts import CODE_VERSION_STAMP, PACKAGE_DIR, code_version
 from sslkd.checkpoints import CheckpointPolicy
 from sslkd.errors import SslkdError
+from sslkd.infra import slurm_nodes
 from sslkd.infra.devices import selected_device
 from sslkd.infra.launchers import SlurmConfig
 from sslkd.infra.stage_job import StageJob, StageRequest
@@ -138,10 +139,10 @@ def launch(launcher: str, args: argparse.Namespace, workspace: Workspace) -> Non
     started = time.monotonic()
     if args.stage == "experts":
         submit_expert_array(launcher, executor, request, resources, workspace, interval_s)
-    with refused_submissions(args.stage):
+    with refused_submissions(args.stage, resources):
         job = executor.submit(StageJob(request, interval_s))
     log.info("%s: submitted %s job %s; logs in %s", args.stage, launcher, job.job_id, folder)
-    wait(launcher, [job], args.stage)
+    wait(launcher, [job], args.stage, resources)
     log.info("%s: %s jobs done in %.0f s", args.stage, launcher, time.monotonic() - started)
 
 
@@ -164,7 +165,7 @@ def submit_expert_array(
     if launcher == "local":  # no scheduler to queue them: at most array_parallelism processes
         per_job = max(per_job, math.ceil(len(missing) / resources.array_parallelism))
     chunks = [tuple(missing[start : start + per_job]) for start in range(0, len(missing), per_job)]
-    with refused_submissions("experts"), executor.batch():
+    with refused_submissions("experts", resources), executor.batch():
         jobs = [executor.submit(StageJob(request, interval_s, chunk)) for chunk in chunks]
     log.info(
         "experts: training the %d missing experts (%s) in %d %s jobs: %s",
@@ -174,16 +175,23 @@ def submit_expert_array(
         launcher,
         _preview([job.job_id for job in jobs]),
     )
-    wait(launcher, jobs, "experts")
+    wait(launcher, jobs, "experts", resources)
 
 
 @contextlib.contextmanager
-def refused_submissions(stage: str):
-    """sbatch's refusal (an unknown partition or account, ...) as one line (submitit also prints it: muted)."""
+def refused_submissions(stage: str, resources: SlurmConfig):
+    """sbatch's refusal (an unknown partition or account, ...) as one line (submitit also prints it: muted);
+    a request too big for every node of the partition (sbatch refuses too much memory) names the request
+    and the largest node."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
     except (FailedJobError, OSError) as error:
+        if isinstance(error, FailedJobError):  # sbatch's refusal (the local executor raises others)
+            nodes = slurm_nodes.cluster_nodes() or []
+            partitions = slurm_nodes.requested_partitions(resources)
+            if too_big := slurm_nodes.unsatisfiable(stage, resources, partitions, nodes):
+                raise SslkdError(too_big) from None
         lines = [line for line in str(error).splitlines() if line.strip()]
         raise SslkdError(
             f"{stage}: the job was refused: {lines[-1] if lines else type(error).__name__} "
@@ -195,15 +203,17 @@ def _preview(items: list) -> str:
     return ", ".join(str(item) for item in items[:8]) + (" …" if len(items) > 8 else "")
 
 
-def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:
+def wait(launcher: str, jobs: list[submitit.Job], stage: str, resources: SlurmConfig) -> None:
     """Block until every job has ended; raise SslkdError naming the failures (error line and log path).
 
     A job ends with a result file (success or the error it raised), or without one when the scheduler
     killed it (cancelled, out of memory, node failure): SLURM's job states are read with squeue, which
-    works without accounting. Why a job waits is logged when it changes. Ctrl-C, SIGTERM or SIGHUP
-    (sslkd/infra/termination.py) cancels the jobs: none outlives the command.
+    works without accounting. Why a job waits is logged when it changes. A pending job that no node of
+    its partition could ever hold (sslkd/infra/slurm_nodes.py) fails the stage at once; one waiting for
+    busy nodes keeps waiting. Ctrl-C, SIGTERM or SIGHUP (sslkd/infra/termination.py) and such a failure
+    cancel the jobs: none outlives the command.
     """
-    watch = JobWatch(launcher, stage, {job.job_id: job for job in jobs})
+    watch = JobWatch(launcher, stage, {job.job_id: job for job in jobs}, resources)
     next_query = time.monotonic() + SQUEUE_EVERY_S
     try:
         while watch.pending:
@@ -213,7 +223,7 @@ def wait(launcher: str, jobs: list[submitit.Job], stage: str) -> None:
                 next_query = time.monotonic() + SQUEUE_EVERY_S
             if watch.pending:
                 time.sleep(POLL_S)
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, SslkdError):
         for job in watch.pending.values():
             job.cancel(check=False)
         log.warning("%s: cancelled jobs %s", stage, ", ".join(watch.pending))
@@ -230,10 +240,12 @@ class JobWatch:
     launcher: str
     stage: str
     pending: dict[str, submitit.Job]
+    resources: SlurmConfig
     failures: list[str] = field(default_factory=list)
     superseded: dict[str, int] = field(default_factory=dict)  # job id -> mtime of a requeued attempt's error
     ended_since: dict[str, float] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
+    fits_a_node: bool = False  # some node of the partition can hold the jobs: pending means waiting
 
     def result_stamp(self, job: submitit.Job) -> int | None:
         """The mtime of the job's result file, None without one (or with a requeued attempt's only)."""
@@ -260,9 +272,13 @@ class JobWatch:
                 self.failures.append(failure)
 
     def check_queue(self) -> None:
-        """Log state changes; fail the jobs the scheduler ended without a result."""
+        """Log state changes; fail the jobs the scheduler ended without a result; raise SslkdError when
+        jobs pend that no node can hold."""
         now = time.monotonic()
-        for job_id, (state, reason) in _queue_states(self.launcher, list(self.pending.values())).items():
+        states = _queue_states(self.launcher, list(self.pending.values()))
+        if any(state == "PENDING" for state, _ in states.values()):
+            self.check_fit()
+        for job_id, (state, reason) in states.items():
             status = f"{state.lower()} ({reason})" if reason else state.lower()
             if self.status.get(job_id) != status:
                 log.info("%s: job %s %s", self.stage, job_id, status)
@@ -277,6 +293,16 @@ class JobWatch:
                 del self.pending[job_id]
                 how = "left the queue" if state == "GONE" else f"ended ({state})"
                 self.failures.append(f"job {job_id} {how} without a result (log: {job.paths.stderr})")
+
+    def check_fit(self) -> None:
+        """Raise SslkdError when no node of the jobs' partition can hold their request. Decided once, at
+        the first answer of sinfo (none while it cannot answer): node sizes do not change while jobs wait."""
+        if self.fits_a_node or self.launcher != "slurm" or (nodes := slurm_nodes.cluster_nodes()) is None:
+            return
+        partitions = slurm_nodes.requested_partitions(self.resources)
+        if too_big := slurm_nodes.unsatisfiable(self.stage, self.resources, partitions, nodes):
+            raise SslkdError(too_big)
+        self.fits_a_node = True
 
 
 def _job_failure(job: submitit.Job) -> str | None:

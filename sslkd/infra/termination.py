@@ -10,7 +10,10 @@ write its artifacts behind DVC's back. So every ``sslkd`` process
   so a Terminated lost where Python drops exceptions (a ``__del__``, a weakref callback) or a library's
   broad ``except`` cannot leave the stage training on, and
 - asks the kernel to send it SIGTERM when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``), whatever
-  killed the parent (SIGTERM, SIGKILL, a crash), and
+  killed the parent (SIGTERM, SIGKILL, a crash); a parent that died before the request was made shows
+  as a parent that changed since this module was imported (read then, early in start-up): pid 1 as the
+  parent is no such sign, it is the real parent in a container (``docker build``'s ``RUN`` shell,
+  ``docker run``'s entry point, tini) and under systemd, and
 - when that parent is a shell running one command line (DVC with no $SHELL runs ``/bin/sh -c CMD``, and
   dash does not exec CMD), also ends when the shell loses its own parent (DVC).
 
@@ -31,6 +34,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+# (this process, its parent) when this module was first imported: every ``sslkd`` command imports it
+# while starting, before it imports torch or does any work (:func:`reparented`)
+STARTED_UNDER = (os.getpid(), os.getppid())
 
 log = logging.getLogger(__name__)
 
@@ -110,23 +117,33 @@ def is_command_shell(pid: int) -> bool:
     return bool(argv) and os.path.basename(argv[0].decode(errors="replace")).lstrip("-") in SHELLS and b"-c" in argv
 
 
+def reparented(started_under: tuple[int, int] = STARTED_UNDER) -> bool:
+    """Whether this process's parent is no longer the one it had at ``started_under`` (pid, parent pid):
+    the parent died and the kernel gave the process to an init (pid 1 or a subreaper). Only a change is
+    evidence: pid 1 can be the parent from the start. A reading taken in another process (before a fork)
+    tells nothing about this one."""
+    pid, parent = started_under
+    return pid == os.getpid() and os.getppid() != parent
+
+
 def die_with_parent(signum: int = signal.SIGTERM) -> bool:
     """Have the kernel send ``signum`` to this process when its parent dies; returns whether it could
-    (Linux only). A parent that died before the request leaves no signal to come: then exit now. A parent
-    that is a command shell (:func:`is_command_shell`) is looked through: the process also ends when the
-    shell loses its own parent (:func:`exit_when_orphaned`)."""
+    (Linux only). A parent that died before the request leaves no signal to come: then exit now
+    (:func:`reparented`). A parent that is a command shell (:func:`is_command_shell`) is looked through:
+    the process also ends when the shell loses its own parent (:func:`exit_when_orphaned`)."""
     if not sys.platform.startswith("linux") or nohup():
         return False
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False
-    if os.getppid() != parent or parent == 1:  # the parent was already gone: we were reparented
+    parent = os.getppid()  # read after the request: a parent that dies from now on sends the signal
+    if reparented():
         os.kill(os.getpid(), signum)
-    elif is_command_shell(parent) and (launcher := parent_pid(parent)) not in (None, 1):
+    elif is_command_shell(parent) and (launcher := parent_pid(parent)) not in (None, 0, 1):
+        # 0: the shell is a PID namespace's init (a container's), it has no parent to lose
         exit_when_orphaned(parent, launcher)
     return True
 

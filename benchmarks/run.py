@@ -56,11 +56,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sslkd.experts import build_student  # noqa: E402
 from sslkd.infra import allocator  # noqa: E402
-from sslkd.kd_steps import KDSteps  # noqa: E402
+from sslkd.methods.experts import build_student  # noqa: E402
+from sslkd.methods.kd_steps import KDSteps  # noqa: E402
+from sslkd.methods.unroll import match_trajectory  # noqa: E402
 from sslkd.models import ConvNetConfig, ParameterLayout  # noqa: E402
-from sslkd.unroll import match_trajectory  # noqa: E402
 
 VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots, $SSLKD_MALLOC: sslkd/infra/allocator.py)
     "full": ("full", False, "all", "keep"),

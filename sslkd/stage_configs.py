@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sslkd.errors import SslkdError
-from sslkd.evaluation import HORIZONS, FineTuneConfig, PretrainConfig, ProbeConfig
+from sslkd.evaluation.probe import HORIZONS, FineTuneConfig, PretrainConfig, ProbeConfig
+from sslkd.methods.selection import HIGH_LOSS_SCOPES, INIT_METHODS
+from sslkd.methods.teacher import SSLConfig
 from sslkd.models import ConvNetConfig
-from sslkd.selection import HIGH_LOSS_SCOPES, INIT_METHODS
-from sslkd.teacher import SSLConfig
 
 METHODS = ("no_pretrain", "random", "high_loss", "full_data", "mkdt", "krr_st", "mtt_ssl")
 # Evaluation protocols of a pre-trained encoder: the linear probe (always, the headline) and full fine-tuning

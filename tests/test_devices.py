@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from sslkd.artifacts import on_cpu, save_artifact, sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
 from sslkd.infra import devices
+from sslkd.store.artifacts import on_cpu, save_artifact, sidecar_path
 
 from conftest import make_workspace
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from sslkd.distill import DistillConfig, MinibatchSampler, distill, expert_order
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps
 from sslkd.losses import kd_mse_loss
-from sslkd.unroll import unroll_sgd
+from sslkd.methods.distill import DistillConfig, MinibatchSampler, distill, expert_order
+from sslkd.methods.kd_steps import KDSteps
+from sslkd.methods.unroll import unroll_sgd
 
 from conftest import make_tiny_problem
 
@@ -86,7 +86,7 @@ def test_expert_order_cycles_through_all_experts():
 
 def fake_trajectories(student, layout, images, targets, experts=3, epochs=3) -> torch.Tensor:
     """Real (tiny) expert trajectories: full-batch SGD epochs from different inits."""
-    from sslkd.experts import build_student
+    from sslkd.methods.experts import build_student
     from sslkd.models import ConvNetConfig
 
     trajectories = []

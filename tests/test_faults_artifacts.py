@@ -18,9 +18,9 @@ import pytest
 import yaml
 from faults import assert_one_line_error, file_size_limit, sslkd
 
-from sslkd.artifacts import load_json_artifact, save_json_artifact, sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
+from sslkd.store.artifacts import load_json_artifact, save_json_artifact, sidecar_path
 
 from conftest import clone_study, copy_study, make_workspace
 

@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from sslkd import config
-from sslkd.artifacts import code_version
 from sslkd.cli import main
 from sslkd.errors import SslkdError
-from sslkd.infra.launch import snapshot_code, stage_resources
 from sslkd.infra.launchers import chosen_launcher
+from sslkd.runner.launch import snapshot_code, stage_resources
+from sslkd.store.artifacts import code_version
 
 from conftest import REPO, clone_study
 
@@ -69,7 +69,7 @@ def test_the_code_snapshot_carries_the_code_version(tmp_path):
     assert (code / "sslkd" / "stages" / "experts.py").is_file()
     assert not list(code.rglob("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(code)}
-    probe = "import sslkd.artifacts as a; print(a.PACKAGE_DIR); print(a.code_version())"
+    probe = "import sslkd.store.artifacts as a; print(a.PACKAGE_DIR); print(a.code_version())"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=tmp_path, check=True
     ).stdout.split()

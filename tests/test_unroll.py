@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 
 from sslkd.errors import SslkdError
-from sslkd.experts import build_student
-from sslkd.kd_steps import KDSteps, train_kd
 from sslkd.losses import kd_mse_loss
+from sslkd.methods.experts import build_student
+from sslkd.methods.kd_steps import KDSteps, train_kd
+from sslkd.methods.unroll import SNAPSHOTS, match_trajectory, segment_lengths
 from sslkd.models import ConvNetConfig, ParameterLayout, instance_norm, write_out_instance_norms
-from sslkd.unroll import SNAPSHOTS, match_trajectory, segment_lengths
 
 
 def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from sslkd import config
-from sslkd.artifacts import load_artifact
-from sslkd.datasets import InputSpace, Normalisation, ZCAWhitening
+from sslkd.data.datasets import InputSpace, Normalisation, ZCAWhitening
 from sslkd.errors import SslkdError
-from sslkd.experts import build_student
+from sslkd.methods.experts import build_student
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, build_teacher_encoder
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import load_artifact
+from sslkd.store.workspace import Workspace
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sslkd.checkpoints import CheckpointPolicy
+from sslkd.store.checkpoints import CheckpointPolicy
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sslkd.augmentations import AugmentConfig, two_views
+from sslkd.data.augmentations import AugmentConfig, two_views
 from sslkd.errors import SslkdError
-from sslkd.evaluation import ProbeConfig
+from sslkd.evaluation.probe import ProbeConfig
 from sslkd.losses import barlow_twins_loss, simclr_loss
 from sslkd.models import BNConvNetConfig, ResNetConfig
 from sslkd.progress import track

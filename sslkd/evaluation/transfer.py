@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sslkd.datasets import (
+from sslkd.data.datasets import (
     DATASETS,
     DataConfig,
     Normalisation,

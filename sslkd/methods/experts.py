@@ -9,15 +9,15 @@ from typing import Any, Callable
 
 import torch
 
-from sslkd.augmentations import two_views
-from sslkd.datasets import InputSpace
+from sslkd.data.augmentations import two_views
+from sslkd.data.datasets import InputSpace
 from sslkd.errors import SslkdError
-from sslkd.evaluation import PretrainConfig
-from sslkd.kd_steps import KDSteps, check_precision, train_kd
+from sslkd.evaluation.probe import PretrainConfig
+from sslkd.methods.kd_steps import KDSteps, check_precision, train_kd
+from sslkd.methods.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, seeded_module
 from sslkd.progress import track
 from sslkd.seeding import derive_seed
-from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from sslkd.distill import DistillConfig
 from sslkd.errors import SslkdError
-from sslkd.experts import ExpertsConfig, with_objective
+from sslkd.methods.distill import DistillConfig
+from sslkd.methods.experts import ExpertsConfig, with_objective
+from sslkd.methods.teacher import SSL_OBJECTIVES
 from sslkd.stage_configs import InitConfig
-from sslkd.teacher import SSL_OBJECTIVES
 
 
 @dataclass(frozen=True)

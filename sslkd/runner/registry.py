@@ -13,7 +13,7 @@ from typing import Callable
 from sslkd.config import STAGES
 from sslkd.provenance import set_running_stage
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.workspace import Workspace
 
 StageMain = Callable[[Workspace, StageOptions], None]
 STAGE_MODULES = {stage: f"sslkd.stages.{stage}" for stage in STAGES}

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslkd.augmentations import padded_crop_flip
-from sslkd.evaluation import FineTuneConfig, fraction_key, labelled_subset, probe_at_fractions
+from sslkd.data.augmentations import padded_crop_flip
+from sslkd.evaluation.probe import FineTuneConfig, fraction_key, labelled_subset, probe_at_fractions
 from sslkd.models import ConvNet
 from sslkd.progress import track
 from sslkd.stage_configs import EvaluateConfig

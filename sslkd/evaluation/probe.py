@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps, check_precision, train_kd
+from sslkd.methods.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
 

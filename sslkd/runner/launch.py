@@ -28,13 +28,13 @@ import submitit
 from submitit.core.utils import FailedJobError, pickle_load
 
 from sslkd import config
-from sslkd.artifacts import CODE_VERSION_STAMP, PACKAGE_DIR, code_version
-from sslkd.checkpoints import CheckpointPolicy
 from sslkd.errors import SslkdError
 from sslkd.infra.devices import selected_device
 from sslkd.infra.launchers import SlurmConfig
-from sslkd.infra.stage_job import StageJob, StageRequest
-from sslkd.workspace import Workspace
+from sslkd.runner.stage_job import StageJob, StageRequest
+from sslkd.store.artifacts import CODE_VERSION_STAMP, PACKAGE_DIR, code_version
+from sslkd.store.checkpoints import CheckpointPolicy
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from sslkd.artifacts import file_sha256, on_cpu, source_digest, torch_save_atomic
 from sslkd.errors import SslkdError
+from sslkd.store.artifacts import file_sha256, on_cpu, source_digest, torch_save_atomic
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any, Callable
 import torch
 
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps
+from sslkd.methods.kd_steps import KDSteps
+from sslkd.methods.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
-from sslkd.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import submitit
 
 import sslkd
 from sslkd import config
-from sslkd.checkpoints import CheckpointPolicy
 from sslkd.infra import allocator, devices, termination
-from sslkd.infra.registry import run_stage_main
+from sslkd.runner.registry import run_stage_main
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.checkpoints import CheckpointPolicy
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sslkd.data.image_sources import DOWNSTREAM_READERS, Splits, npz_archive, read_npz_jpeg
 from sslkd.errors import SslkdError
-from sslkd.image_sources import DOWNSTREAM_READERS, Splits, npz_archive, read_npz_jpeg
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sslkd.evaluation import summary_stats
+from sslkd.evaluation.probe import summary_stats
 
 Runs = list[dict[str, Any]]
 

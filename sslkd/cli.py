@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from sslkd import progress
 from sslkd.config import STAGES
 from sslkd.errors import SslkdError
 from sslkd.infra import allocator, devices, termination
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     previous = {signum: signal.getsignal(signum) for signum in termination.SIGNALS}
     termination.handle_termination()
+    progress.check_stops_with(termination.raise_if_requested)  # every long loop's step raises a stop request
     try:
         {"compare": run_compare, "check": run_check}.get(args.stage, run_stage)(args)
     except SslkdError as error:

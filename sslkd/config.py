@@ -49,6 +49,7 @@ def configurables() -> dict[str, type]:
     """Every registered name -> config class. Stage roots are named after their stage."""
     from sslkd.data.augmentations import AugmentConfig
     from sslkd.data.datasets import DataConfig, StudentInputConfig
+    from sslkd.evaluation.evaluate_config import EvaluateConfig
     from sslkd.evaluation.probe import FineTuneConfig, PretrainConfig, ProbeConfig
     from sslkd.evaluation.transfer import DownstreamConfig, TransferConfig
     from sslkd.infra.launchers import SlurmConfig
@@ -56,10 +57,11 @@ def configurables() -> dict[str, type]:
     from sslkd.methods.experts import ExpertsConfig
     from sslkd.methods.krr_st import KrrStConfig
     from sslkd.methods.mtt_ssl import MttSslConfig
-    from sslkd.methods.teacher import SSLConfig, TeacherConfig
+    from sslkd.methods.selection import InitConfig
+    from sslkd.methods.teacher import SSLConfig
     from sslkd.methods.variance import VarianceConfig
     from sslkd.models import BNConvNetConfig, ConvNetConfig, ResNetConfig
-    from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
+    from sslkd.stage_configs import ReportConfig, RepresentConfig, TeacherConfig
 
     return {
         "data": DataConfig,

@@ -17,7 +17,8 @@ READER = """
 import sys, torch
 from pathlib import Path
 from sslkd.data.datasets import Normalisation
-from sslkd.stages.inputs import TrainingData, expert_trajectories
+from sslkd.data.training_data import TrainingData
+from sslkd.stages.inputs import expert_trajectories
 from sslkd.store.workspace import Workspace
 
 def rss_mb():

@@ -1,4 +1,4 @@
-"""KRR-ST (sslkd/krr_st.py) and MTT-SSL (sslkd/mtt_ssl.py): the closed form, its gradients, the model
+"""KRR-ST (sslkd/methods/krr_st.py) and MTT-SSL (sslkd/methods/mtt_ssl.py): the closed form, its gradients, the model
 pool's counters, and both stages through the real entry point on the toy setting."""
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def test_missing_inputs_and_sets_name_the_stage_to_run(tiny_study, tmp_path, cap
 def krr_config(**overrides):
     from sslkd.data.augmentations import AugmentConfig
     from sslkd.methods.krr_st import KrrStConfig
-    from sslkd.stage_configs import InitConfig
+    from sslkd.methods.selection import InitConfig
 
     values = dict(
         student=ConvNetConfig(width=4, depth=2),

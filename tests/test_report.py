@@ -1,4 +1,4 @@
-"""sslkd/report.py against values computed by hand on a small hand-written input."""
+"""sslkd/evaluation/report.py against values computed by hand on a small hand-written input."""
 
 from __future__ import annotations
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from sslkd.data.augmentations import AugmentConfig, random_resized_crop
 from sslkd.errors import SslkdError
 from sslkd.methods.distill import MinibatchSampler
+from sslkd.methods.selection import InitConfig
 from sslkd.models import ConvNet, ConvNetConfig
 from sslkd.progress import track
-from sslkd.stage_configs import InitConfig
 
 log = logging.getLogger(__name__)
 

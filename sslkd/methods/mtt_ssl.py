@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from sslkd.errors import SslkdError
 from sslkd.methods.distill import DistillConfig
 from sslkd.methods.experts import ExpertsConfig, with_objective
+from sslkd.methods.selection import InitConfig
 from sslkd.methods.teacher import SSL_OBJECTIVES
-from sslkd.stage_configs import InitConfig
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from sslkd.errors import SslkdError
 from sslkd.losses import kd_mse_loss
 from sslkd.methods.distill import DistillConfig, distill
 from sslkd.methods.experts import ExpertsConfig, train_expert, with_objective
+from sslkd.methods.selection import InitConfig
 from sslkd.methods.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
-from sslkd.stage_configs import InitConfig
 
 log = logging.getLogger(__name__)
 

@@ -35,15 +35,18 @@ from sslkd.infra.devices import stage_device
 from sslkd.data.datasets import InputSpace
 from sslkd.errors import SslkdError
 from sslkd.evaluation.probe import pretrain_kd
-from sslkd.methods.experts import build_student, pretrain_ssl
+from sslkd.methods.experts import build_student
+from sslkd.evaluation.ssl_pretraining import pretrain_ssl
 from sslkd.evaluation.fine_tune import protocol_accuracies
 from sslkd.methods.kd_steps import KDSteps
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.evaluation.report import protocol_runs, summarise
 from sslkd.seeding import EvaluateStream, derive_seed, generator
 from sslkd.methods.selection import random_indices
-from sslkd.stage_configs import METHODS, EvaluateConfig
-from sslkd.stages.inputs import TrainingData, check_input_space, representations, student_data
+from sslkd.stage_configs import METHODS
+from sslkd.evaluation.evaluate_config import EvaluateConfig
+from sslkd.data.training_data import TrainingData
+from sslkd.stages.inputs import check_input_space, representations, student_data
 from sslkd.stages.options import StageOptions
 from sslkd.store.workspace import Workspace
 

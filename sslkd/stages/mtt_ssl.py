@@ -15,6 +15,7 @@ import logging
 import torch
 
 from sslkd import config
+from sslkd.data.training_data import TrainingData
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
 from sslkd.methods.distill import DistillResult, distill
@@ -25,7 +26,7 @@ from sslkd.models import ParameterLayout
 from sslkd.progress import track
 from sslkd.seeding import MttSslStream, generator
 from sslkd.stages.experts import ExpertsRun, expert
-from sslkd.stages.inputs import TrainingData, representations, student_data
+from sslkd.stages.inputs import representations, student_data
 from sslkd.stages.options import StageOptions
 from sslkd.store.artifacts import save_artifact
 from sslkd.store.checkpoints import run_checkpoints

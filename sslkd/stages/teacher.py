@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from sslkd import config
+from sslkd.data.training_data import TrainingData
 from sslkd.evaluation.probe import probe_gain, probe_runs
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
-from sslkd.methods.teacher import TeacherConfig, import_encoder_state, projector, representations, train_ssl
+from sslkd.methods.teacher import import_encoder_state, projector, representations, train_ssl
 from sslkd.models import build_teacher_encoder, seeded_module, teacher_architecture
 from sslkd.seeding import TeacherStream, derive_seed, generator
-from sslkd.stages.inputs import TrainingData, training_data
+from sslkd.stage_configs import TeacherConfig
+from sslkd.stages.inputs import training_data
 from sslkd.stages.options import StageOptions
 from sslkd.store.artifacts import save_artifact
 from sslkd.store.checkpoints import RunCheckpoints, run_checkpoints

@@ -21,6 +21,7 @@ import torch
 
 from sslkd import config
 from sslkd.data.datasets import StudentInputConfig
+from sslkd.data.training_data import TrainingData
 from sslkd.errors import SslkdError
 from sslkd.evaluation.fine_tune import protocol_accuracies
 from sslkd.evaluation.report import protocol_runs, summarise
@@ -37,7 +38,6 @@ from sslkd.methods.experts import build_student
 from sslkd.models import ConvNetConfig
 from sslkd.seeding import EvaluateStream, generator
 from sslkd.stage_configs import METHODS
-from sslkd.stages.inputs import TrainingData
 from sslkd.stages.options import StageOptions
 from sslkd.store.artifacts import load_artifact, save_json_artifact
 from sslkd.store.workspace import Workspace

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from sslkd import config
+from sslkd.data.training_data import TrainingData
 from sslkd.errors import SslkdError
 from sslkd.evaluation.plots import pyplot
 from sslkd.infra import tracking
@@ -35,7 +36,7 @@ from sslkd.methods.variance import (
 )
 from sslkd.models import ConvNet
 from sslkd.seeding import VarianceStream, derive_seed, generator
-from sslkd.stages.inputs import TrainingData, representations, student_data
+from sslkd.stages.inputs import representations, student_data
 from sslkd.stages.options import StageOptions
 from sslkd.store.artifacts import atomic_write, save_json_artifact
 from sslkd.store.workspace import Workspace

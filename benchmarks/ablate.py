@@ -9,7 +9,7 @@ thing changed, without rerunning the stages upstream of it. Not part of the pipe
     python benchmarks/ablate.py evaluate --workdir W --sets SET.pt --distilled-lr 0.1   # not its learned lr
 
 Hyperparameters come from the setting (``--setting``, default cifar10_cpu), params.yaml and ``--bind``,
-exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.distill.distill` on the workspace's
+exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.methods.distill.distill` on the workspace's
 experts and representations from the chosen start set, for the first distillation seed, and saves the
 synthetic set; ``evaluate`` pre-trains and probes as ``sslkd evaluate`` does (the same sets, encoder init,
 labels and probe at each evaluation seed) for method names, extra real subsets or saved sets, and prints

@@ -1,4 +1,4 @@
-"""MTT with SSL experts (the MKDT paper's "MTT-SSL" baseline): trajectory matching (sslkd/distill.py)
+"""MTT with SSL experts (the MKDT paper's "MTT-SSL" baseline): trajectory matching (sslkd/methods/distill.py)
 on expert trajectories trained with an SSL objective instead of KD. The synthetic set learns its images
 only; the inner steps regress the start images' fixed teacher representations (the distill machinery's
 inner loss, as in the variance study's matchability test), and the set is pre-trained on with the SSL

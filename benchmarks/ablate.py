@@ -12,7 +12,7 @@ thing changed, without rerunning the stages upstream of it. Not part of the pipe
     python benchmarks/ablate.py pairs --json OUT.json --pair SET.pt:random   # mean ± s.e. over seeds
 
 Hyperparameters come from the setting (``--setting``, default cifar10_cpu), params.yaml and ``--bind``,
-exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.distill.distill` on the workspace's
+exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.methods.distill.distill` on the workspace's
 experts and representations from the chosen start set, for the first distillation seed, and saves the
 synthetic set; ``evaluate`` pre-trains and probes as ``sslkd evaluate`` does (the same sets, encoder init,
 labels and probe at each evaluation seed) for method names, extra real subsets or saved sets, and prints
@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from sslkd import config
-from sslkd.artifacts import load_artifact
-from sslkd.distill import distill
 from sslkd.errors import SslkdError
-from sslkd.evaluation import pretrain_kd, probe_at_fractions, probe_features_at_fractions
-from sslkd.experts import build_student
+from sslkd.evaluation.probe import pretrain_kd, probe_at_fractions, probe_features_at_fractions
+from sslkd.methods.distill import distill
+from sslkd.methods.experts import build_student
+from sslkd.methods.selection import class_balanced_high_loss_indices, random_indices
+from sslkd.methods.teacher import representations as teacher_representations
 from sslkd.seeding import EvaluateStream, derive_seed, generator
-from sslkd.selection import class_balanced_high_loss_indices, random_indices
 from sslkd.stage_configs import METHODS
 from sslkd.stages.evaluate import PretrainingSet, pretraining_sets
 from sslkd.stages.inputs import (
@@ -50,8 +50,8 @@ from sslkd.stages.inputs import (
     teacher_encoder,
     training_data,
 )
-from sslkd.teacher import representations as teacher_representations
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import load_artifact
+from sslkd.store.workspace import Workspace
 
 BASELINES = tuple(method for method in METHODS if method != "mkdt")
 EXTRA_SETS = ("high_loss_per_class", "init_random", "random:N", "expert:K:E")

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from sslkd.evaluation import FineTuneConfig
-from sslkd.experts import build_student
-from sslkd.fine_tune import accuracy, fine_tune
+from sslkd.evaluation.fine_tune import accuracy, fine_tune
+from sslkd.evaluation.probe import FineTuneConfig
+from sslkd.methods.experts import build_student
 from sslkd.models import ConvNetConfig
 
 

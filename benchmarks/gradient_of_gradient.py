@@ -28,8 +28,8 @@ from torch.func import grad, jvp, vjp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sslkd.experts import build_student  # noqa: E402
-from sslkd.kd_steps import KDSteps  # noqa: E402
+from sslkd.methods.experts import build_student  # noqa: E402
+from sslkd.methods.kd_steps import KDSteps  # noqa: E402
 from sslkd.models import ConvNetConfig, ParameterLayout  # noqa: E402
 
 

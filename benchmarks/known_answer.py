@@ -40,12 +40,12 @@ from typing import Any
 
 import torch
 
-from sslkd.augmentations import DSAConfig
-from sslkd.datasets import DataConfig, Normalisation, ZCAWhitening, class_balanced_subset, load_dataset
-from sslkd.distill import DistillConfig, distill
-from sslkd.evaluation import PretrainConfig, pretrain_kd
-from sslkd.experts import ExpertsConfig, build_student, train_expert
-from sslkd.kd_steps import KDSteps
+from sslkd.data.augmentations import DSAConfig
+from sslkd.data.datasets import DataConfig, Normalisation, ZCAWhitening, class_balanced_subset, load_dataset
+from sslkd.evaluation.probe import PretrainConfig, pretrain_kd
+from sslkd.methods.distill import DistillConfig, distill
+from sslkd.methods.experts import ExpertsConfig, build_student, train_expert
+from sslkd.methods.kd_steps import KDSteps
 from sslkd.models import ConvNetConfig, ParameterLayout
 from sslkd.seeding import derive_seed, generator
 

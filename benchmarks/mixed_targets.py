@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from sslkd.artifacts import load_artifact, save_artifact, sidecar_path
 from sslkd.errors import SslkdError
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import load_artifact, save_artifact, sidecar_path
+from sslkd.store.workspace import Workspace
 
 
 def mixed_targets(representations: torch.Tensor, labels: torch.Tensor, mix: float) -> torch.Tensor:

@@ -33,49 +33,41 @@ torch.utils.flop_counter.FlopCounterMode on one eager call (the compiled variant
 Every worker sets the host allocator as the stages do (sslkd/infra/allocator.py: glibc malloc keeping freed
 memory); the ``*_system_malloc`` variants keep glibc's defaults, and the expert rows give their ratio to
 eager training with glibc's defaults too.
+
+What each part measures lives in a module of its own beside this driver: benchmarks/trajectory_matching.py
+(the distill variants), benchmarks/expert_training.py (the expert variants) and benchmarks/measurement.py
+(how a worker times a call, its peak memory and FLOPs, and the dense-matmul reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sslkd.experts import build_student  # noqa: E402
-from sslkd.infra import allocator  # noqa: E402
-from sslkd.kd_steps import KDSteps  # noqa: E402
-from sslkd.models import ConvNetConfig, ParameterLayout  # noqa: E402
-from sslkd.unroll import match_trajectory  # noqa: E402
+from expert_training import EXPERT_VARIANTS, experts_summary, experts_table, experts_worker  # noqa: E402
+from measurement import matmul_seconds, steady  # noqa: E402
+from trajectory_matching import (  # noqa: E402
+    LIVE_MEMORY_ENV,
+    VARIANTS,
+    distill_memory_worker,
+    distill_worker,
+    matching_summary,
+    matching_table,
+)
 
-VARIANTS = {  # name -> (unroll, compiled, the adjoint's snapshots, $SSLKD_MALLOC: sslkd/infra/allocator.py)
-    "full": ("full", False, "all", "keep"),
-    "adjoint": ("adjoint", False, "all", "keep"),
-    "adjoint_compiled": ("adjoint", True, "all", "keep"),
-    "adjoint_sqrt": ("adjoint", False, "sqrt", "keep"),
-    "adjoint_compiled_sqrt": ("adjoint", True, "sqrt", "keep"),
-    # at most 14 snapshots alive: the 10 of syn_steps 10 and 4 more (4.5 MB, ≈ +7% of the CPU preset's
-    # 65-70 MB live at syn_steps 10), for 26 recomputed steps at syn_steps 40 where sqrt recomputes 30
-    "adjoint_compiled_budget14": ("adjoint", True, 14, "keep"),
-    # glibc's default allocator (no stage runs so unless told to): what keeping freed memory gains
-    "full_system_malloc": ("full", False, "all", "system"),
-    "adjoint_compiled_system_malloc": ("adjoint", True, "all", "system"),
-}
-LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc: mmap (and unmap when freed) blocks ≥ 128 KiB
+from sslkd.infra import allocator  # noqa: E402
+
 PRESETS = {  # width, depth, batch_syn, synthetic set size M, image size, D, syn_steps, expert batch
     "cpu": dict(width=32, depth=3, batch=64, size=256, image_size=32, dim=512, syn_steps=[10, 40], expert_batch=256),
     "paper": dict(
@@ -89,195 +81,6 @@ PRESETS = {  # width, depth, batch_syn, synthetic set size M, image size, D, syn
 # A default-sized experts stage for the compile-included rate: the cifar10_cpu setting
 # (8 experts × 4 epochs × 10k images) on CPU, the paper's experts (100 × 4 epochs × 50k or 100k) on CUDA.
 STAGE_IMAGES = {"cpu": 8 * 4 * 10_000, "paper": 100 * 4 * 50_000, "tinyimagenet_2pct": 100 * 4 * 100_000}
-
-
-# --- measurement helpers (run inside a worker) -------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
-def reset_peak_memory(device: torch.device) -> float:
-    """Start a peak-memory window; returns the current usage in MB (the baseline)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so the baseline is what is live
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM (and ru_maxrss) to the current RSS
-    return _rss_kb("VmRSS") / 1024
-
-
-def peak_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _rss_kb("VmHWM") / 1024
-
-
-class _NoModuleTracking:
-    """Stands in for FlopCounterMode's per-module tracker, whose hooks on module inputs make
-    torch.autograd.grad w.r.t. a leaf input (the eager gradient-of-gradient) fail; totals only."""
-
-    parents = ("Global",)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return None
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the C++ compiler runs as a child)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def steady(calls: list[dict[str, float]]) -> dict[str, float]:
-    """Seconds per call of timed calls ({"wall", "cpu"} each): the fastest wall-clock time (the call least
-    disturbed by other load) and the median CPU time (with one thread, what a call costs whatever else runs)."""
-    cpu = sorted(call["cpu"] for call in calls)
-    return {"wall": min(call["wall"] for call in calls), "cpu": cpu[len(cpu) // 2]}
-
-
-def timed(run, repeats: int, device: torch.device) -> dict[str, float]:
-    """:func:`steady` seconds per call of ``repeats`` calls."""
-    calls = []
-    for _ in range(repeats):
-        began, began_cpu = time.perf_counter(), cpu_seconds()
-        run()
-        synchronize(device)
-        calls.append({"wall": time.perf_counter() - began, "cpu": cpu_seconds() - began_cpu})
-    return steady(calls)
-
-
-def count_flops(run) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _NoModuleTracking()
-    with counter:
-        run()
-    return counter.get_total_flops()
-
-
-def student_for(args: argparse.Namespace, device: torch.device):
-    student = build_student(
-        ConvNetConfig(args.width, args.depth), (3, args.image_size, args.image_size), args.dim, seed=0
-    )
-    return student.to(device), ParameterLayout.of(student)
-
-
-def distill_iteration(args: argparse.Namespace, device: torch.device, compiled: bool) -> Callable[[], None]:
-    """One trajectory-matching iteration of ``args.variant`` (gradients of X, Y, α), on tensors seeded alike
-    for every call."""
-    unroll, _, snapshots, _ = VARIANTS[args.variant]
-    generator = torch.Generator().manual_seed(0)
-    student, layout = student_for(args, device)
-    steps = KDSteps(student, layout, compile=compiled)
-    start = layout.flatten(student)
-    target = start + 0.01 * torch.randn(start.shape, generator=generator).to(device)
-    images = torch.randn(args.size, 3, args.image_size, args.image_size, generator=generator).to(device)
-    images.requires_grad_(True)
-    representations = torch.randn(args.size, args.dim, generator=generator).to(device).requires_grad_(True)
-    lr = torch.tensor(0.01, device=device, requires_grad=True)
-    batches = [torch.randperm(args.size, generator=generator)[: args.batch].to(device) for _ in range(args.syn_steps)]
-
-    def iteration() -> None:
-        for tensor in (images, representations, lr):
-            tensor.grad = None
-        match_trajectory(unroll, steps, start, target, images, representations, lr, batches, snapshots)
-
-    return iteration
-
-
-def serve(call: Callable[[], None], device: torch.device) -> float:
-    """Time ``call`` on the driver's demand, so that the variants' calls interleave: the first call (the
-    compile) is timed and reported at once; then each ``time`` line on stdin times one more call and
-    reports it, until stdin ends. Returns the memory in use after the first call (the baseline of the
-    peak-memory window that starts there, :func:`reset_peak_memory`)."""
-    print(json.dumps({"first": timed(call, 1, device)}), flush=True)
-    baseline = reset_peak_memory(device)
-    for line in sys.stdin:
-        if line.strip() != "time":
-            raise SystemExit(f"unknown request {line.strip()!r}")
-        print(json.dumps(timed(call, 1, device)), flush=True)
-    return baseline
-
-
-def distill_worker(args: argparse.Namespace, device: torch.device) -> dict:
-    """Trajectory-matching iterations (gradients of X, Y, α), served (:func:`serve`); at the end, the peak
-    memory over the timed calls and the FLOPs of one call."""
-    baseline = serve(distill_iteration(args, device, VARIANTS[args.variant][1]), device)
-    peak = peak_memory(device) - baseline
-    flops = count_flops(distill_iteration(args, device, compiled=False))
-    return {"peak_mb": peak, "gflop": flops / 1e9}
-
-
-def distill_memory_worker(args: argparse.Namespace, device: torch.device) -> dict:
-    """Peak memory of one iteration after a warm-up: run with LIVE_MEMORY_ENV, the memory it holds."""
-    iteration = distill_iteration(args, device, VARIANTS[args.variant][1])
-    iteration()
-    baseline = reset_peak_memory(device)
-    iteration()
-    return {"peak_live_mb": peak_memory(device) - baseline}
-
-
-EXPERT_VARIANTS = {  # name -> (compiled, precision of the training step, $SSLKD_MALLOC)
-    "eager": (False, "float32", "keep"),
-    "compiled": (True, "float32", "keep"),
-    "eager_bfloat16": (False, "bfloat16", "keep"),
-    "compiled_bfloat16": (True, "bfloat16", "keep"),
-    "eager_system_malloc": (False, "float32", "system"),
-    "compiled_system_malloc": (True, "float32", "system"),
-}
-
-
-def compile_key(variant: str) -> str:
-    """The summary key of a compiled expert variant's compile seconds: compile_s, compile_bfloat16_s."""
-    return f"compile{variant.removeprefix('compiled')}_s"
-
-
-def experts_worker(args: argparse.Namespace, device: torch.device) -> dict:
-    """Expert training steps (SGD with momentum and weight decay on the KD loss, one batch), served
-    (:func:`serve`); at the end, the FLOPs of one step."""
-    generator = torch.Generator().manual_seed(0)
-    student, layout = student_for(args, device)
-    compiled, precision, _ = EXPERT_VARIANTS[args.variant]
-    steps = KDSteps(student, layout, compile=compiled, precision=precision)
-    parameters = layout.flatten(student)
-    velocity = torch.zeros_like(parameters)
-    images = torch.randn(args.expert_batch, 3, args.image_size, args.image_size, generator=generator).to(device)
-    targets = torch.randn(args.expert_batch, args.dim, generator=generator).to(device)
-    lr = torch.tensor(0.01, device=device)
-
-    def step() -> None:
-        nonlocal parameters, velocity
-        parameters, velocity, _ = steps.train_step(parameters, velocity, images, targets, lr, 0.9, 1e-4)
-
-    serve(step, device)
-    flops = count_flops(
-        lambda: KDSteps(student, layout, compile=False).train_step(parameters, velocity, images, targets, lr, 0.9, 1e-4)
-    )
-    return {"gflop": flops / 1e9}
-
-
-def matmul_seconds(
-    device: torch.device, size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32
-) -> tuple[float, dict[str, float]]:
-    """(GFLOP, seconds) of one dense matmul: the machine's practical limit for these workloads."""
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    return 2 * size**3 / 1e9, timed(lambda: a @ b, repeats, device)
-
 
 WORKERS = {"distill": distill_worker, "distill_memory": distill_memory_worker, "experts": experts_worker}
 
@@ -403,109 +206,22 @@ def run_interleaved(
     return results
 
 
-def paired_ratio(reference_calls: list[dict], calls: list[dict], basis: str) -> float:
-    """The median over rounds of the reference's seconds over the variant's in the same round."""
-    return statistics.median(reference[basis] / call[basis] for reference, call in zip(reference_calls, calls))
-
-
 def summarise(basis: str, distill: dict, experts: dict | None, stage_images: int) -> tuple[dict, dict | None]:
     """The figures on one time basis (wall or cpu): s/iteration, GFLOP/s, compile seconds, images/s
     (experts: None when not measured)."""
-    summary = {}
-    for variant, by_steps in distill.items():
-        summary[variant] = {}
-        for steps, raw in by_steps.items():
-            seconds = raw["steady"][basis]
-            summary[variant][steps] = {
-                "s_per_iter": seconds,
-                "peak_mb": raw["peak_mb"],
-                "peak_live_mb": raw["peak_live_mb"],
-                "gflop_per_iter": raw["gflop"],
-                "gflops": raw["gflop"] / seconds,
-                "compile_s": max(raw["first"][basis] - seconds, 0.0),
-                "wall_s_per_iter": raw["steady"]["wall"],
-                "cpu_s_per_iter": raw["steady"]["cpu"],
-            }
-    for variant, by_steps in summary.items():  # the targets' ratios: × the full unroll, live-memory growth
-        smallest = by_steps[min(by_steps, key=int)]["peak_live_mb"]
-        for steps, figures in by_steps.items():
-            if steps in summary.get("full", {}):
-                figures["speedup_vs_full"] = summary["full"][steps]["s_per_iter"] / figures["s_per_iter"]
-                figures["speedup_vs_full_paired"] = paired_ratio(
-                    distill["full"][steps]["calls"], distill[variant][steps]["calls"], basis
-                )
-            figures["peak_live_growth"] = figures["peak_live_mb"] / smallest - 1
-    if experts is None:
-        return summary, None
-    batch, figures = experts["batch"], {"stage_images": stage_images, "batch": experts["batch"]}
-    for variant, (compiled, _, _) in EXPERT_VARIANTS.items():
-        if variant not in experts:
-            continue
-        seconds = experts[variant]["steady"][basis]
-        figures[f"{variant}_img_s"] = batch / seconds
-        figures[f"{variant}_gflops"] = experts[variant]["gflop"] / seconds
-        for reference in ("eager", "eager_system_malloc"):  # the median over rounds of the within-round ratio
-            if reference in experts:
-                figures[f"{variant}_x_{reference}_paired"] = paired_ratio(
-                    experts[reference]["calls"], experts[variant]["calls"], basis
-                )
-        if compiled:
-            compile_s = max(experts[variant]["first"][basis] - seconds, 0.0)
-            figures[compile_key(variant)] = compile_s
-            figures[f"{variant}_img_s_with_compile"] = stage_images / (stage_images * seconds / batch + compile_s)
-    return summary, figures
+    return matching_summary(basis, distill), None if experts is None else experts_summary(basis, experts, stage_images)
 
 
 def table(results: dict) -> str:
-    peak = results["matmul_gflops"]
     lines = [
         f"machine: {results['machine']}, {results['threads']} torch thread(s), torch {results['torch']}; "
         f"load average before / after: {results['load_before']} / {results['load_after']}",
-        f"times: {results['time_basis']} seconds; dense matmul: {peak:.1f} GFLOP/s",
+        f"times: {results['time_basis']} seconds; dense matmul: {results['matmul_gflops']:.1f} GFLOP/s",
         "",
-        "| distill variant | syn_steps | s / iteration | × full | × full, paired | peak MB | peak live MB "
-        "| live growth | compile s | GFLOP/s | % of matmul |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *matching_table(results),
     ]
-    for variant, by_steps in results["distill"].items():
-        for steps, r in by_steps.items():
-            speedup = (
-                f"{r['speedup_vs_full']:.2f} | {r['speedup_vs_full_paired']:.2f}" if "speedup_vs_full" in r else "– | –"
-            )
-            lines.append(
-                f"| {variant} | {steps} | {r['s_per_iter']:.3f} | {speedup} | {r['peak_mb']:.0f} | "
-                f"{r['peak_live_mb']:.0f} | {100 * r['peak_live_growth']:+.1f}% | {r['compile_s']:.0f} | "
-                f"{r['gflops']:.1f} | {100 * r['gflops'] / peak:.0f}% |"
-            )
-    e = results["experts"]
-    if e is None:
-        return "\n".join(lines)
-    lines += [
-        "",
-        "| expert training | images/s | × eager float32 | × eager, paired "
-        "| × eager, system malloc, paired | GFLOP/s | % of matmul (its precision) | compile s "
-        f"| images/s, compile included ({e['stage_images']:,} images) | × eager float32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for variant, (compiled, precision, _) in EXPERT_VARIANTS.items():
-        if f"{variant}_img_s" not in e:
-            continue
-        reference = results["matmul_gflops"] if precision == "float32" else results["matmul_bfloat16_gflops"]
-        rate, gflops = e[f"{variant}_img_s"], e[f"{variant}_gflops"]
-        paired = " | ".join(
-            f"{e[key]:.2f}" if key in e else "–"
-            for key in (f"{variant}_x_eager_paired", f"{variant}_x_eager_system_malloc_paired")
-        )
-        row = (
-            f"| {variant} | {rate:.0f} | {rate / e['eager_img_s']:.2f} | {paired} | {gflops:.1f} | "
-            f"{100 * gflops / reference:.0f}% | "
-        )
-        if compiled:
-            with_compile = e[f"{variant}_img_s_with_compile"]
-            row += f"{e[compile_key(variant)]:.0f} | {with_compile:.0f} | {with_compile / e['eager_img_s']:.2f} |"
-        else:
-            row += "– | | |"
-        lines.append(row)
+    if results["experts"] is not None:
+        lines += ["", *experts_table(results)]
     return "\n".join(lines)
 
 

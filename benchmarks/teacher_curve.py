@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sslkd.augmentations import AugmentConfig, two_views
-from sslkd.datasets import class_balanced_split
+from sslkd.data.augmentations import AugmentConfig, two_views
+from sslkd.data.datasets import class_balanced_split
 from sslkd.losses import barlow_twins_loss
+from sslkd.methods.teacher import warmup_cosine
 from sslkd.models import BNConvNet, BNConvNetConfig, seeded_module
-from sslkd.teacher import warmup_cosine
 
 log = logging.getLogger("teacher_curve")
 
@@ -80,7 +80,7 @@ def features(encoder: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: 
 
 def plot(results: dict, path: Path) -> None:
     """The gain over the untrained network against training steps, one line per label fraction."""
-    from sslkd.plots import pyplot
+    from sslkd.evaluation.plots import pyplot
 
     plt = pyplot()
     steps = sorted(int(key.removeprefix("step")) for key in results if key.startswith("step"))

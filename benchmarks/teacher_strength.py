@@ -26,9 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sslkd.report import paired_differences
+from sslkd.evaluation.report import paired_differences
 from sslkd.stages.report import runs_by_horizon
-from sslkd.workspace import Workspace
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger("teacher_strength")
 METHODS = ("random", "full_data", "mkdt")

@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from sslkd import progress
 from sslkd.config import STAGES
 from sslkd.errors import SslkdError
 from sslkd.infra import allocator, devices, termination
@@ -97,8 +98,8 @@ def parser() -> argparse.ArgumentParser:
 def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
     """(identity, other tags) of the stage's MLflow run; the stage's root config must be built."""
     from sslkd import config
-    from sslkd.artifacts import code_version, git_commit
     from sslkd.infra import tracking
+    from sslkd.store.artifacts import code_version, git_commit
 
     version = code_version()
     identity = {
@@ -124,9 +125,9 @@ def _run_tags(args: argparse.Namespace, setting: str, name: str) -> tuple[dict[s
 def run_stage(args: argparse.Namespace) -> None:
     from sslkd import config
     from sslkd.infra import tracking
-    from sslkd.infra.registry import run_stage_main
+    from sslkd.runner.registry import run_stage_main
     from sslkd.stages.options import StageOptions
-    from sslkd.workspace import Workspace
+    from sslkd.store.workspace import Workspace
 
     params = config.read_params(args.params)
     setting = args.setting or params.setting
@@ -147,7 +148,7 @@ def run_stage(args: argparse.Namespace) -> None:
     launcher = chosen_launcher(args.launcher)
     with tracking.stage_run(destination, name, identity, tags, config.operative_config):
         if launcher != "inline":
-            from sslkd.infra.launch import launch
+            from sslkd.runner.launch import launch
 
             launch(launcher, args, workspace)
         else:
@@ -156,15 +157,15 @@ def run_stage(args: argparse.Namespace) -> None:
 
 def run_check(args: argparse.Namespace) -> None:
     from sslkd.stages import check
-    from sslkd.workspace import Workspace
+    from sslkd.store.workspace import Workspace
 
     check.main(Workspace(args.workdir), args.params, args.config_dir, args.setting)
 
 
 def run_compare(args: argparse.Namespace) -> None:
     from sslkd import config
+    from sslkd.evaluation.report import markdown_table
     from sslkd.infra import tracking
-    from sslkd.report import markdown_table
 
     setting = args.setting or (None if args.experiment else config.read_params(args.params).setting)
     destination = tracking.target(args.workdir, setting, args.experiment)
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     previous = {signum: signal.getsignal(signum) for signum in termination.SIGNALS}
     termination.handle_termination()
+    progress.check_stops_with(termination.raise_if_requested)  # every long loop's step raises a stop request
     try:
         {"compare": run_compare, "check": run_check}.get(args.stage, run_stage)(args)
     except SslkdError as error:

@@ -47,19 +47,21 @@ PARAMS_SECTIONS = STAGES + ("student_input",)
 
 def configurables() -> dict[str, type]:
     """Every registered name -> config class. Stage roots are named after their stage."""
-    from sslkd.augmentations import AugmentConfig, DSAConfig
-    from sslkd.datasets import DataConfig, StudentInputConfig
-    from sslkd.distill import DistillConfig
-    from sslkd.evaluation import FineTuneConfig, PretrainConfig, ProbeConfig
-    from sslkd.experts import ExpertsConfig
+    from sslkd.data.augmentations import AugmentConfig, DSAConfig
+    from sslkd.data.datasets import DataConfig, StudentInputConfig
+    from sslkd.evaluation.evaluate_config import EvaluateConfig
+    from sslkd.evaluation.probe import FineTuneConfig, PretrainConfig, ProbeConfig
+    from sslkd.evaluation.transfer import DownstreamConfig, TransferConfig
     from sslkd.infra.launchers import SlurmConfig
-    from sslkd.krr_st import KrrStConfig
+    from sslkd.methods.distill import DistillConfig
+    from sslkd.methods.experts import ExpertsConfig
+    from sslkd.methods.krr_st import KrrStConfig
+    from sslkd.methods.mtt_ssl import MttSslConfig
+    from sslkd.methods.selection import InitConfig
+    from sslkd.methods.teacher import SSLConfig
+    from sslkd.methods.variance import VarianceConfig
     from sslkd.models import BNConvNetConfig, ConvNetConfig, ResNetConfig
-    from sslkd.mtt_ssl import MttSslConfig
-    from sslkd.stage_configs import EvaluateConfig, InitConfig, ReportConfig, RepresentConfig
-    from sslkd.teacher import SSLConfig, TeacherConfig
-    from sslkd.transfer import DownstreamConfig, TransferConfig
-    from sslkd.variance import VarianceConfig
+    from sslkd.stage_configs import ReportConfig, RepresentConfig, TeacherConfig
 
     return {
         "data": DataConfig,

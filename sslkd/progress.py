@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from tqdm import std
 from tqdm.auto import tqdm
 
 from sslkd.errors import SslkdError
-from sslkd.infra import termination
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +68,26 @@ def period_s() -> float:
     return period
 
 
+def _no_stop_check() -> None:
+    pass
+
+
+_stop_check: Callable[[], None] = _no_stop_check
+
+
+def check_stops_with(check: Callable[[], None]) -> None:
+    """Have every step of a tracked loop call ``check``, which raises to stop the loop. The command line and a
+    launcher's job install sslkd/infra/termination.py's ``raise_if_requested`` before any stage runs: the
+    ground of the package knows no signals (docs/architecture.md)."""
+    global _stop_check
+    _stop_check = check
+
+
 def stoppable(iterable: Iterable[T]) -> Iterator[T]:
     """``iterable``, raising a pending stop request (SIGTERM, SIGHUP, a lost launcher) before each item:
-    sslkd/infra/termination.py."""
+    the check :func:`check_stops_with` installed."""
     for item in iterable:
-        termination.raise_if_requested()
+        _stop_check()
         yield item
 
 

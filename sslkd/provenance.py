@@ -1,9 +1,11 @@
-"""Which source files a stage's results depend on, and the code version its sidecars record.
+"""Which source files a stage's results depend on: its DVC code deps and what its sidecars' code version hashes.
 
-A stage's artifacts record ``<version>+src.<hash>`` (:func:`stage_source_version`), a hash of exactly the
-source files dvc.yaml lists as the stage's code deps (tests/test_stage_deps.py holds the two equal). An edit
-that DVC does not see as changing a stage therefore leaves that stage's sidecars byte for byte the same, so
-the dvc.lock an incremental ``dvc repro`` leaves is the one a clean run reproduces.
+A stage's artifacts record ``<version>+src.<hash>``, a hash of exactly the source files dvc.yaml lists as the
+stage's code deps (tests/test_stage_deps.py holds the two equal): the stage registry
+(sslkd/runner/registry.py) tells the store these files (:func:`stage_source_files`) before the stage runs,
+and the store hashes them into each sidecar (sslkd/store/artifacts.py). An edit that DVC does not see as
+changing a stage therefore leaves that stage's sidecars byte for byte the same, so the dvc.lock an
+incremental ``dvc repro`` leaves is the one a clean run reproduces.
 
 The rule for a stage's code (computed from the source with :mod:`ast`, nothing imported but the configs):
 
@@ -15,30 +17,28 @@ The rule for a stage's code (computed from the source with :mod:`ast`, nothing i
 * Except the imports inside ``sslkd.config.configurables``: it imports every stage's config class to
   register them with gin; a stage's results depend only on the configs it builds, which are its roots.
 * Stop at infrastructure (not a dependency, not followed): how a stage is launched, tracked, placed on a
-  device or allocated memory does not change what it writes. Infrastructure is the ``sslkd.infra``
-  package, ``sslkd.cli``, and ``sslkd.report``/``sslkd.plots`` for stages whose outputs hold no table or
-  plot (every stage but ``report`` and ``variance``; the others use them only for tracking pictures and
-  metrics). Any module may import infrastructure: the closure does not pass through it.
+  device or allocated memory does not change what it writes. Infrastructure is the ``sslkd.infra`` and
+  ``sslkd.runner`` packages, ``sslkd.cli``, and ``sslkd.evaluation.report``/``sslkd.evaluation.plots`` for
+  stages whose outputs hold no table or plot (every stage but ``report`` and ``variance``; the others use
+  them only for tracking pictures and metrics). The closure does not pass through it.
+
+This module reads the config registry (sslkd/config.py), so it sits beside it, above the library and the
+store (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import ast
 import functools
-import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 
-from sslkd import __version__
+from sslkd import PACKAGE_DIR
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCE_ROOT = PACKAGE_DIR.parent  # module ``a.b`` is SOURCE_ROOT/a/b.py
-INFRA = ("sslkd.cli", "sslkd.__main__", "sslkd.infra")
-PRESENTATION = ("sslkd.report", "sslkd.plots")
+INFRA = ("sslkd.cli", "sslkd.__main__", "sslkd.infra", "sslkd.runner")
+PRESENTATION = ("sslkd.evaluation.report", "sslkd.evaluation.plots")
 PRESENTING_STAGES = ("report", "variance")
 NOT_FOLLOWED = (("sslkd.config", "configurables"),)
-
-_running_stage: str | None = None
 
 
 def module_file(name: str) -> Path | None:
@@ -115,29 +115,3 @@ def stage_source_files(stage: str) -> list[str]:
     """The stage's code deps, as dvc.yaml lists them: source paths relative to the repository, sorted."""
     paths = (module_file(name) for name in stage_modules(stage))
     return sorted(path.relative_to(SOURCE_ROOT).as_posix() for path in paths if path is not None)
-
-
-def sources_digest(root: Path, sources: Iterable[Path]) -> str:
-    """sha256 (hex) of ``sources`` in the order given, each as its path relative to ``root`` and its bytes."""
-    digest = hashlib.sha256()
-    for source in sources:
-        digest.update(source.relative_to(root).as_posix().encode())
-        digest.update(source.read_bytes())
-    return digest.hexdigest()
-
-
-def stage_source_version(stage: str) -> str:
-    """``<package version>+src.<12 hex>``: a sha256 of the stage's source files (names and contents)."""
-    sources = (SOURCE_ROOT / relative for relative in stage_source_files(stage))
-    return f"{__version__}+src.{sources_digest(SOURCE_ROOT, sources)[:12]}"
-
-
-def set_running_stage(stage: str | None) -> None:
-    """Name the stage this process runs (sslkd.infra.registry, a launcher's experts job): its sidecars then
-    record :func:`stage_source_version`."""
-    global _running_stage
-    _running_stage = stage
-
-
-def running_stage() -> str | None:
-    return _running_stage

@@ -33,7 +33,7 @@ def tiny_problem():
 
 def make_tiny_problem():
     """A width-4 ConvNet on 8x8 RGB images regressing 6-d targets: (student, layout, images, targets)."""
-    from sslkd.experts import build_student
+    from sslkd.methods.experts import build_student
     from sslkd.models import ConvNetConfig, ParameterLayout
 
     generator = torch.Generator().manual_seed(0)

@@ -39,8 +39,8 @@ print(json.dumps({"kept": kept, "before": before, "held": held, "after": rss()})
 TRAINING_PROBE = """
 import hashlib, torch
 from sslkd.infra import allocator
-from sslkd.experts import build_student
-from sslkd.kd_steps import KDSteps
+from sslkd.methods.experts import build_student
+from sslkd.methods.kd_steps import KDSteps
 from sslkd.models import ConvNetConfig, ParameterLayout
 allocator.keep_freed_memory()
 torch.set_num_threads(1)

@@ -7,13 +7,13 @@ import pytest
 import torch
 from test_distill import config as distill_config
 
-from sslkd.augmentations import AugmentConfig, DSAConfig
-from sslkd.checkpoints import NO_CHECKPOINTS, CheckpointPolicy, RunCheckpoints, run_key
-from sslkd.distill import distill
+from sslkd.data.augmentations import AugmentConfig, DSAConfig
 from sslkd.errors import SslkdError
-from sslkd.experts import ExpertsConfig, build_student, train_expert
+from sslkd.methods.distill import distill
+from sslkd.methods.experts import ExpertsConfig, build_student, train_expert
+from sslkd.methods.teacher import SSLConfig, projector, train_ssl
 from sslkd.models import ConvNetConfig, ResNet18, ResNetConfig, seeded_module
-from sslkd.teacher import SSLConfig, projector, train_ssl
+from sslkd.store.checkpoints import NO_CHECKPOINTS, CheckpointPolicy, RunCheckpoints, run_key
 
 from conftest import make_tiny_problem
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from sslkd.artifacts import file_sha256, sidecar_path
 from sslkd.cli import main
+from sslkd.store.artifacts import file_sha256, sidecar_path
 
 from conftest import REPO
 

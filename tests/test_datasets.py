@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sslkd.datasets import (
+from sslkd.data.datasets import (
     DataConfig,
     Normalisation,
     StudentInputConfig,

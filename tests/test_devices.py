@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from sslkd.artifacts import on_cpu, save_artifact, sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
 from sslkd.infra import devices
+from sslkd.store import running_stage
+from sslkd.store.artifacts import on_cpu, save_artifact, sidecar_path
 
 from conftest import make_workspace
 
@@ -47,7 +48,7 @@ def test_selection_is_what_stages_and_jobs_get(monkeypatch):
     monkeypatch.setenv(devices.DEVICE_ENV, "cuda")
     try:
         assert devices.select("cpu") == "cpu" and devices.selected_device() == "cpu"
-        assert devices.stage_device() == torch.device("cpu") and devices.stage_device_name() == "cpu"
+        assert devices.stage_device() == torch.device("cpu") and running_stage.device() == "cpu"  # what sidecars record
         assert devices.select(None) == "cuda"  # no option: the environment's
     finally:
         devices.select("cpu")

@@ -7,8 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from sslkd.augmentations import DSAConfig
-from sslkd.distill import (
+from sslkd.data.augmentations import DSAConfig
+from sslkd.errors import SslkdError
+from sslkd.losses import kd_mse_loss
+from sslkd.methods.distill import (
     DistillConfig,
     MinibatchSampler,
     distill,
@@ -17,10 +19,8 @@ from sslkd.distill import (
     validation_matching_loss,
     validation_start_epochs,
 )
-from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps
-from sslkd.losses import kd_mse_loss
-from sslkd.unroll import unroll_sgd
+from sslkd.methods.kd_steps import KDSteps
+from sslkd.methods.unroll import unroll_sgd
 
 from conftest import make_tiny_problem
 
@@ -95,7 +95,7 @@ def test_expert_order_cycles_through_all_experts():
 
 def fake_trajectories(student, layout, images, targets, experts=3, epochs=3) -> torch.Tensor:
     """Real (tiny) expert trajectories: full-batch SGD epochs from different inits."""
-    from sslkd.experts import build_student
+    from sslkd.methods.experts import build_student
     from sslkd.models import ConvNetConfig
 
     trajectories = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from sslkd.augmentations import DSA_FAMILIES, DSAConfig, draw_dsa, dsa
+from sslkd.data.augmentations import DSA_FAMILIES, DSAConfig, draw_dsa, dsa
 from sslkd.errors import SslkdError
 
 

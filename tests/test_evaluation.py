@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sslkd.datasets import Normalisation, class_balanced_split, load_digits_images
+from sslkd.data.datasets import Normalisation, class_balanced_split, load_digits_images
 from sslkd.errors import SslkdError
-from sslkd.evaluation import (
+from sslkd.evaluation.probe import (
     PretrainConfig,
     ProbeConfig,
     labelled_subset,
@@ -16,7 +16,7 @@ from sslkd.evaluation import (
     probe_gain,
     trunk_features,
 )
-from sslkd.experts import build_student
+from sslkd.methods.experts import build_student
 from sslkd.models import ConvNetConfig
 
 

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from faults import assert_one_line_error, file_size_limit, sslkd
 
-from sslkd.artifacts import load_json_artifact, save_json_artifact, sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
+from sslkd.store.artifacts import load_json_artifact, save_json_artifact, sidecar_path
 
 from conftest import clone_study, copy_study, make_workspace
 
@@ -242,14 +242,14 @@ def test_artifacts_do_not_depend_on_the_work_tree_state(tmp_path):
     assert "+src." in sidecar["code_version"] and "git" not in sidecar["code_version"]
     # code that is not among the data stage's DVC deps (infrastructure, another stage's method) changes
     # nothing it writes: an incremental `dvc repro` skips the stage, so a clean run must write the same
-    for module in ("infra/termination.py", "unroll.py"):
+    for module in ("infra/termination.py", "methods/unroll.py"):
         assert f"sslkd/{module}" not in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["data"]["deps"]
         edited = root / "sslkd" / module
         edited.write_text(edited.read_text() + "\n# a code change elsewhere\n")
         assert sslkd(root, "data", pythonpath=root).returncode == 0
         assert data_outputs(root) == outputs[0], module
     # ... and the code version does follow the stage's code
-    source = root / "sslkd" / "datasets.py"
+    source = root / "sslkd" / "data" / "datasets.py"
     source.write_text(source.read_text() + "\n# a code change\n")
     assert sslkd(root, "data", pythonpath=root).returncode == 0
     changed = json.loads(data_outputs(root)["dataset.pt.meta.json"])

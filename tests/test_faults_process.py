@@ -433,8 +433,9 @@ class _DropsWhatItRaises:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Terminated
 def test_a_stop_request_lost_by_python_is_raised_at_the_next_loop_step():
     from sslkd.infra import termination
-    from sslkd.progress import track
+    from sslkd.progress import check_stops_with, track
 
+    check_stops_with(termination.raise_if_requested)  # as sslkd.cli.main and a launcher's job do
     steps = []
     try:
         with pytest.raises(termination.Terminated) as stopped:
@@ -447,6 +448,24 @@ def test_a_stop_request_lost_by_python_is_raised_at_the_next_loop_step():
     finally:
         termination.clear_request()
     assert list(track(range(3), desc="after")) == [0, 1, 2]  # a cleared request stops nothing
+
+
+def test_the_command_line_has_every_long_loop_raise_a_stop_request(tmp_path):
+    """The library's loops know no signals (sslkd.progress is below sslkd.infra): sslkd.cli.main installs
+    termination's check before it runs any command."""
+    from sslkd.cli import main
+    from sslkd.infra import termination
+    from sslkd.progress import check_stops_with, track
+
+    check_stops_with(lambda: None)  # what a library caller without the command line gets
+    assert main(["check", "--params", str(tmp_path / "missing.yaml")]) == 2
+    try:
+        with pytest.raises(termination.Terminated):
+            termination.raise_terminated(signal.SIGTERM, None)
+        with pytest.raises(termination.Terminated):
+            next(iter(track(range(3), desc="loop")))
+    finally:
+        termination.clear_request()
 
 
 def test_check_validates_params_yaml_in_one_line_and_writes_only_when_valid(tmp_path, monkeypatch, capsys):

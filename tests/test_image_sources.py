@@ -15,7 +15,7 @@ from PIL import Image
 from test_datasets import data_config as datasets_config
 
 from sslkd.cli import main
-from sslkd.datasets import DataConfig, load_dataset
+from sslkd.data.datasets import DataConfig, load_dataset
 from sslkd.errors import SslkdError
 
 from conftest import REPO

@@ -8,17 +8,18 @@ import sys
 import pytest
 import torch
 
-from sslkd.artifacts import save_artifact
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.workspace import Workspace
 
 from conftest import REPO, clone_study
 
 READER = """
 import sys, torch
 from pathlib import Path
-from sslkd.datasets import Normalisation
-from sslkd.stages.inputs import TrainingData, expert_trajectories
-from sslkd.workspace import Workspace
+from sslkd.data.datasets import Normalisation
+from sslkd.data.training_data import TrainingData
+from sslkd.stages.inputs import expert_trajectories
+from sslkd.store.workspace import Workspace
 
 def rss_mb():
     with open("/proc/self/status") as status:
@@ -34,7 +35,7 @@ print(rss_mb() - before, experts.snapshots.shape[1], checksum)
 
 @pytest.mark.slow
 def test_expert_trajectories_page_in_only_the_epochs_read(tmp_path):
-    from sslkd.experts import build_student
+    from sslkd.methods.experts import build_student
     from sslkd.models import ConvNetConfig, ParameterLayout
 
     student = build_student(ConvNetConfig(width=16, depth=1), (1, 32, 32), 64, seed=0)
@@ -84,8 +85,8 @@ def test_zca_students_record_their_space_and_refuse_artifacts_of_another(tiny_st
     """With ZCA on, experts, distill and evaluate run on whitened images and record it; a stage whose
     input was made in the other space stops with a one-line error and writes nothing."""
     from sslkd import config
-    from sslkd.artifacts import load_artifact
     from sslkd.stages.inputs import student_data, training_data
+    from sslkd.store.artifacts import load_artifact
 
     workspace = clone_study(tiny_study, tmp_path, ("data", "teacher", "represent"))
     for stage in ("experts", "init", "distill"):

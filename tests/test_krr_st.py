@@ -1,4 +1,4 @@
-"""KRR-ST (sslkd/krr_st.py) and MTT-SSL (sslkd/mtt_ssl.py): the closed form, its gradients, the model
+"""KRR-ST (sslkd/methods/krr_st.py) and MTT-SSL (sslkd/methods/mtt_ssl.py): the closed form, its gradients, the model
 pool's counters, and both stages through the real entry point on the toy setting."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from sslkd.artifacts import load_artifact
 from sslkd.cli import main
-from sslkd.experts import build_student
-from sslkd.krr_st import ModelPool, krr_loss, krr_predict, with_bias
+from sslkd.methods.experts import build_student
+from sslkd.methods.krr_st import ModelPool, krr_loss, krr_predict, with_bias
 from sslkd.models import ConvNetConfig
+from sslkd.store.artifacts import load_artifact
 
 from conftest import clone_study
 
@@ -187,9 +187,9 @@ def test_missing_inputs_and_sets_name_the_stage_to_run(tiny_study, tmp_path, cap
 
 
 def krr_config(**overrides):
-    from sslkd.augmentations import AugmentConfig
-    from sslkd.krr_st import KrrStConfig
-    from sslkd.stage_configs import InitConfig
+    from sslkd.data.augmentations import AugmentConfig
+    from sslkd.methods.krr_st import KrrStConfig
+    from sslkd.methods.selection import InitConfig
 
     values = dict(
         student=ConvNetConfig(width=4, depth=2),
@@ -213,7 +213,7 @@ def krr_config(**overrides):
 
 
 def run_krr(config, resume=None, states=None):
-    from sslkd.krr_st import distill_krr_st
+    from sslkd.methods.krr_st import distill_krr_st
 
     generator = torch.Generator().manual_seed(3)
     pixels = torch.rand(20, 1, 8, 8, generator=generator)

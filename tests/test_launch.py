@@ -11,12 +11,13 @@ import sys
 import pytest
 
 from sslkd import config
-from sslkd.artifacts import code_version
 from sslkd.cli import main
 from sslkd.errors import SslkdError
 from sslkd.infra import slurm_nodes
-from sslkd.infra.launch import snapshot_code, stage_resources
 from sslkd.infra.launchers import SlurmConfig, chosen_launcher
+from sslkd.runner import registry
+from sslkd.runner.launch import snapshot_code, stage_resources
+from sslkd.store.artifacts import code_version
 
 from conftest import REPO, clone_study
 
@@ -30,6 +31,17 @@ def test_the_option_wins_over_the_environment(monkeypatch):
     assert chosen_launcher(None) == "slurm"
     monkeypatch.delenv("SSLKD_LAUNCHER")
     assert chosen_launcher(None) == "inline"
+
+
+def test_the_launcher_learns_a_stages_parts_from_the_stage_registry():
+    """Only the experts declare parts (one per expert, a job array); the launcher names no stage."""
+    from sslkd.stages import experts
+
+    assert [stage for stage in config.STAGES if registry.has_parts(stage)] == ["experts"]
+    parts = registry.stage_parts("experts")
+    assert parts is not None and (parts.missing, parts.train) == (experts.missing_experts, experts.train_parts)
+    with pytest.raises(ValueError, match="declares no parts"):
+        registry.missing_parts("distill", None, None)  # type: ignore[arg-type]
 
 
 def test_an_unknown_launcher_in_the_environment_is_one_line(tmp_path, monkeypatch, capsys):
@@ -138,7 +150,7 @@ def test_the_code_snapshot_carries_the_code_version(tmp_path):
     assert (code / "sslkd" / "stages" / "experts.py").is_file()
     assert not list(code.rglob("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(code)}
-    probe = "import sslkd.artifacts as a; print(a.PACKAGE_DIR); print(a.code_version())"
+    probe = "import sslkd.store.artifacts as a; print(a.PACKAGE_DIR); print(a.code_version())"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=tmp_path, check=True
     ).stdout.split()

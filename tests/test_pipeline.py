@@ -144,7 +144,7 @@ def test_editing_tracking_code_changes_no_stage_but_editing_method_code_does(rep
         ("infra/tracking.py", set()),
         # check builds every config (distill's among them): it reruns, and its unchanged output stops there
         # (krr_st reads distill's minibatch sampler, mtt_ssl runs the matching)
-        ("unroll.py", {"check", "distill", "krr_st", "mtt_ssl", "studies/variance/dvc.yaml:variance"}),
+        ("methods/unroll.py", {"check", "distill", "krr_st", "mtt_ssl", "studies/variance/dvc.yaml:variance"}),
     ):
         path = root / "sslkd" / module
         original = path.read_text()

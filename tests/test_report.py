@@ -1,4 +1,4 @@
-"""sslkd/report.py against values computed by hand on a small hand-written input."""
+"""sslkd/evaluation/report.py against values computed by hand on a small hand-written input."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sslkd.report import markdown_table, paired_differences, summarise
+from sslkd.evaluation.report import markdown_table, paired_differences, summarise
 
 # Three random-subset runs (one per evaluation seed) and five MKDT runs: two distilled sets (distillation
 # seeds 0 and 1) at evaluation seeds 0 and 1, plus one at evaluation seed 3, which has no random run to pair.

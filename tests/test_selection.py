@@ -8,7 +8,12 @@ import torch
 from hypothesis import given
 
 from sslkd.errors import SslkdError
-from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
+from sslkd.methods.selection import (
+    class_balanced_high_loss_indices,
+    high_loss_indices,
+    mean_expert_kd_loss,
+    random_indices,
+)
 
 
 @given(st.lists(st.integers(0, 5), min_size=2, max_size=60), st.data())

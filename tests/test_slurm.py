@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sslkd.cli import main
-from sslkd.infra.launch import snapshot_code
+from sslkd.runner.launch import snapshot_code
 
 from conftest import clone_study, copy_study, make_workspace
 

@@ -68,20 +68,27 @@ def test_the_closure_follows_imports_and_stops_at_infrastructure():
     distill = code_deps("distill")
     assert {
         "sslkd/stages/distill.py",
-        "sslkd/distill.py",
-        "sslkd/unroll.py",
-        "sslkd/kd_steps.py",
+        "sslkd/methods/distill.py",
+        "sslkd/methods/unroll.py",
+        "sslkd/methods/kd_steps.py",
         "sslkd/__init__.py",
+        "sslkd/methods/__init__.py",
         "sslkd/stages/__init__.py",
         "sslkd/stages/inputs.py",
+        "sslkd/data/training_data.py",
+        "sslkd/store/artifacts.py",
     } <= distill
-    assert not any(path.startswith("sslkd/infra/") for path in distill)
-    assert "sslkd/plots.py" not in distill and "sslkd/plots.py" in code_deps("variance")
-    assert "sslkd/report.py" in code_deps("report") and "sslkd/report.py" not in code_deps("evaluate")
-    assert "sslkd/distill.py" not in code_deps(
+    assert not any(path.startswith(("sslkd/infra/", "sslkd/runner/")) for path in distill)
+    assert "sslkd/provenance.py" not in distill  # the registry (runner) applies the rule; no stage imports it
+    assert "sslkd/evaluation/plots.py" not in distill and "sslkd/evaluation/plots.py" in code_deps("variance")
+    assert "sslkd/evaluation/report.py" in code_deps("report") and "sslkd/evaluation/report.py" not in code_deps(
+        "evaluate"
+    )
+    assert "sslkd/methods/distill.py" not in code_deps(
         "teacher"
     )  # configurables() imports it, but teacher builds no distill config
-    assert "sslkd/stage_configs.py" in code_deps("init")  # InitConfig: init's root config
+    assert "sslkd/methods/selection.py" in code_deps("init")  # InitConfig: init's root config
+    assert "sslkd/stage_configs.py" in code_deps("teacher")  # TeacherConfig: teacher's root config
 
 
 def includes(path: Path) -> list[str]:

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from sslkd.artifacts import sidecar_path
 from sslkd.cli import main
 from sslkd.errors import SslkdError
+from sslkd.methods.teacher import warmup_cosine
 from sslkd.models import BNConvNet, BNConvNetConfig, build_teacher_encoder
-from sslkd.teacher import warmup_cosine
+from sslkd.store.artifacts import sidecar_path
 
 from conftest import clone_study
 

@@ -11,22 +11,22 @@ import os
 import pytest
 import torch
 
-from sslkd.artifacts import save_artifact
-from sslkd.augmentations import padded_crop_flip
 from sslkd.cli import main
+from sslkd.data.augmentations import padded_crop_flip
 from sslkd.errors import SslkdError
-from sslkd.evaluation import FineTuneConfig
-from sslkd.experts import build_student
-from sslkd.fine_tune import Classifier, accuracy, fine_tune, fine_tune_at_fractions, parameter_groups
-from sslkd.models import ConvNetConfig
-from sslkd.stages.report import protocol_table, transfer_tables
-from sslkd.transfer import (
+from sslkd.evaluation.fine_tune import Classifier, accuracy, fine_tune, fine_tune_at_fractions, parameter_groups
+from sslkd.evaluation.probe import FineTuneConfig
+from sslkd.evaluation.transfer import (
     DownstreamConfig,
     TransferConfig,
     downstream_evaluation,
     downstream_key,
     match_channels,
 )
+from sslkd.methods.experts import build_student
+from sslkd.models import ConvNetConfig
+from sslkd.stages.report import protocol_table, transfer_tables
+from sslkd.store.artifacts import save_artifact
 
 from conftest import make_workspace
 
@@ -307,7 +307,7 @@ def test_missing_encoders_name_the_stage_to_run(transfer_workspace, capsys):
 
 
 def test_transfer_to_digits_writes_paired_runs_of_every_encoder(transfer_workspace):
-    from sslkd.artifacts import load_json_artifact
+    from sslkd.store.artifacts import load_json_artifact
 
     cwd = os.getcwd()
     os.chdir(transfer_workspace)
@@ -330,8 +330,8 @@ def test_transfer_to_digits_writes_paired_runs_of_every_encoder(transfer_workspa
 
 
 def test_report_without_transfer_results_says_which_stage_to_run_and_writes_nothing(tmp_path, capsys):
-    from sslkd.artifacts import save_json_artifact
     from sslkd.stage_configs import METHODS
+    from sslkd.store.artifacts import save_json_artifact
 
     root = make_workspace(tmp_path)
     for method in METHODS:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from sslkd.augmentations import DSA_FAMILIES, DSAConfig, draw_dsa
+from sslkd.data.augmentations import DSA_FAMILIES, DSAConfig, draw_dsa
 from sslkd.errors import SslkdError
-from sslkd.experts import build_student
-from sslkd.kd_steps import KDSteps, train_kd
 from sslkd.losses import TARGET_LOSSES, kd_mse_loss
+from sslkd.methods.experts import build_student
+from sslkd.methods.kd_steps import KDSteps, train_kd
+from sslkd.methods.unroll import SNAPSHOTS, match_trajectory, segment_lengths
 from sslkd.models import ConvNetConfig, ParameterLayout, instance_norm, write_out_instance_norms
-from sslkd.unroll import SNAPSHOTS, match_trajectory, segment_lengths
 
 
 def random_problem(seed: int, size: int, dim: int, dtype: torch.dtype):

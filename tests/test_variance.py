@@ -18,13 +18,12 @@ from hypothesis import given, settings
 from test_cli import run, workspace  # noqa: F401  (the CLI workspace fixture)
 from torch import nn
 
-from sslkd.augmentations import AugmentConfig
 from sslkd.cli import main
-from sslkd.datasets import Normalisation
-from sslkd.experts import ExpertsConfig, build_student
-from sslkd.models import ConvNetConfig
-from sslkd.teacher import SSLConfig
-from sslkd.variance import (
+from sslkd.data.augmentations import AugmentConfig
+from sslkd.data.datasets import Normalisation
+from sslkd.methods.experts import ExpertsConfig, build_student
+from sslkd.methods.teacher import SSLConfig
+from sslkd.methods.variance import (
     full_kd_gradient,
     kd_gradient,
     parameter_dispersion,
@@ -34,6 +33,7 @@ from sslkd.variance import (
     ssl_gradient,
     train_runs,
 )
+from sslkd.models import ConvNetConfig
 
 seeds = st.integers(0, 2**31 - 1)
 

@@ -16,6 +16,7 @@ import re
 from typing import TYPE_CHECKING
 
 from sslkd.errors import SslkdError
+from sslkd.store import running_stage
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 DEVICE_ENV = "SSLKD_DEVICE"
 _DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _selected: str | None = None  # the command line's choice (select), else the environment's
-_stage_device_name = "cpu"  # what this process's stage computes on, for the artifacts' sidecars
 
 
 def chosen_device(option: str | None) -> str:
@@ -38,8 +38,9 @@ def chosen_device(option: str | None) -> str:
 
 def select(option: str | None) -> str:
     """Make the command line's ``--device`` (else $SSLKD_DEVICE, else auto) the stage's; returns its name."""
-    global _selected, _stage_device_name
-    _selected, _stage_device_name = chosen_device(option), "cpu"
+    global _selected
+    _selected = chosen_device(option)
+    running_stage.set_device("cpu")  # until the stage resolves its device (stage_device)
     return _selected
 
 
@@ -68,9 +69,8 @@ def stage_device() -> torch.device:
     """The device the running stage computes on: the selected one (:func:`select`), resolved here."""
     import torch
 
-    global _stage_device_name
     device = resolve_device(selected_device())
-    _stage_device_name = device_name(device)
+    running_stage.set_device(device_name(device))  # what its artifacts' sidecars record
     if device.type == "cuda":
         log.info("computing on %s (%s)", device, torch.cuda.get_device_name(device))
     else:
@@ -86,8 +86,3 @@ def device_name(device: torch.device) -> str:
         return "cpu"
     index = device.index if device.index is not None else torch.cuda.current_device()
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-
-
-def stage_device_name() -> str:
-    """The device the running stage resolved (``cpu`` for stages that compute nothing on a device)."""
-    return _stage_device_name

@@ -5,7 +5,7 @@ DVC does not pass the signal on to the stage it runs: the stage used to keep run
 write its artifacts behind DVC's back. So every ``sslkd`` process
 
 - turns SIGTERM and SIGHUP into :class:`Terminated` (a SystemExit: ``finally`` blocks run, the atomic
-  writes of sslkd/artifacts.py remove their temporary file, the tracking run ends KILLED), and keeps the
+  writes of sslkd/store/artifacts.py remove their temporary file, the tracking run ends KILLED), and keeps the
   request: every step of a long loop (sslkd/progress.py) raises it again (:func:`raise_if_requested`),
   so a Terminated lost where Python drops exceptions (a ``__del__``, a weakref callback) or a library's
   broad ``except`` cannot leave the stage training on, and

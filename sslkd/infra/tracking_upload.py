@@ -17,7 +17,7 @@ unless a later attempt continued its run: a superseded attempt never sets the ru
 A store that cannot be reached or refuses (a server answering 404 or 500, a SQLite store broken by a
 full disk) keeps the entry in the spool, retried every RETRY_SECONDS. The first failure writes one line
 to ``SPOOL/store_error`` (removed by the next success), which the next stage to start or end reports
-once on its stderr (sslkd/tracking.py). After GIVE_UP_SECONDS of failures without a success
+once on its stderr (sslkd/infra/tracking.py). After GIVE_UP_SECONDS of failures without a success
 (``SSLKD_UPLOADER_GIVE_UP_SECONDS``, default 600) the uploader stops retrying and exits; the entries
 wait for the next stage's uploader or ``--drain``. mlflow's own HTTP retries are bounded too
 (MLFLOW_HTTP_REQUEST_MAX_RETRIES 3, BACKOFF_FACTOR 1, TIMEOUT 60 s unless set). :func:`upload_pending`
@@ -276,7 +276,7 @@ def _live(entry: Path) -> bool:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Atomic, like sslkd.artifacts.write_json_atomic, which would import torch into the uploader; one
+    """Atomic, like sslkd.store.artifacts.write_json_atomic, which would import torch into the uploader; one
     fixed temporary name is enough under the pass lock."""
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(value))

@@ -17,8 +17,8 @@ import logging
 from pathlib import Path
 
 from sslkd import config
-from sslkd.artifacts import write_text_atomic
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import write_text_atomic
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from sslkd import config
-from sslkd.artifacts import save_artifact
-from sslkd.datasets import Normalisation, check_dataset, load_dataset
+from sslkd.data.datasets import Normalisation, check_dataset, load_dataset
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.workspace import Workspace
 
 
 def main(workspace: Workspace, options: StageOptions) -> None:

@@ -8,16 +8,17 @@ import logging
 import torch
 
 from sslkd import config
-from sslkd.artifacts import load_artifact, save_artifact
-from sslkd.checkpoints import run_checkpoints
-from sslkd.distill import DistillConfig, DistillResult, distill
+from sslkd.data.training_data import TrainingData
+from sslkd.evaluation.plots import plot_distillation_curve, plot_synthetic_set
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
-from sslkd.plots import plot_distillation_curve, plot_synthetic_set
+from sslkd.methods.distill import DistillConfig, DistillResult, distill
 from sslkd.seeding import generator
-from sslkd.stages.inputs import TrainingData, expert_trajectories, representations, student_data
+from sslkd.stages.inputs import expert_trajectories, representations, student_data
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import load_artifact, save_artifact
+from sslkd.store.checkpoints import run_checkpoints
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

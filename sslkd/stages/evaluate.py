@@ -30,22 +30,25 @@ import torch
 
 from sslkd import config
 from sslkd.infra import tracking
-from sslkd.artifacts import load_artifact, save_artifact, save_json_artifact
+from sslkd.store.artifacts import load_artifact, save_artifact, save_json_artifact
 from sslkd.infra.devices import stage_device
-from sslkd.datasets import InputSpace
+from sslkd.data.datasets import InputSpace
 from sslkd.errors import SslkdError
-from sslkd.evaluation import pretrain_kd
-from sslkd.experts import build_student, pretrain_ssl
-from sslkd.fine_tune import protocol_accuracies
-from sslkd.kd_steps import KDSteps
+from sslkd.evaluation.probe import pretrain_kd
+from sslkd.methods.experts import build_student
+from sslkd.evaluation.ssl_pretraining import pretrain_ssl
+from sslkd.evaluation.fine_tune import protocol_accuracies
+from sslkd.methods.kd_steps import KDSteps
 from sslkd.models import ConvNet, ParameterLayout
-from sslkd.report import protocol_runs, summarise
+from sslkd.evaluation.report import protocol_runs, summarise
 from sslkd.seeding import EvaluateStream, derive_seed, generator
-from sslkd.selection import random_indices
-from sslkd.stage_configs import METHODS, EvaluateConfig
-from sslkd.stages.inputs import TrainingData, check_input_space, representations, student_data
+from sslkd.methods.selection import random_indices
+from sslkd.stage_configs import METHODS
+from sslkd.evaluation.evaluate_config import EvaluateConfig
+from sslkd.data.training_data import TrainingData
+from sslkd.stages.inputs import check_input_space, representations, student_data
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -17,18 +17,19 @@ from typing import Sequence
 import torch
 
 from sslkd import config
-from sslkd.artifacts import save_artifact
-from sslkd.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
-from sslkd.experts import ExpertsConfig, build_student, expert_seed, train_expert
+from sslkd.data.training_data import TrainingData
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
-from sslkd.kd_steps import KDSteps
+from sslkd.methods.experts import ExpertsConfig, build_student, expert_seed, train_expert
+from sslkd.methods.kd_steps import KDSteps
 from sslkd.models import ParameterLayout
 from sslkd.progress import track
 from sslkd.seeding import ExpertStream, generator
-from sslkd.stages.inputs import TrainingData, representations, student_data
-from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.stages.inputs import representations, student_data
+from sslkd.stages.options import StageOptions, StageParts
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.checkpoints import CheckpointPolicy, RunCheckpoints, run_checkpoints
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +142,6 @@ def main(workspace: Workspace, options: StageOptions) -> None:
         },
     )
     run.checkpoints.clear()
+
+
+PARTS = StageParts(missing=missing_experts, train=train_parts)  # a launcher trains them as a job array

@@ -7,13 +7,18 @@ distillation, and the evaluation's high-loss and random baselines read them.
 from __future__ import annotations
 
 from sslkd import config
-from sslkd.artifacts import save_artifact
 from sslkd.infra.devices import stage_device
+from sslkd.methods.selection import (
+    class_balanced_high_loss_indices,
+    high_loss_indices,
+    mean_expert_kd_loss,
+    random_indices,
+)
 from sslkd.seeding import generator
-from sslkd.selection import class_balanced_high_loss_indices, high_loss_indices, mean_expert_kd_loss, random_indices
 from sslkd.stages.inputs import expert_trajectories, representations, student_data
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.workspace import Workspace
 
 
 def main(workspace: Workspace, options: StageOptions) -> None:

@@ -13,18 +13,18 @@ import logging
 import torch
 
 from sslkd import config
-from sslkd.artifacts import save_artifact
-from sslkd.checkpoints import run_checkpoints
-from sslkd.datasets import InputSpace, ZCAWhitening
-from sslkd.experts import build_student
+from sslkd.data.datasets import InputSpace, ZCAWhitening
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
-from sslkd.krr_st import KrrStConfig, KrrStResult, distill_krr_st
+from sslkd.methods.experts import build_student
+from sslkd.methods.krr_st import KrrStConfig, KrrStResult, distill_krr_st
+from sslkd.methods.selection import random_indices
 from sslkd.seeding import KrrStStream, generator
-from sslkd.selection import random_indices
 from sslkd.stages.inputs import representations, student_data, teacher_encoder
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.checkpoints import run_checkpoints
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -15,21 +15,22 @@ import logging
 import torch
 
 from sslkd import config
-from sslkd.artifacts import save_artifact
-from sslkd.checkpoints import run_checkpoints
-from sslkd.distill import DistillResult, distill
-from sslkd.experts import build_student
+from sslkd.data.training_data import TrainingData
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
+from sslkd.methods.distill import DistillResult, distill
+from sslkd.methods.experts import build_student
+from sslkd.methods.mtt_ssl import final_matching_loss
+from sslkd.methods.selection import random_indices
 from sslkd.models import ParameterLayout
-from sslkd.mtt_ssl import final_matching_loss
 from sslkd.progress import track
 from sslkd.seeding import MttSslStream, generator
-from sslkd.selection import random_indices
 from sslkd.stages.experts import ExpertsRun, expert
-from sslkd.stages.inputs import TrainingData, representations, student_data
+from sslkd.stages.inputs import representations, student_data
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.checkpoints import run_checkpoints
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ import json
 import logging
 
 from sslkd import config
-from sslkd.artifacts import atomic_write, load_json_artifact, sidecar_path, write_json_atomic, write_text_atomic
+from sslkd.evaluation.plots import pyplot
+from sslkd.evaluation.report import markdown_table, paired_differences, protocol_runs, summarise
 from sslkd.infra import tracking
-from sslkd.plots import pyplot
-from sslkd.report import markdown_table, paired_differences, protocol_runs, summarise
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import atomic_write, load_json_artifact, sidecar_path, write_json_atomic, write_text_atomic
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from sslkd import config
-from sslkd.artifacts import save_artifact
 from sslkd.infra.devices import stage_device
+from sslkd.methods.teacher import representations
 from sslkd.stages.inputs import teacher_encoder, training_data
 from sslkd.stages.options import StageOptions
-from sslkd.teacher import representations
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.workspace import Workspace
 
 
 def main(workspace: Workspace, options: StageOptions) -> None:

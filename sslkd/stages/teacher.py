@@ -12,17 +12,19 @@ import torch
 from torch import nn
 
 from sslkd import config
-from sslkd.artifacts import save_artifact
-from sslkd.checkpoints import RunCheckpoints, run_checkpoints
-from sslkd.evaluation import probe_gain, probe_runs
+from sslkd.data.training_data import TrainingData
+from sslkd.evaluation.probe import probe_gain, probe_runs
 from sslkd.infra import tracking
 from sslkd.infra.devices import stage_device
+from sslkd.methods.teacher import import_encoder_state, projector, representations, train_ssl
 from sslkd.models import build_teacher_encoder, seeded_module, teacher_architecture
 from sslkd.seeding import TeacherStream, derive_seed, generator
-from sslkd.stages.inputs import TrainingData, training_data
+from sslkd.stage_configs import TeacherConfig
+from sslkd.stages.inputs import training_data
 from sslkd.stages.options import StageOptions
-from sslkd.teacher import TeacherConfig, import_encoder_state, projector, representations, train_ssl
-from sslkd.workspace import Workspace
+from sslkd.store.artifacts import save_artifact
+from sslkd.store.checkpoints import RunCheckpoints, run_checkpoints
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -20,27 +20,27 @@ from typing import Any
 import torch
 
 from sslkd import config
-from sslkd.artifacts import load_artifact, save_json_artifact
-from sslkd.datasets import StudentInputConfig
+from sslkd.data.datasets import StudentInputConfig
+from sslkd.data.training_data import TrainingData
 from sslkd.errors import SslkdError
-from sslkd.experts import build_student
-from sslkd.fine_tune import protocol_accuracies
-from sslkd.infra import tracking
-from sslkd.infra.devices import stage_device
-from sslkd.models import ConvNetConfig
-from sslkd.report import protocol_runs, summarise
-from sslkd.seeding import EvaluateStream, generator
-from sslkd.stage_configs import METHODS
-from sslkd.stages.inputs import TrainingData
-from sslkd.stages.options import StageOptions
-from sslkd.transfer import (
+from sslkd.evaluation.fine_tune import protocol_accuracies
+from sslkd.evaluation.report import protocol_runs, summarise
+from sslkd.evaluation.transfer import (
     DownstreamConfig,
     TransferConfig,
     downstream_data,
     downstream_evaluation,
     downstream_key,
 )
-from sslkd.workspace import Workspace
+from sslkd.infra import tracking
+from sslkd.infra.devices import stage_device
+from sslkd.methods.experts import build_student
+from sslkd.models import ConvNetConfig
+from sslkd.seeding import EvaluateStream, generator
+from sslkd.stage_configs import METHODS
+from sslkd.stages.options import StageOptions
+from sslkd.store.artifacts import load_artifact, save_json_artifact
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -18,17 +18,13 @@ from typing import Callable, Iterator
 import torch
 
 from sslkd import config
-from sslkd.artifacts import atomic_write, save_json_artifact
+from sslkd.data.training_data import TrainingData
 from sslkd.errors import SslkdError
-from sslkd.experts import build_student
+from sslkd.evaluation.plots import pyplot
 from sslkd.infra import tracking
-from sslkd.models import ConvNet
-from sslkd.plots import pyplot
-from sslkd.seeding import VarianceStream, derive_seed, generator
-from sslkd.selection import random_indices
-from sslkd.stages.inputs import TrainingData, representations, student_data
-from sslkd.stages.options import StageOptions
-from sslkd.variance import (
+from sslkd.methods.experts import build_student
+from sslkd.methods.selection import random_indices
+from sslkd.methods.variance import (
     GradientVariance,
     VarianceConfig,
     matching_losses,
@@ -38,7 +34,12 @@ from sslkd.variance import (
     tail_mean,
     train_runs,
 )
-from sslkd.workspace import Workspace
+from sslkd.models import ConvNet
+from sslkd.seeding import VarianceStream, derive_seed, generator
+from sslkd.stages.inputs import representations, student_data
+from sslkd.stages.options import StageOptions
+from sslkd.store.artifacts import atomic_write, save_json_artifact
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import submitit
 
 import sslkd
-from sslkd import config
-from sslkd.checkpoints import CheckpointPolicy
+from sslkd import config, progress
 from sslkd.infra import allocator, devices, termination
-from sslkd.infra.registry import run_stage_main
+from sslkd.runner.registry import run_stage_main, run_stage_parts
 from sslkd.stages.options import StageOptions
-from sslkd.workspace import Workspace
+from sslkd.store.checkpoints import CheckpointPolicy
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +56,20 @@ class StageRequest:
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    """Runs ``request``'s stage (or, for an experts array job, trains the experts ``experts``).
+    """Runs ``request``'s stage (or, for a job of the array over a stage's parts, such as the experts, runs
+    the parts ``parts``: sslkd.stages.options.StageParts).
 
     checkpoint_interval_s: least seconds between two checkpoints of a long stage.
     """
 
-    def __init__(self, request: StageRequest, checkpoint_interval_s: float, experts: tuple[int, ...] | None = None):
+    def __init__(self, request: StageRequest, checkpoint_interval_s: float, parts: tuple[int, ...] | None = None):
         self.request = request
         self.checkpoint_interval_s = checkpoint_interval_s
-        self.experts = experts
+        self.parts = parts
 
     def __call__(self) -> None:
         request = self.request
+        progress.check_stops_with(termination.raise_if_requested)  # as sslkd.cli.main
         if request.launcher_pid is not None:  # a local job: stop with the sslkd command that launched it
             termination.handle_termination()
             termination.exit_with(request.launcher_pid)
@@ -87,12 +89,8 @@ class StageJob(submitit.helpers.Checkpointable):
         request.parse_config()
         workspace = Workspace(request.workdir)
         policy = CheckpointPolicy(workspace.job_state(request.stage), self.checkpoint_interval_s)
-        if self.experts is not None:
-            from sslkd.provenance import set_running_stage
-            from sslkd.stages.experts import train_parts
-
-            set_running_stage("experts")
-            train_parts(workspace, self.experts, policy)
+        if self.parts is not None:
+            run_stage_parts(request.stage, workspace, self.parts, policy)
         else:
             checkpoints = policy if request.stage in RESUMABLE_STAGES else None
             run_stage_main(request.stage, workspace, StageOptions(request.method, checkpoints))

@@ -6,7 +6,7 @@ training images get the usual CIFAR fine-tuning augmentation (random crop of the
 ``padding`` pixels, random horizontal flip: augmentations.padded_crop_flip), in pixel space before they
 are put in the students' input space; SGD with momentum, a cosine schedule over a fixed epoch budget.
 The head starts at zero, and batches and augmentations come from one generator: a run is determined by
-its seed. The labelled subset is the probe's (evaluation.labelled_subset with the same generator), so
+its seed. The labelled subset is the probe's (probe.labelled_subset with the same generator), so
 the two protocols see the same labels.
 """
 
@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslkd.augmentations import padded_crop_flip
-from sslkd.evaluation import FineTuneConfig, fraction_key, labelled_subset, probe_at_fractions
+from sslkd.data.augmentations import padded_crop_flip
+from sslkd.data.training_data import TrainingData
+from sslkd.evaluation.evaluate_config import EvaluateConfig
+from sslkd.evaluation.probe import FineTuneConfig, fraction_key, labelled_subset, probe_at_fractions
 from sslkd.models import ConvNet
 from sslkd.progress import track
-from sslkd.stage_configs import EvaluateConfig
-from sslkd.stages.inputs import TrainingData
 
 
 class Classifier(nn.Module):

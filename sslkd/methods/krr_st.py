@@ -26,12 +26,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from sslkd.augmentations import AugmentConfig, random_resized_crop
-from sslkd.distill import MinibatchSampler
+from sslkd.data.augmentations import AugmentConfig, random_resized_crop
 from sslkd.errors import SslkdError
+from sslkd.methods.distill import MinibatchSampler
+from sslkd.methods.selection import InitConfig
 from sslkd.models import ConvNet, ConvNetConfig
 from sslkd.progress import track
-from sslkd.stage_configs import InitConfig
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,15 @@ import submitit
 from submitit.core.utils import FailedJobError, pickle_load
 
 from sslkd import config
-from sslkd.artifacts import CODE_VERSION_STAMP, PACKAGE_DIR, code_version
-from sslkd.checkpoints import CheckpointPolicy
 from sslkd.errors import SslkdError
 from sslkd.infra import slurm_nodes
 from sslkd.infra.devices import selected_device
 from sslkd.infra.launchers import SlurmConfig
-from sslkd.infra.stage_job import StageJob, StageRequest
-from sslkd.workspace import Workspace
+from sslkd.runner.registry import has_parts, missing_parts
+from sslkd.runner.stage_job import StageJob, StageRequest
+from sslkd.store.artifacts import CODE_VERSION_STAMP, PACKAGE_DIR, code_version
+from sslkd.store.checkpoints import CheckpointPolicy
+from sslkd.store.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def launch(launcher: str, args: argparse.Namespace, workspace: Workspace) -> Non
     executor = make_executor(launcher, folder, resources, code, args.stage)
     interval_s = resources.checkpoint_interval_min * 60
     started = time.monotonic()
-    if args.stage == "experts":
+    if has_parts(args.stage):
         submit_expert_array(launcher, executor, request, resources, workspace, interval_s)
     with refused_submissions(args.stage, resources):
         job = executor.submit(StageJob(request, interval_s))
@@ -155,9 +156,7 @@ def submit_expert_array(
     interval_s: float,
 ) -> None:
     """Train the experts that have no finished part yet as an array of jobs, and wait for them."""
-    from sslkd.stages.experts import missing_experts
-
-    missing = missing_experts(workspace, CheckpointPolicy(workspace.job_state("experts"), interval_s))
+    missing = missing_parts(request.stage, workspace, CheckpointPolicy(workspace.job_state(request.stage), interval_s))
     if not missing:
         log.info("experts: every expert has a finished part; merging")
         return

@@ -9,15 +9,13 @@ from typing import Any, Callable
 
 import torch
 
-from sslkd.augmentations import DSAConfig, two_views
-from sslkd.datasets import InputSpace
+from sslkd.data.augmentations import DSAConfig, two_views
+from sslkd.data.datasets import InputSpace
 from sslkd.errors import SslkdError
-from sslkd.evaluation import PretrainConfig
-from sslkd.kd_steps import KDSteps, check_precision, train_kd
+from sslkd.methods.kd_steps import KDSteps, check_precision, train_kd
+from sslkd.methods.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 from sslkd.models import ConvNet, ConvNetConfig, ParameterLayout, seeded_module
-from sslkd.progress import track
 from sslkd.seeding import derive_seed
-from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 
 log = logging.getLogger(__name__)
 
@@ -227,24 +225,3 @@ def with_objective(config: ExpertsConfig, objective: str) -> ExpertsConfig:
         raise SslkdError(f"{objective} experts need sslkd.experts.ssl (the SSL objective's settings)")
     ssl = replace(config.ssl, objective=objective) if objective != "kd" and config.ssl else config.ssl
     return replace(config, objective=objective, ssl=ssl)
-
-
-def pretrain_ssl(
-    student: ConvNet,
-    images: torch.Tensor,
-    lr: float,
-    config: PretrainConfig,
-    ssl: SSLConfig,
-    generator: torch.Generator,
-    input_space: InputSpace,
-) -> list[float]:
-    """Train ``student`` in place with the SSL objective ``ssl`` (its augmentations and loss; the
-    student's output as the projection) on images [N, C, H, W] in ``input_space``, with the KD
-    pre-training's optimiser (SGD, config's momentum, weight decay, batch size and horizon); returns the
-    loss per epoch. The set of the MTT-SSL baseline is pre-trained on so."""
-    optimiser = torch.optim.SGD(student.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    num_epochs = config.epochs_for(len(images))
-    return [
-        ssl_epoch(student, optimiser, images, ssl, config.batch_size, generator, input_space)
-        for _ in track(range(num_epochs), desc="SSL pre-train")
-    ]

@@ -4,6 +4,8 @@ subset."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sslkd.errors import SslkdError
@@ -12,6 +14,28 @@ from sslkd.models import ConvNet, ParameterLayout
 
 INIT_METHODS = ("high_loss", "random")
 HIGH_LOSS_SCOPES = ("global", "per_class")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """size: M, the synthetic set's size; method: high_loss | random (which set starts distillation);
+    high_loss_scope: global (the M highest losses, docs/method.md) | per_class (the highest M/C of each class:
+    uses the labels, which an SSL pipeline otherwise never reads); seed: for ``random``."""
+
+    size: int
+    method: str
+    high_loss_scope: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise SslkdError(f"init.size must be >= 1, got {self.size}")
+        if self.method not in INIT_METHODS:
+            raise SslkdError(f"unknown init method {self.method!r}; choose one of {', '.join(INIT_METHODS)}")
+        if self.high_loss_scope not in HIGH_LOSS_SCOPES:
+            raise SslkdError(
+                f"unknown init.high_loss_scope {self.high_loss_scope!r}; choose one of {', '.join(HIGH_LOSS_SCOPES)}"
+            )
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ its sidecar's sha256 before using it.
 
 Sidecars are DVC outputs, so everything in them is a function of the payload, the config and the code:
 the code version is a hash of the running stage's source files, exactly its DVC code deps
-(:func:`sidecar_code_version`, sslkd/provenance.py), never the git work tree's
+(:func:`sidecar_code_version`; the rule that picks them: sslkd/provenance.py), never the git work tree's
 state (``git describe --dirty`` changes when DVC edits dvc.lock, when a commit only touches docs); the
 git state goes to the stage's MLflow run (:func:`code_version`, sslkd/cli.py).
 """
@@ -21,15 +21,15 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from sslkd import __version__
+from sslkd import PACKAGE_DIR, __version__
 from sslkd.errors import SslkdError
-from sslkd.infra.devices import stage_device_name
-from sslkd.provenance import PACKAGE_DIR, running_stage, sources_digest, stage_source_version
+from sslkd.store import running_stage
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -52,6 +52,15 @@ def file_sha256(path: Path) -> str:
 
 
 CODE_VERSION_STAMP = "CODE_VERSION"
+
+
+def sources_digest(root: Path, sources: Iterable[Path]) -> str:
+    """sha256 (hex) of ``sources`` in the order given, each as its path relative to ``root`` and its bytes."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.relative_to(root).as_posix().encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def source_digest() -> str:
@@ -84,7 +93,7 @@ def git_commit() -> str | None:
 def source_version() -> str:
     """Package version and a hash of its sources: what artifact sidecars record as their code version.
 
-    It depends only on the code (a code snapshot of sslkd.infra.launch has the same sources, hence the same
+    It depends only on the code (a code snapshot of sslkd.runner.launch has the same sources, hence the same
     value), so a rerun of the same code on the same inputs writes a byte-identical sidecar whatever the
     git work tree's state.
     """
@@ -92,17 +101,21 @@ def source_version() -> str:
 
 
 def sidecar_code_version() -> str:
-    """What a sidecar records as its code version: the running stage's :func:`stage_source_version` (outside
-    a stage, as when a library function is called directly, :func:`source_version`)."""
-    stage = running_stage()
-    return source_version() if stage is None else stage_source_version(stage)
+    """What a sidecar records as its code version: ``<package version>+src.<12 hex>``, a sha256 of the running
+    stage's source files, names and contents (sslkd/store/running_stage.py; outside a stage, as when a library
+    function is called directly, :func:`source_version`)."""
+    stage_sources = running_stage.sources()
+    if stage_sources is None:
+        return source_version()
+    root = PACKAGE_DIR.parent  # the names are relative to the repository, as dvc.yaml lists them
+    return f"{__version__}+src.{sources_digest(root, (root / source for source in stage_sources))[:12]}"
 
 
 def code_version() -> str:
     """Package version, git commit (with ``-dirty`` when the tree differs) or a hash of the sources: the
     provenance of a run for tracking (volatile: never written into an artifact or sidecar).
 
-    A code snapshot made for queued jobs (sslkd.infra.launch) carries the version of the tree it was copied
+    A code snapshot made for queued jobs (sslkd.runner.launch) carries the version of the tree it was copied
     from in a ``CODE_VERSION`` file, so its artifacts record the same version as an inline run.
     """
     stamp = PACKAGE_DIR / CODE_VERSION_STAMP
@@ -201,7 +214,7 @@ def _sidecar(
         "shapes": shapes,
         "inputs": {name: {"path": str(p), "sha256": file_sha256(Path(p))} for name, p in (inputs or {}).items()},
         "operative_config": config,
-        "device": stage_device_name(),
+        "device": running_stage.device(),
         **(extra or {}),
         "sha256": file_sha256(path),
     }

@@ -4,9 +4,9 @@ Sources: ``digits`` (scikit-learn's bundled UCI digits, the embedded default), `
 (torchvision's copy under ``root``, downloaded when allowed, or an offline .npz copy of the training set
 when ``root`` is a .npz file), ``tinyimagenet`` (the CS231n archive, val folder relabelled from its
 annotations, or an npz_jpeg copy of training images when ``root`` is a .npz file), ``npz`` (any file with
-``x`` uint8 NHWC and ``y`` int64), ``npz_jpeg`` (JPEG files packed in one .npz, sslkd.image_sources) and
+``x`` uint8 NHWC and ``y`` int64), ``npz_jpeg`` (JPEG files packed in one .npz, sslkd.data.image_sources) and
 the paper's downstream sets ``aircraft``, ``flowers102``, ``cub200``, ``stanford_dogs`` (image folders,
-sslkd.image_sources). Sets without a test split get a seeded, class-balanced held-out part of the
+sslkd.data.image_sources). Sets without a test split get a seeded, class-balanced held-out part of the
 training set.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sslkd.data.image_sources import DOWNSTREAM_READERS, Splits, npz_archive, read_npz_jpeg
 from sslkd.errors import SslkdError
-from sslkd.image_sources import DOWNSTREAM_READERS, Splits, npz_archive, read_npz_jpeg
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sslkd.augmentations import DSAConfig
+from sslkd.data.augmentations import DSAConfig
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps, check_precision, train_kd
+from sslkd.methods.kd_steps import KDSteps, check_precision, train_kd
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
 
@@ -90,7 +90,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class FineTuneConfig:
-    """Full fine-tuning (sslkd/fine_tune.py). epochs: passes over the labelled subset (a fixed budget whatever its size); batch_size; lr: the
+    """Full fine-tuning (sslkd/evaluation/fine_tune.py). epochs: passes over the labelled subset (a fixed budget whatever its size); batch_size; lr: the
     head's (peak) lr, the trunk's is backbone_lr_factor × lr; momentum, weight_decay: SGD's; padding:
     pixels of zero padding around each image before the random crop (0: flips only); label_fractions: the
     probe's label fractions to fine-tune at (() all of them; each costs epochs passes over its labels)."""

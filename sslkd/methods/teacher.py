@@ -12,11 +12,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sslkd.augmentations import AugmentConfig, two_views
+from sslkd.data.augmentations import AugmentConfig, two_views
 from sslkd.errors import SslkdError
-from sslkd.evaluation import ProbeConfig
 from sslkd.losses import barlow_twins_loss, simclr_loss
-from sslkd.models import BNConvNetConfig, ResNetConfig
 from sslkd.progress import track
 
 log = logging.getLogger(__name__)
@@ -64,25 +62,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """encoder: the ResNet-18 or BN ConvNet; ssl: how it is trained (on every training image that is not
-    held out, not only the distillation subset); checkpoint: import this encoder instead ("" trains);
-    seed: initialisation, data order and augmentations; probe: how the teacher's own features are probed
-    (against the same encoder untrained) after training and after each of ``probe_epochs``."""
-
-    encoder: ResNetConfig | BNConvNetConfig
-    ssl: SSLConfig
-    checkpoint: str
-    seed: int
-    probe: ProbeConfig
-    probe_epochs: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if any(epoch < 1 or epoch > self.ssl.epochs for epoch in self.probe_epochs):
-            raise SslkdError(f"teacher.probe_epochs must lie in 1..{self.ssl.epochs}, got {self.probe_epochs}")
 
 
 def projector(in_dim: int, out_dim: int) -> nn.Module:

@@ -7,7 +7,7 @@ as ``resume``. This module decides where and when states are written.
 A run's checkpoints live in a folder named by its run key, a hash of everything that determines the
 result (the stage's config, the sha256 of its input files and the sslkd sources), so a rerun with other
 inputs, config or code never resumes from a stale state. Inline runs do not checkpoint (``NO_CHECKPOINTS``);
-jobs started by a launcher do (sslkd.infra.stage_job).
+jobs started by a launcher do (sslkd.runner.stage_job).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from sslkd.artifacts import file_sha256, on_cpu, source_digest, torch_save_atomic
 from sslkd.errors import SslkdError
+from sslkd.store.artifacts import file_sha256, on_cpu, source_digest, torch_save_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""MTT with SSL experts (the MKDT paper's "MTT-SSL" baseline): trajectory matching (sslkd/distill.py)
+"""MTT with SSL experts (the MKDT paper's "MTT-SSL" baseline): trajectory matching (sslkd/methods/distill.py)
 on expert trajectories trained with an SSL objective instead of KD. The synthetic set learns its images
 only; the inner steps regress the start images' fixed teacher representations (the distill machinery's
 inner loss, as in the variance study's matchability test), and the set is pre-trained on with the SSL
@@ -10,11 +10,11 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from sslkd.distill import DistillConfig
 from sslkd.errors import SslkdError
-from sslkd.experts import ExpertsConfig, with_objective
-from sslkd.stage_configs import InitConfig
-from sslkd.teacher import SSL_OBJECTIVES
+from sslkd.methods.distill import DistillConfig
+from sslkd.methods.experts import ExpertsConfig, with_objective
+from sslkd.methods.selection import InitConfig
+from sslkd.methods.teacher import SSL_OBJECTIVES
 
 
 @dataclass(frozen=True)

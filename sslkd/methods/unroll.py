@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 import torch
 
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps
 from sslkd.losses import trajectory_matching_loss
+from sslkd.methods.kd_steps import KDSteps
 
 UNROLLS = ("full", "adjoint")
 SNAPSHOTS = ("all", "sqrt")  # which θ_k the adjoint's forward sweep keeps (module doc)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp
 
-from sslkd.augmentations import DSAConfig, dsa
+from sslkd.data.augmentations import DSAConfig, dsa
 from sslkd.errors import SslkdError
 from sslkd.losses import TARGET_LOSSES
 from sslkd.models import ConvNet, ParameterLayout, write_out_instance_norms

@@ -20,16 +20,16 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from sslkd.augmentations import two_views
-from sslkd.datasets import InputSpace
-from sslkd.distill import DistillConfig, distill
+from sslkd.data.augmentations import two_views
+from sslkd.data.datasets import InputSpace
 from sslkd.errors import SslkdError
-from sslkd.experts import ExpertsConfig, train_expert, with_objective
 from sslkd.losses import kd_mse_loss
+from sslkd.methods.distill import DistillConfig, distill
+from sslkd.methods.experts import ExpertsConfig, train_expert, with_objective
+from sslkd.methods.selection import InitConfig
+from sslkd.methods.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
-from sslkd.stage_configs import InitConfig
-from sslkd.teacher import SSL_OBJECTIVES, SSLConfig, ssl_loss
 
 log = logging.getLogger(__name__)
 

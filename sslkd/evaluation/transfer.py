@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sslkd.datasets import (
+from sslkd.data.datasets import (
     DATASETS,
     DataConfig,
     Normalisation,
@@ -24,9 +24,9 @@ from sslkd.datasets import (
     check_dataset,
     load_dataset,
 )
+from sslkd.data.training_data import TrainingData
 from sslkd.errors import SslkdError
-from sslkd.stage_configs import EvaluateConfig
-from sslkd.stages.inputs import TrainingData
+from sslkd.evaluation.evaluate_config import EvaluateConfig
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ The inner learning rate α is kept positive by projection: after every optimiser
 to ``lr_min`` (> 0), i.e. projected SGD on [lr_min, ∞), which leaves the paper's update unchanged
 whenever α stays above the floor. A non-finite matching loss stops the run with an error instead of
 writing NaNs. How the gradients reach X, Y and α through the inner steps (the exact constant-memory
-adjoint, or the full autograd unroll) is sslkd/unroll.py's business.
+adjoint, or the full autograd unroll) is sslkd/methods/unroll.py's business.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 import torch
 
-from sslkd.augmentations import DSAConfig, draw_dsa
+from sslkd.data.augmentations import DSAConfig, draw_dsa
 from sslkd.errors import SslkdError
-from sslkd.kd_steps import KDSteps
 from sslkd.losses import trajectory_matching_loss
+from sslkd.methods.kd_steps import KDSteps
+from sslkd.methods.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory, sgd_steps
 from sslkd.models import ConvNet, ParameterLayout
 from sslkd.progress import track
-from sslkd.unroll import UNROLLS, Snapshots, check_snapshots, match_trajectory, sgd_steps
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class DistillConfig:
     lr_init: initial inner lr α; lr_min: floor that keeps α positive; learn_representations: False freezes
     the targets at their initial (teacher) values; unroll: how gradients reach X, Y, α through the inner
     steps (``adjoint``: exact, memory independent of syn_steps; ``full``: the autograd reference, see
-    sslkd/unroll.py); adjoint_snapshots: which inner-step snapshots the adjoint keeps (``all``: the N
+    sslkd/methods/unroll.py); adjoint_snapshots: which inner-step snapshots the adjoint keeps (``all``: the N
     snapshots, fastest; ``sqrt``: every ⌈√N⌉-th, recomputing the others segment by segment in the
     backward sweep — bit-identical gradients, ≈ 2√N snapshots alive instead of N, for fewer than N extra
     inner SGD steps; a number K: at most K snapshots alive whatever N, for N − K recomputed steps; ignored

@@ -7,7 +7,7 @@ import math
 import statistics
 from typing import Any
 
-from sslkd.evaluation import summary_stats
+from sslkd.evaluation.probe import summary_stats
 
 Runs = list[dict[str, Any]]
 

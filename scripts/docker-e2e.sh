@@ -43,7 +43,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 BASE_IMAGE=$(sed -n 's/^ARG BASE_IMAGE=//p' "$REPO/Dockerfile")
 IMAGE=sslkd:e2e
 REQUIRED_FREE_GB=15
-METHODS=(mkdt random high_loss no_pretrain full_data)
+METHODS=(mkdt random high_loss no_pretrain full_data krr_st mtt_ssl)
 
 log() { echo "docker-e2e: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -272,10 +272,15 @@ python3 - "$WORKSPACE/results/summary.json" "${METHODS[@]}" << 'EOF'
 import json, math, sys
 path, methods = sys.argv[1], set(sys.argv[2:])
 summary = json.load(open(path))
-differences = {key: rows for key, rows in summary.items() if key.startswith("mkdt - ")}
+differences = {key: rows for key, rows in summary.items() if " - " in key}
 summary = {key: rows for key, rows in summary.items() if key not in differences}
 assert set(summary) == methods, f"methods {sorted(summary)} != {sorted(methods)}"
-assert set(differences) == {f"mkdt - {b}" for b in ("random", "high_loss", "no_pretrain")}, sorted(differences)
+expected = {f"mkdt - {b}" for b in ("random", "high_loss", "no_pretrain", "krr_st", "mtt_ssl")}
+expected |= {f"full_data - {b}" for b in ("random", "no_pretrain")}
+assert set(differences) == expected, sorted(differences)
+for name, rows in differences.items():
+    assert set(rows) == set(summary["mkdt"]), f"{name}: label fractions {sorted(rows)}"
+    assert all({"mean", "std", "n", "sem"} <= set(cell) for cell in rows.values()), f"{name}: {rows}"
 fractions = set(summary["mkdt"])
 for method, rows in summary.items():
     assert rows and set(rows) == fractions, f"{method}: label fractions {sorted(rows)} != {sorted(fractions)}"

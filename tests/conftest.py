@@ -50,8 +50,14 @@ def make_workspace(root: Path) -> Path:
 
     shutil.copytree(REPO / "gin", root / "gin")
     shutil.copy(REPO / "tests" / "configs" / "tiny.gin", root / "gin" / "settings" / "tiny.gin")
-    (root / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("setting: digits", "setting: tiny"))
+    (root / "params.yaml").write_text(toy_params((REPO / "params.yaml").read_text()))
     return root
+
+
+def toy_params(text: str) -> str:
+    """params.yaml's text for the toy setting: setting tiny, 3 evaluation seeds (the default has 6)."""
+    text = text.replace("setting: digits", "setting: tiny")
+    return re.sub(r"(evaluate:\n  seeds: )\[[0-9, ]+\]", r"\1[0, 1, 2]", text)
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +99,7 @@ def copy_study(root: Path) -> Path:
             shutil.copy(source, root / name)
     (root / "gin" / "settings" / "tiny.gin").write_text(flat_tiny_setting())
     params = root / "params.yaml"
-    text = params.read_text().replace("setting: digits", "setting: tiny")
-    text = re.sub(r"(evaluate:\n  seeds: )\[[0-9, ]+\]", r"\1[0, 1, 2]", text)  # 3 evaluation seeds suffice here
-    params.write_text(text)
+    params.write_text(toy_params(params.read_text()))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     for command in (["git", "init", "-q"], git + ["add", "-A"], git + ["commit", "-qm", "study"]):
         subprocess.run(command, cwd=root, check=True, capture_output=True)

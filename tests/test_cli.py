@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,17 +10,13 @@ import torch
 from sslkd.cli import main
 from sslkd.store.artifacts import file_sha256, sidecar_path
 
-from conftest import REPO
+from conftest import make_workspace
 
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """A workspace with the repo's gin files, the toy setting and default params."""
-    shutil.copytree(REPO / "gin", tmp_path / "gin")
-    shutil.copy(REPO / "tests" / "configs" / "tiny.gin", tmp_path / "gin" / "settings" / "tiny.gin")
-    (tmp_path / "params.yaml").write_text(
-        (REPO / "params.yaml").read_text().replace("setting: digits", "setting: tiny")
-    )
+    make_workspace(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

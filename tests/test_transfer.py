@@ -217,7 +217,14 @@ def test_a_downstream_set_s_label_fractions_pick_its_probe_and_fine_tuning_fract
     from sslkd import config
 
     config.parse(
-        REPO_GIN, "digits", [], ["sslkd.evaluate.seeds = [0]", "sslkd.fine_tune.label_fractions = (0.01, 0.05)"]
+        REPO_GIN,
+        "digits",
+        [],
+        [
+            "sslkd.evaluate.seeds = [0]",
+            "sslkd.probe.label_fractions = (0.01, 0.05, 0.1, 0.5)",
+            "sslkd.fine_tune.label_fractions = (0.01, 0.05)",
+        ],
     )
     evaluate = config.build("evaluate")
     assert evaluate.probe.label_fractions == (0.01, 0.05, 0.1, 0.5)

@@ -49,6 +49,7 @@ from sslkd.methods.experts import ExpertsConfig, build_student, train_expert
 from sslkd.methods.kd_steps import KDSteps
 from sslkd.models import ConvNetConfig, ParameterLayout
 from sslkd.seeding import derive_seed, generator
+from sslkd.store.artifacts import torch_save_atomic, write_json_atomic
 
 log = logging.getLogger("known_answer")
 
@@ -174,7 +175,7 @@ def expert_trajectories(data: Data, recipe: dict[str, Any], out: Path) -> torch.
         log.info("expert %d: losses per epoch %s", index, [round(loss, 4) for loss in losses])
         trajectories.append(snapshots)
     stacked = torch.stack(trajectories)
-    torch.save(stacked, path)
+    torch_save_atomic(path, stacked)  # a run killed mid-write leaves no cache the next run would load
     log.info("experts: %.0f s", time.perf_counter() - started)
     return stacked
 
@@ -236,7 +237,7 @@ def distilled_set(data: Data, recipe: dict[str, Any], trajectories: torch.Tensor
         "matching_loss_last_tenth": statistics.fmean(losses[-tenth:]),
         "images_rms_change": float((result.images - data.pool[start]).pow(2).mean().sqrt()),
     }
-    torch.save(saved, path)
+    torch_save_atomic(path, saved)
     log.info(
         "distilled in %.0f s: matching loss %.3f -> %.3f, lr %.4f",
         saved["seconds"],
@@ -337,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         "summary": evaluation["summary"],
         "seconds_total_this_call": time.perf_counter() - started,
     }
-    (args.out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "summary.json").write_text(json.dumps(evaluation["summary"], indent=2) + "\n")
+    write_json_atomic(args.out / "run.json", record)
+    write_json_atomic(args.out / "summary.json", evaluation["summary"])
     print(json.dumps(evaluation["summary"], indent=2))
 
 

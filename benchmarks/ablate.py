@@ -10,6 +10,7 @@ thing changed, without rerunning the stages upstream of it. Not part of the pipe
     python benchmarks/ablate.py evaluate --workdir W --sets SET.pt --distilled-lr 0.1   # not its learned lr
     python benchmarks/ablate.py evaluate --workdir W --sets random,SET.pt --json OUT.json
     python benchmarks/ablate.py pairs --json OUT.json --pair SET.pt:random   # mean ± s.e. over seeds
+    python benchmarks/ablate.py pairs --json OUT.json --pair A.pt+B.pt+C.pt:random   # their mean per seed
 
 Hyperparameters come from the setting (``--setting``, default cifar10_cpu), params.yaml and ``--bind``,
 exactly as for ``sslkd <stage>``. ``distill`` runs :func:`sslkd.methods.distill.distill` on the workspace's
@@ -219,6 +220,20 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def averaged_sets(names: str, results: dict[str, dict], paths: list[Path]) -> dict:
+    """One side of a pair: a set's results, or for ``A+B+C`` the mean accuracy of those sets at each
+    evaluation seed (e.g. several distillation seeds' sets against one baseline)."""
+    chosen = []
+    for name in names.split("+"):
+        if name not in results:
+            sys.exit(f"ablate: no set {name!r} in {[str(p) for p in paths]}")
+        chosen.append(results[name])
+    if any(c["seeds"] != chosen[0]["seeds"] or c["fractions"] != chosen[0]["fractions"] for c in chosen):
+        sys.exit(f"ablate: the sets of {names} were evaluated at different seeds or label fractions")
+    mean = np.mean([np.asarray(c["accuracy"]) for c in chosen], axis=0)
+    return {**chosen[0], "accuracy": mean.tolist()}
+
+
 def run_pairs(args: argparse.Namespace) -> None:
     """Paired differences A − B per label fraction from ``evaluate --json`` files (same evaluation seeds):
     mean ± standard error over the seeds, and the std."""
@@ -227,9 +242,7 @@ def run_pairs(args: argparse.Namespace) -> None:
         results.update(json.loads(path.read_text()))
     for pair in args.pair:
         first, _, second = pair.partition(":")
-        if first not in results or second not in results:
-            sys.exit(f"ablate: no set {first if first not in results else second!r} in {[str(p) for p in args.json]}")
-        a, b = results[first], results[second]
+        a, b = averaged_sets(first, results, args.json), averaged_sets(second, results, args.json)
         if a["seeds"] != b["seeds"] or a["fractions"] != b["fractions"]:
             sys.exit(f"ablate: {first} and {second} were evaluated at different seeds or label fractions")
         differences = np.asarray(a["accuracy"]) - np.asarray(b["accuracy"])  # [seeds, fractions]

@@ -220,18 +220,13 @@ def run_evaluate(args: argparse.Namespace, workspace: Workspace) -> None:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def averaged_sets(names: str, results: dict[str, dict], paths: list[Path]) -> dict:
-    """One side of a pair: a set's results, or for ``A+B+C`` the mean accuracy of those sets at each
-    evaluation seed (e.g. several distillation seeds' sets against one baseline)."""
-    chosen = []
+def sets_named(names: str, results: dict[str, dict], paths: list[Path]) -> list[dict]:
+    """One side of a pair: the results of set ``A``, or of ``A+B+C`` (compared by their mean accuracy at each
+    evaluation seed, e.g. several distillation seeds' sets against one baseline)."""
     for name in names.split("+"):
         if name not in results:
             sys.exit(f"ablate: no set {name!r} in {[str(p) for p in paths]}")
-        chosen.append(results[name])
-    if any(c["seeds"] != chosen[0]["seeds"] or c["fractions"] != chosen[0]["fractions"] for c in chosen):
-        sys.exit(f"ablate: the sets of {names} were evaluated at different seeds or label fractions")
-    mean = np.mean([np.asarray(c["accuracy"]) for c in chosen], axis=0)
-    return {**chosen[0], "accuracy": mean.tolist()}
+    return [results[name] for name in names.split("+")]
 
 
 def run_pairs(args: argparse.Namespace) -> None:
@@ -242,14 +237,16 @@ def run_pairs(args: argparse.Namespace) -> None:
         results.update(json.loads(path.read_text()))
     for pair in args.pair:
         first, _, second = pair.partition(":")
-        a, b = averaged_sets(first, results, args.json), averaged_sets(second, results, args.json)
-        if a["seeds"] != b["seeds"] or a["fractions"] != b["fractions"]:
+        a, b = sets_named(first, results, args.json), sets_named(second, results, args.json)
+        seeds, fractions = a[0]["seeds"], a[0]["fractions"]
+        if any(c["seeds"] != seeds or c["fractions"] != fractions for c in a + b):
             sys.exit(f"ablate: {first} and {second} were evaluated at different seeds or label fractions")
-        differences = np.asarray(a["accuracy"]) - np.asarray(b["accuracy"])  # [seeds, fractions]
+        mean_a, mean_b = (np.mean([np.asarray(c["accuracy"]) for c in side], axis=0) for side in (a, b))
+        differences = mean_a - mean_b  # [seeds, fractions]
         sem = differences.std(axis=0, ddof=1) / np.sqrt(len(differences))
         cells = ", ".join(
             f"{float(key) * 100:g}% {differences[:, i].mean():+.1f} ± {sem[i]:.1f} s.e. (sd {differences[:, i].std(ddof=1):.1f})"
-            for i, key in enumerate(a["fractions"])
+            for i, key in enumerate(fractions)
         )
         print(f"{first} - {second}: {cells} (n {len(differences)})")
 
